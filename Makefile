@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Both call `make install`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install demo test test-all bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# libfluidsynth3 lets pyfluidsynth render MIDI; without it studio falls back to plain synthesis.
+install: $(BIN)/python
+	@if ! ldconfig -p 2>/dev/null | grep -q libfluidsynth; then \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get install -y -q libfluidsynth3 >/dev/null 2>&1 || \
+	    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libfluidsynth3 >/dev/null 2>&1))) || \
+	  echo "note: libfluidsynth3 not installed; MIDI rendering will use the plain synthesiser"; \
+	fi
+	$(BIN)/pip install -q -e '.[dev]'
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+test-all: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m ''
+
+bench: install
+	@for f in benchmarks/*.py; do \
+	  case $$f in *gpu_check.py) continue;; esac; \
+	  echo "== $$f"; HF_HUB_OFFLINE=1 $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

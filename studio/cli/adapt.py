@@ -1,0 +1,5 @@
+"""Placeholder: filled in by the adapt work."""
+
+
+def register(root) -> None:
+    pass

@@ -1,0 +1,5 @@
+"""Placeholder: filled in by the clip work."""
+
+
+def register(root) -> None:
+    pass

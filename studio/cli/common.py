@@ -1,0 +1,188 @@
+"""Shared CLI plumbing: the global options every generating command takes, the error handling
+all commands share, and output printing. Imports nothing heavy (a test checks sys.modules).
+
+A generating command is written as
+
+    @app.command()
+    @generating("image")
+    def image(prompt: Annotated[str, typer.Argument(help=...)], ..., opts: Globals):
+        run_command("image", {"prompt": prompt, ...}, opts)
+
+and `generating` adds --device, --precision, --attention, --offload, --quantize, --compile,
+--seed, --out, --quiet, --json, --debug, --offline, --preset, --save-preset, --allow-pickle,
+--trust-remote-code to its signature, then hands them over as one `Globals` object.
+"""
+
+import functools
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import click
+import typer
+
+from studio.errors import StudioError
+
+DEBUG = {"on": os.environ.get("STUDIO_DEBUG", "") not in ("", "0")}
+
+
+@dataclass
+class Globals:
+    device: Optional[str]
+    precision: Optional[str]
+    attention: Optional[str]
+    offload: Optional[str]
+    quantize: Optional[str]
+    compile: Optional[bool]
+    seed: Optional[int]
+    out: Optional[Path]
+    quiet: bool
+    json: bool
+    debug: bool
+    offline: bool
+    preset: Optional[str]
+    save_preset: Optional[str]
+    allow_pickle: bool
+    trust_remote_code: bool
+
+    def device_flags(self) -> dict[str, Any]:
+        return {"device": self.device, "precision": self.precision, "attention": self.attention,
+                "offload": self.offload, "quantize": self.quantize, "compile": self.compile}
+
+    def run_options(self, task: str, **overrides: Any):
+        from studio.engine import RunOptions
+
+        return RunOptions(device=self.device_flags(), out_dir=self.out or default_out_dir(task), quiet=self.quiet,
+                          json=self.json, preset=self.preset, save_preset=self.save_preset,
+                          allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code,
+                          offline=self.offline, **overrides)
+
+
+def default_out_dir(task: str) -> Path:
+    return Path(os.environ.get("STUDIO_OUT") or "outputs")
+
+
+_G = "Device and output"
+GLOBAL_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("device", Annotated[Optional[str], typer.Option(help="auto|cpu|cuda[:N]|mps", rich_help_panel=_G)], None),
+    ("precision", Annotated[Optional[str], typer.Option(help="auto|fp32|fp16|bf16", rich_help_panel=_G)], None),
+    ("attention", Annotated[Optional[str], typer.Option(help="auto|sdpa|flash|xformers|math|sliced", rich_help_panel=_G)], None),
+    ("offload", Annotated[Optional[str], typer.Option(help="none|model|sequential (GPU only)", rich_help_panel=_G)], None),
+    ("quantize", Annotated[Optional[str], typer.Option(help="none|int8|int4 weight-only quantisation", rich_help_panel=_G)], None),
+    ("compile", Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model", rich_help_panel=_G, show_default=False)], None),
+    ("seed", Annotated[Optional[int], typer.Option(help="random seed (recorded in every output)", rich_help_panel=_G)], None),
+    ("out", Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default ./outputs)", rich_help_panel=_G)], None),
+    ("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or notes", rich_help_panel=_G)], False),
+    ("json", Annotated[bool, typer.Option("--json", help="print one JSON object per output", rich_help_panel=_G)], False),
+    ("debug", Annotated[bool, typer.Option("--debug", help="show tracebacks", rich_help_panel=_G)], False),
+    ("offline", Annotated[bool, typer.Option("--offline", help="never reach the model hub", rich_help_panel=_G)], False),
+    ("preset", Annotated[Optional[str], typer.Option(help="preset name or YAML file with defaults", rich_help_panel=_G)], None),
+    ("save_preset", Annotated[Optional[str], typer.Option(help="save these flags as a preset NAME", rich_help_panel=_G)], None),
+    ("allow_pickle", Annotated[bool, typer.Option("--allow-pickle", help="allow pickle weights (.bin/.ckpt)", rich_help_panel=_G)], False),
+    ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="allow a hub repo's own code", rich_help_panel=_G)], False),
+]
+GLOBAL_NAMES = [name for name, _, _ in GLOBAL_OPTIONS]
+
+
+def apply_globals(g: Globals) -> None:
+    """Process-wide effects of the global flags, before anything heavy is imported."""
+    if g.debug:
+        DEBUG["on"] = True
+    if g.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def generating(fn: Callable) -> Callable:
+    """Add the global options to a command and pass them as `opts: Globals`."""
+    sig = inspect.signature(fn, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.name != "opts"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
+             for name, ann, default in GLOBAL_OPTIONS if name not in sig.parameters]
+    names = [p.name for p in extra]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name, default) for name, _, default in GLOBAL_OPTIONS if name in names}
+        g = Globals(**values)
+        apply_globals(g)
+        return fn(*args, **kwargs, opts=g)
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+    del wrapper.__wrapped__  # typer must see the new signature, not the wrapped one
+    return wrapper
+
+
+def emitter(g: Globals) -> Callable[[dict[str, Any]], None]:
+    """How a command reports each output: a JSON line with --json, else a short line on stderr."""
+    from studio.engine import print_json
+
+    if g.json:
+        return print_json
+
+    def human(summary: dict[str, Any]) -> None:
+        if g.quiet:
+            return
+        if summary.get("path"):
+            sys.stderr.write(f"wrote {summary['path']}" + (f" (seed {summary['seed']})" if summary.get("seed") is not None else "") + "\n")
+
+    return human
+
+
+def run_command(task: str, params: dict[str, Any], g: Globals, **run_overrides: Any) -> list[Any]:
+    """The whole body of a thin generating command: params -> Engine -> written outputs."""
+    from studio.engine import Engine
+
+    if g.seed is not None and "seed" not in params:
+        params = {**params, "seed": g.seed}
+    engine = Engine(g.run_options(task, **run_overrides), emit=emitter(g))
+    return engine.run(task, params)
+
+
+def fail(message: str, hint: str | None = None, code: int = 2) -> None:
+    from studio.errors import StudioError as _E
+
+    err = _E(message, hint)
+    err.exit_code = code
+    raise err
+
+
+def print_error(exc: StudioError) -> None:
+    sys.stderr.write(f"error: {exc.message}\n")
+    if exc.hint:
+        sys.stderr.write(f"hint: {exc.hint}\n")
+
+
+class StudioGroup(typer.core.TyperGroup):
+    """The root group: turns StudioError into one line + hint and its exit code (2 bad input,
+    1 runtime), anything unexpected into exit 1, with tracebacks only under --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StudioError as exc:
+            if DEBUG["on"]:
+                raise
+            print_error(exc)
+            raise click.exceptions.Exit(exc.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            raise click.exceptions.Exit(130)
+        except Exception as exc:  # a bug or a library failure: one line unless --debug
+            if DEBUG["on"]:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            sys.stderr.write(f"error: {type(exc).__name__}: {first}\n"
+                             "hint: rerun with --debug for the traceback, and report it if it looks like a bug\n")
+            raise click.exceptions.Exit(1)
+
+
+def new_app(help: str, **kwargs: Any) -> typer.Typer:
+    return typer.Typer(help=help, no_args_is_help=kwargs.pop("no_args_is_help", True), add_completion=False,
+                       rich_markup_mode="rich", pretty_exceptions_enable=False, **kwargs)

@@ -1,0 +1,5 @@
+"""Placeholder: filled in by the starter work."""
+
+
+def register(root) -> None:
+    pass

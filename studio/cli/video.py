@@ -1,0 +1,5 @@
+"""Placeholder: filled in by the video work."""
+
+
+def register(root) -> None:
+    pass

@@ -1,0 +1,389 @@
+"""The device manager: one object that decides device, precision, attention, offload,
+quantisation and compilation, applies them to every model, and can say what it chose and why.
+
+`DeviceSettings` is what the user asked for (flags < preset < environment-free defaults); it is
+plain data and imports nothing heavy, so the CLI can build and validate it. `DeviceManager`
+resolves `auto`, imports torch, and applies itself to models with `prepare(model)`.
+
+Rules (DESIGN.md): a backend that was asked for and is missing is an error with a hint, never a
+silent fallback; `auto` picks the best available and records the pick (see `describe()`), which
+the output writer stores in every output's metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from studio.errors import BackendUnavailable, UsageError
+
+DEVICES_HELP = "auto|cpu|cuda[:N]|mps"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+ATTENTIONS = ("auto", "sdpa", "flash", "xformers", "math", "sliced")
+OFFLOADS = ("none", "model", "sequential")
+QUANTIZE = ("none", "int8", "int4")
+
+# environment variables that may set each field (below flags and presets in precedence)
+ENV = {
+    "device": "STUDIO_DEVICE",
+    "precision": "STUDIO_PRECISION",
+    "attention": "STUDIO_ATTENTION",
+    "offload": "STUDIO_OFFLOAD",
+    "quantize": "STUDIO_QUANTIZE",
+    "compile": "STUDIO_COMPILE",
+}
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """What the user asked for. Hashable: part of the loaded-pipeline cache key."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 (weights and autocast dtype)
+    attention: str = "auto"  # auto | sdpa | flash | xformers | math | sliced
+    offload: str = "none"  # none | model | sequential (diffusers CPU offload; accelerators only)
+    quantize: str = "none"  # none | int8 | int4 (weight-only, torchao; bitsandbytes on CUDA)
+    compile: bool = False  # torch.compile the denoiser / language model
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise UsageError(f"unknown device {dev!r}", f"use one of {DEVICES_HELP}")
+        for name, allowed in (
+            ("precision", PRECISIONS),
+            ("attention", ATTENTIONS),
+            ("offload", OFFLOADS),
+            ("quantize", QUANTIZE),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UsageError(f"unknown {name} {value!r}", f"use one of {'|'.join(allowed)}")
+
+    @classmethod
+    def from_sources(cls, flags: dict[str, Any] | None = None, preset: dict[str, Any] | None = None,
+                     env: dict[str, str] | None = None) -> "DeviceSettings":
+        """Merge defaults < environment < preset < flags. `None` in flags means 'not given'."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for key, var in ENV.items():
+            if env.get(var):
+                values[key] = env[var].lower() in ("1", "true", "yes") if key == "compile" else env[var]
+        for source in (preset or {}, flags or {}):
+            for key, value in source.items():
+                if key in ENV and value is not None:
+                    values[key] = value
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def module_available(name: str) -> bool:
+    """True when `name` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass
+class Resolved:
+    """What `auto` became on this machine, and why. Stored in every output's metadata."""
+
+    device: str
+    precision: str
+    attention: str
+    offload: str
+    quantize: str
+    compile: bool
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+class DeviceManager:
+    """Resolves settings on this machine and applies them to models.
+
+    Build once per process (or per distinct settings); pipelines call `prepare(model)` on every
+    model they load, `autocast()` / `attention_context()` around inference, and `generator(seed)`
+    for reproducible noise.
+    """
+
+    def __init__(self, settings: DeviceSettings | None = None, *, allow_bf16: bool = True):
+        import torch
+
+        self.torch = torch
+        self.settings = settings or DeviceSettings()
+        self.resolved = self._resolve(self.settings, allow_bf16)
+        self.device = torch.device(self.resolved.device)
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            self.resolved.precision
+        ]
+
+    # ------------------------------------------------------------------ resolution
+    def _resolve(self, s: DeviceSettings, allow_bf16: bool) -> Resolved:
+        torch = self.torch
+        why: dict[str, str] = {}
+        cuda_ok = torch.cuda.is_available()
+        mps_ok = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+        # 1. device
+        if s.device == "auto":
+            device = "cuda" if cuda_ok else "mps" if mps_ok else "cpu"
+            why["device"] = {"cuda": "a CUDA GPU is available", "mps": "Apple MPS is available",
+                             "cpu": "no CUDA or MPS device found"}[device]
+        else:
+            device = s.device
+            if device.startswith("cuda"):
+                if not cuda_ok:
+                    raise BackendUnavailable(
+                        f"--device {device} was asked for but torch sees no CUDA GPU "
+                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})",
+                        "use --device cpu (or auto), or install a CUDA build of torch on a machine with a GPU",
+                    )
+                index = int(device.split(":")[1]) if ":" in device else 0
+                if index >= torch.cuda.device_count():
+                    raise BackendUnavailable(
+                        f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) found",
+                        f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+                    )
+            elif device == "mps" and not mps_ok:
+                raise BackendUnavailable("--device mps was asked for but MPS is not available here",
+                                         "use --device cpu (or auto)")
+            why["device"] = "asked for"
+        kind = device.split(":")[0]
+
+        # 2. precision
+        if s.precision == "auto":
+            if kind == "cuda":
+                bf16_ok = torch.cuda.is_bf16_supported()
+                precision = "bf16" if (bf16_ok and allow_bf16) else "fp16"
+                why["precision"] = ("the GPU supports bf16 and the model allows it" if precision == "bf16"
+                                    else "fp16 halves memory on the GPU" + ("" if bf16_ok else " (no bf16 support)"))
+            elif kind == "mps":
+                precision, why["precision"] = "fp16", "fp16 is MPS's fast path"
+            else:
+                # bf16 is faster on CPUs with avx512_bf16 but changes outputs; fp32 keeps seeds
+                # reproducible across machines, so CPU bf16 is opt-in (benchmarks/precision.py).
+                precision, why["precision"] = "fp32", "CPU: fp32 keeps outputs exact; pass --precision bf16 for speed"
+        else:
+            precision = s.precision
+            if precision == "fp16" and kind == "cpu":
+                # fp16 matmuls on CPU are slow and some ops lack kernels; say so rather than crawl
+                raise BackendUnavailable("--precision fp16 is not supported on the CPU",
+                                         "use --precision bf16 (fast on CPUs with AVX512-BF16) or fp32")
+            if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+                raise BackendUnavailable("--precision bf16: this GPU has no bf16 support", "use --precision fp16")
+            why["precision"] = "asked for"
+
+        # 3. attention
+        xformers_ok = module_available("xformers")
+        if s.attention == "auto":
+            attention = "sdpa"
+            why["attention"] = "torch SDPA picks the fastest kernel it has for the inputs"
+        else:
+            attention = s.attention
+            if attention == "xformers":
+                if kind != "cuda":
+                    raise BackendUnavailable("--attention xformers needs a CUDA GPU",
+                                             "use --attention sdpa (or flash: torch's SDPA flash kernel runs on CPU too)")
+                if not xformers_ok:
+                    raise BackendUnavailable("--attention xformers: the xformers package is not installed",
+                                             "pip install 'studio[cuda]' or use --attention sdpa")
+            why["attention"] = "asked for"
+
+        # 4. offload
+        if s.offload != "none" and kind == "cpu":
+            raise BackendUnavailable(
+                f"--offload {s.offload} moves weights between CPU and an accelerator; on the CPU there is nothing to offload to",
+                "drop --offload, or run on a GPU (--device cuda)",
+            )
+        if s.offload != "none" and not module_available("accelerate"):
+            raise BackendUnavailable("--offload needs accelerate", "pip install accelerate")
+        why["offload"] = "asked for" if s.offload != "none" else "not asked for"
+
+        # 5. quantisation
+        if s.quantize != "none":
+            if not module_available("torchao") and not (kind == "cuda" and module_available("bitsandbytes")):
+                raise BackendUnavailable(f"--quantize {s.quantize} needs torchao (or bitsandbytes on CUDA)",
+                                         "pip install torchao")
+            why["quantize"] = "torchao weight-only " + s.quantize
+        return Resolved(device=device, precision=precision, attention=attention, offload=s.offload,
+                        quantize=s.quantize, compile=s.compile, reasons=why)
+
+    def describe(self) -> dict[str, Any]:
+        """What was asked for and what it became: stored in output metadata and shown by doctor."""
+        r = asdict(self.resolved)
+        return {"requested": self.settings.to_dict(), "resolved": {k: v for k, v in r.items() if k != "reasons"},
+                "reasons": r["reasons"]}
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    # ------------------------------------------------------------------ contexts
+    def generator(self, seed: int):
+        """A seeded torch.Generator. CPU generators give the same noise on every device, which is
+        what makes `studio replay` and cross-machine seeds work (as A1111's 'CPU' RNG option)."""
+        return self.torch.Generator("cpu").manual_seed(int(seed))
+
+    def autocast(self):
+        """Autocast for modules kept in fp32 when a lower precision was asked for (CPU bf16)."""
+        if self.resolved.precision == "fp32":
+            return contextlib.nullcontext()
+        return self.torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def attention_context(self):
+        """Restricts torch SDPA to the asked kernel for the run (flash or math)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if self.resolved.attention == "flash":
+            return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+        if self.resolved.attention == "math":
+            return sdpa_kernel([SDPBackend.MATH])
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def inference(self):
+        """Everything a pipeline wraps its forward passes in: no grad, attention kernel, autocast."""
+        with self.torch.inference_mode(), self.attention_context(), self.autocast():
+            yield
+
+    # ------------------------------------------------------------------ applying
+    def prepare(self, model: Any, *, quantize_modules: tuple[str, ...] | None = None) -> Any:
+        """Apply precision, attention, quantisation, offload and compile to a diffusers pipeline,
+        a transformers model or any torch module. Returns the (possibly wrapped) model."""
+        if hasattr(model, "components") and hasattr(model, "to"):  # a diffusers DiffusionPipeline
+            return self._prepare_pipeline(model, quantize_modules)
+        if isinstance(model, self.torch.nn.Module):
+            return self._prepare_module(model)
+        raise TypeError(f"cannot prepare {type(model).__name__}")
+
+    def _cast_dtype(self):
+        # On CPU, bf16 weights are fast with avx512_bf16; fp16 is rejected in resolution.
+        return self.dtype
+
+    def _prepare_pipeline(self, pipe: Any, quantize_modules: tuple[str, ...] | None) -> Any:
+        torch = self.torch
+        r = self.resolved
+        # precision first: quantising fp32 weights and then casting would undo it
+        pipe.to(dtype=self._cast_dtype())
+        denoisers = [m for name in ("unet", "transformer", "controlnet", "prior") if
+                     isinstance(m := getattr(pipe, name, None), torch.nn.Module)]
+        # attention
+        self._apply_pipeline_attention(pipe, denoisers)
+        # quantisation of the big compute modules (denoiser and text encoders)
+        if r.quantize != "none":
+            names = quantize_modules or ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+            for name in names:
+                module = getattr(pipe, name, None)
+                if isinstance(module, torch.nn.Module):
+                    self.quantize(module)
+        # placement / offload
+        if r.offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif r.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        if r.compile:
+            for name in ("unet", "transformer"):
+                module = getattr(pipe, name, None)
+                if isinstance(module, torch.nn.Module):
+                    setattr(pipe, name, torch.compile(module))
+        return pipe
+
+    def _apply_pipeline_attention(self, pipe: Any, denoisers: list) -> None:
+        a = self.resolved.attention
+        if a == "sliced":
+            if not hasattr(pipe, "enable_attention_slicing"):
+                raise BackendUnavailable(f"--attention sliced is not supported by {type(pipe).__name__}",
+                                         "use --attention sdpa")
+            pipe.enable_attention_slicing()
+        elif a == "xformers":
+            pipe.enable_xformers_memory_efficient_attention()
+        elif a in ("sdpa", "flash", "math"):
+            # diffusers' default processors call torch SDPA; flash/math pick its kernel at run
+            # time (attention_context). Models on diffusers' attention dispatcher also get the
+            # matching native backend so the choice is visible on the model.
+            backend = {"sdpa": None, "flash": "_native_flash", "math": "_native_math"}[a]
+            for module in denoisers:
+                if backend and hasattr(module, "set_attention_backend"):
+                    try:
+                        module.set_attention_backend(backend)
+                    except Exception:  # older UNet processors are not on the dispatcher
+                        pass
+
+    def _prepare_module(self, model: Any) -> Any:
+        torch = self.torch
+        r = self.resolved
+        model.to(dtype=self._cast_dtype())
+        if r.attention in ("xformers", "sliced"):
+            raise BackendUnavailable(f"--attention {r.attention} applies to diffusers pipelines only",
+                                     "use --attention sdpa, flash or math for this model")
+        if hasattr(model, "set_attn_implementation") and r.attention in ("sdpa", "flash", "math"):
+            # transformers models: keep SDPA (flash/math pick the kernel through attention_context)
+            try:
+                model.set_attn_implementation("sdpa")
+            except Exception:  # models without SDPA support keep their eager attention
+                pass
+        if r.quantize != "none":
+            self.quantize(model)
+        if r.offload != "none":
+            from accelerate import cpu_offload
+
+            cpu_offload(model, execution_device=self.device)
+        else:
+            model.to(self.device)
+        if r.compile:
+            model = torch.compile(model)
+        return model
+
+    def quantize(self, module: Any) -> Any:
+        """Weight-only int8/int4 quantisation of the Linear layers of `module`, in place."""
+        kind = self.resolved.quantize
+        if kind == "none":
+            return module
+        if not module_available("torchao"):
+            raise BackendUnavailable(f"--quantize {kind} needs torchao", "pip install torchao")
+        from torchao.quantization import quantize_
+
+        if kind == "int8":
+            from torchao.quantization import Int8WeightOnlyConfig
+
+            config = Int8WeightOnlyConfig()
+        else:
+            from torchao.quantization import Int4WeightOnlyConfig
+
+            try:
+                if self.is_cpu:
+                    from torchao.dtypes import Int4CPULayout
+
+                    config = Int4WeightOnlyConfig(group_size=32, layout=Int4CPULayout())
+                else:
+                    config = Int4WeightOnlyConfig(group_size=32)
+            except Exception as exc:  # pragma: no cover - depends on the torchao build
+                raise BackendUnavailable(f"--quantize int4 is not available here ({exc})", "use --quantize int8") from exc
+        try:
+            quantize_(module, config)
+        except Exception as exc:
+            raise BackendUnavailable(f"--quantize {kind} failed on {type(module).__name__}: {exc}",
+                                     "use --quantize int8, or none") from exc
+        return module
+
+    def with_settings(self, **changes: Any) -> "DeviceManager":
+        return DeviceManager(replace(self.settings, **changes))
+
+
+_MANAGERS: dict[DeviceSettings, DeviceManager] = {}
+
+
+def get_device_manager(settings: DeviceSettings) -> DeviceManager:
+    """One DeviceManager per distinct settings in a process."""
+    if settings not in _MANAGERS:
+        _MANAGERS[settings] = DeviceManager(settings)
+    return _MANAGERS[settings]

@@ -1,0 +1,32 @@
+"""Where studio keeps user data: $STUDIO_HOME (default ~/.studio) holds user presets and model
+cards; the HF cache (HF_HOME / HF_HUB_CACHE) holds downloaded weights, as every HF tool expects."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_PRESETS = Path(__file__).resolve().parent.parent / "presets"
+
+
+def studio_home() -> Path:
+    return Path(os.environ.get("STUDIO_HOME") or Path.home() / ".studio").expanduser()
+
+
+def user_presets_dir() -> Path:
+    return studio_home() / "presets"
+
+
+def user_models_dir() -> Path:
+    return studio_home() / "models"
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+    return home / "hub"
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")

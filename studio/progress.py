@@ -1,0 +1,126 @@
+"""Progress for long work: rich bars on stderr, bridged to diffusers' `callback_on_step_end` and
+transformers' streamers. `Progress(enabled=False)` (--quiet, --json) keeps the same API and shows
+nothing, so pipelines never check flags."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Callable, Iterator
+
+
+class TaskHandle:
+    """One bar. `advance()` per step; `update(**fields)` for extra columns (loss, lr, ...)."""
+
+    def __init__(self, progress: "Progress", task_id: Any):
+        self._p = progress
+        self._id = task_id
+
+    def advance(self, n: float = 1) -> None:
+        if self._p._rich is not None:
+            self._p._rich.advance(self._id, n)
+
+    def update(self, description: str | None = None, **fields: Any) -> None:
+        if self._p._rich is not None:
+            info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+            kwargs: dict[str, Any] = {"info": info}
+            if description is not None:
+                kwargs["description"] = description
+            self._p._rich.update(self._id, **kwargs)
+
+    def set_total(self, total: float) -> None:
+        if self._p._rich is not None:
+            self._p._rich.update(self._id, total=total)
+
+    def finish(self) -> None:
+        if self._p._rich is not None:
+            task = self._p._rich.tasks[[t.id for t in self._p._rich.tasks].index(self._id)]
+            self._p._rich.update(self._id, completed=task.total or task.completed)
+
+
+class Progress:
+    def __init__(self, enabled: bool = True, console: Any = None):
+        self.enabled = enabled and console is not False
+        self._console = console
+        self._rich = None
+        self._depth = 0
+
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+        return self._console
+
+    def __enter__(self) -> "Progress":
+        self._depth += 1
+        if self.enabled and self._rich is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._rich = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                console=self.console, transient=False,
+            )
+            self._rich.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+
+    def task(self, description: str, total: float | None = None) -> TaskHandle:
+        if self._rich is None:
+            return TaskHandle(self, None)
+        return TaskHandle(self, self._rich.add_task(description, total=total, info=""))
+
+    @contextlib.contextmanager
+    def status(self, text: str) -> Iterator[None]:
+        handle = self.task(text, total=None)
+        try:
+            yield
+        finally:
+            if self._rich is not None:
+                self._rich.update(handle._id, total=1, completed=1)
+
+    def note(self, text: str) -> None:
+        """A one-line notice (auto picks, conversions). Shown unless quiet."""
+        if self.enabled:
+            self.console.print(f"[yellow]note:[/] {text}", highlight=False)
+
+    # -------------------------------------------------------------- library bridges
+    def diffusers_callback(self, handle: TaskHandle, extra: Callable | None = None) -> Callable:
+        """A `callback_on_step_end` that advances `handle` once per denoising step."""
+
+        def callback(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+            handle.advance(1)
+            if extra is not None:
+                extra(pipe, step, timestep, callback_kwargs)
+            return callback_kwargs
+
+        return callback
+
+    def streamer(self, tokenizer: Any, on_text: Callable[[str], None] | None = None,
+                 handle: TaskHandle | None = None, skip_prompt: bool = True) -> Any:
+        """A transformers streamer: decoded text goes to `on_text` as it comes; `handle` advances
+        per generated token."""
+        from transformers.generation.streamers import TextStreamer
+
+        class _Streamer(TextStreamer):
+            def put(self, value):  # value: (B, T) token ids
+                if handle is not None and not (self.skip_prompt and self.next_tokens_are_prompt):
+                    handle.advance(value.shape[-1] if value.ndim > 1 else 1)
+                super().put(value)
+
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if on_text is not None:
+                    on_text(text)
+                else:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+
+        return _Streamer(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)

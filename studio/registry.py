@@ -1,0 +1,72 @@
+"""Task name -> pipeline class, as import strings, so naming a task imports nothing heavy.
+
+Built-in tasks are registered the same way third-party ones are (simonw/llm's habit): a string
+"module:Class". Other packages add tasks through the `studio.tasks` entry-point group. Loaded
+pipelines are cached by (task, model spec, device settings) for the life of the process, so a
+batch or multi-step pipeline file loads each model once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from studio.errors import UsageError
+
+BUILTIN_TASKS: dict[str, str] = {
+    "image": "pipelines.image:ImagePipeline",
+    "caption": "pipelines.caption:Captioner",
+    "vqa": "pipelines.caption:VQA",
+    "clip-embed": "pipelines.clip:ClipEmbedder",
+    "music-midi": "pipelines.music_symbolic:MidiGenerator",
+    "music-audio": "pipelines.music_audio:MusicGenerator",
+    "video": "pipelines.video:VideoPipeline",
+    "code": "pipelines.code:CodeGenerator",
+}
+
+
+def tasks() -> dict[str, str]:
+    found = dict(BUILTIN_TASKS)
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="studio.tasks"):
+            found.setdefault(ep.name, ep.value)
+    except Exception:  # broken third-party metadata must not break studio
+        pass
+    return found
+
+
+def import_string(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def pipeline_class(task: str) -> type:
+    known = tasks()
+    if task not in known:
+        raise UsageError(f"unknown task {task!r}", f"tasks: {', '.join(sorted(known))}")
+    return import_string(known[task])
+
+
+_LOADED: dict[tuple, Any] = {}
+
+
+def load_pipeline(task: str, spec: Any, device: Any, progress: Any = None) -> Any:
+    """Load (or reuse) the pipeline for `task` on `spec` with `device`'s settings."""
+    key = (task, spec, device.settings)
+    if key not in _LOADED:
+        cls = pipeline_class(task)
+        if progress is not None:
+            with progress.status(f"loading {spec.alias or spec.name}"):
+                _LOADED[key] = cls.load(spec, device)
+        else:
+            _LOADED[key] = cls.load(spec, device)
+    return _LOADED[key]
+
+
+def clear_cache() -> None:
+    _LOADED.clear()

@@ -1,0 +1,52 @@
+"""Tiny random models of real architectures, for smoke tests and for the test suite.
+
+`studio models make-tiny KIND DIR` and the tests call the same builders: each builds a seeded
+random model with a real library class and saves it with `save_pretrained`, so what is tested
+is the same `from_pretrained(folder)` path a user's hub model takes (diffusers' own tests build
+their `get_dummy_components` the same way). Builders live beside the pipeline that uses them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from studio.errors import UsageError
+from studio.registry import import_string
+
+KINDS: dict[str, str] = {
+    # images (pipelines/image.py)
+    "sd": "pipelines.image:make_tiny_sd",
+    "sdxl": "pipelines.image:make_tiny_sdxl",
+    "controlnet": "pipelines.image:make_tiny_controlnet",
+    "lora": "pipelines.image:make_tiny_lora",
+    # seeing (pipelines/caption.py)
+    "blip-caption": "pipelines.caption:make_tiny_blip_caption",
+    "blip-vqa": "pipelines.caption:make_tiny_blip_vqa",
+    "vlm": "pipelines.caption:make_tiny_vlm",
+    # clip (pipelines/clip.py)
+    "clip": "pipelines.clip:make_tiny_clip",
+    # music
+    "midi-lm": "pipelines.music_symbolic:make_tiny_midi_lm",
+    "musicgen": "pipelines.music_audio:make_tiny_musicgen",
+    # video
+    "animatediff": "pipelines.video:make_tiny_animatediff",
+    "t2v": "pipelines.video:make_tiny_t2v",
+    # code
+    "code-lm": "pipelines.code:make_tiny_code_lm",
+}
+
+
+def make_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Build the tiny `kind` model into `out_dir` and return the folder."""
+    if kind not in KINDS:
+        raise UsageError(f"unknown tiny model kind {kind!r}", f"kinds: {', '.join(KINDS)}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not empty", "pick a new folder; studio never overwrites")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        builder = import_string(KINDS[kind])
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"tiny kind {kind!r} is not available in this build ({exc})", "update studio") from exc
+    builder(out, seed=seed)
+    return out
