@@ -10,7 +10,15 @@ __version__ = "0.1.0"
 
 __all__ = ["Studio", "StudioError", "UsageError", "__version__"]
 
+import logging as _logging
+
 from studio.errors import StudioError, UsageError
+
+# Version-skew noise printed on every import (torch 2.14 deprecates a torchao registration;
+# diffusers 0.42 looks for torchao classes 0.18 moved). Neither affects studio: keep it off
+# the user's terminal. Set here because they fire at import time, before any pipeline runs.
+for _name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 
 def __getattr__(name: str):

@@ -211,6 +211,10 @@ class DeviceManager:
             if not module_available("torchao") and not (kind == "cuda" and module_available("bitsandbytes")):
                 raise BackendUnavailable(f"--quantize {s.quantize} needs torchao (or bitsandbytes on CUDA)",
                                          "pip install torchao")
+            if s.quantize == "int4" and kind != "cuda" and not module_available("mslk"):
+                # torchao's int4 weight-only kernels are CUDA tinygemm, or 'plain' with the mslk package
+                raise BackendUnavailable("--quantize int4 has no CPU kernel in this torchao build",
+                                         "use --quantize int8 on the CPU (or int4 on a CUDA GPU)")
             why["quantize"] = "torchao weight-only " + s.quantize
         return Resolved(device=device, precision=precision, attention=attention, offload=s.offload,
                         quantize=s.quantize, compile=s.compile, reasons=why)
@@ -359,15 +363,9 @@ class DeviceManager:
         else:
             from torchao.quantization import Int4WeightOnlyConfig
 
-            try:
-                if self.is_cpu:
-                    from torchao.dtypes import Int4CPULayout
-
-                    config = Int4WeightOnlyConfig(group_size=32, layout=Int4CPULayout())
-                else:
-                    config = Int4WeightOnlyConfig(group_size=32)
-            except Exception as exc:  # pragma: no cover - depends on the torchao build
-                raise BackendUnavailable(f"--quantize int4 is not available here ({exc})", "use --quantize int8") from exc
+            # CUDA: tinygemm's tile-packed layout; elsewhere the plain layout (needs mslk)
+            fmt = "tile_packed_to_4d" if self.device.type == "cuda" else "plain"
+            config = Int4WeightOnlyConfig(group_size=32, int4_packing_format=fmt)
         try:
             quantize_(module, config)
         except Exception as exc:

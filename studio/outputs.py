@@ -303,12 +303,18 @@ class OutputWriter:
             raise UsageError(f"bad name template {self.template!r}: {exc}",
                              "fields: {date} {time} {task} {seed} {slug} {index} {model}") from exc
 
+    @staticmethod
+    def sidecar_for(final: Path, suffix: str) -> Path:
+        """NAME.json beside NAME.png; a JSON output's own sidecar is NAME.meta.json."""
+        stem = final.name.removesuffix(suffix) if suffix else final.name
+        return final.with_name(stem + (".meta.json" if suffix == ".json" else ".json"))
+
     def _free_path(self, stem: str, suffix: str) -> Path:
         candidate = self.out_dir / f"{stem}{suffix}"
         if self.overwrite:
             return candidate
         n = 0
-        while candidate.exists() or (self.sidecar and candidate.with_name(candidate.name.removesuffix(suffix) + ".json").exists()):
+        while candidate.exists() or (self.sidecar and self.sidecar_for(candidate, suffix).exists()):
             n += 1
             candidate = self.out_dir / f"{stem}-{n}{suffix}"
         return candidate
@@ -364,7 +370,7 @@ class OutputWriter:
         meta["file"] = final.name
         meta["write_seconds"] = round(time.perf_counter() - started, 4)
         if self.sidecar:
-            sidecar = final.with_name((final.name.removesuffix(suffix) if suffix else final.name) + ".json")
+            sidecar = self.sidecar_for(final, suffix)
             with atomic_path(sidecar, overwrite=self.overwrite) as tmp:
                 tmp.write_text(json.dumps(_jsonable(meta), indent=2, ensure_ascii=False), encoding="utf-8")
         if self.manifest:
@@ -385,7 +391,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} does not exist", "pass an output file written by studio")
-    candidates = [path.with_suffix(".json"), path.with_name(path.name + ".json")]
+    candidates = [path.with_suffix(".json"), path.with_name(path.name + ".json"), path.with_suffix(".meta.json")]
     if path.suffix == ".json":
         candidates.insert(0, path)
     for sidecar in candidates:

@@ -55,6 +55,10 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         self._depth += 1
+        return self
+
+    def _start(self) -> None:
+        # started on the first bar, so a run that fails in its checks prints nothing but the error
         if self.enabled and self._rich is None:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
@@ -65,7 +69,6 @@ class Progress:
                 console=self.console, transient=False,
             )
             self._rich.start()
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         self._depth -= 1
@@ -74,6 +77,8 @@ class Progress:
             self._rich = None
 
     def task(self, description: str, total: float | None = None) -> TaskHandle:
+        if self._depth > 0:
+            self._start()
         if self._rich is None:
             return TaskHandle(self, None)
         return TaskHandle(self, self._rich.add_task(description, total=total, info=""))

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
-import click
 import typer
+from typer import _click as click  # typer 0.29 vendors click
+from typer.exceptions import Abort, Exit  # typer's own exit exceptions (not click's)
 
 from studio.errors import StudioError
 
@@ -168,19 +169,19 @@ class StudioGroup(typer.core.TyperGroup):
             if DEBUG["on"]:
                 raise
             print_error(exc)
-            raise click.exceptions.Exit(exc.exit_code)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise Exit(exc.exit_code)
+        except (Exit, Abort, click.exceptions.ClickException, SystemExit):
             raise
         except KeyboardInterrupt:
             sys.stderr.write("interrupted\n")
-            raise click.exceptions.Exit(130)
+            raise Exit(130)
         except Exception as exc:  # a bug or a library failure: one line unless --debug
             if DEBUG["on"]:
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             sys.stderr.write(f"error: {type(exc).__name__}: {first}\n"
                              "hint: rerun with --debug for the traceback, and report it if it looks like a bug\n")
-            raise click.exceptions.Exit(1)
+            raise Exit(1)
 
 
 def new_app(help: str, **kwargs: Any) -> typer.Typer:
