@@ -63,6 +63,23 @@ class ClipSource:
     def has_weights(self) -> bool:
         return bool(self.pretrained or self.checkpoint or self.folder)
 
+    def reload_args(self) -> tuple[str, str | None]:
+        """(model, pretrained) that resolve_clip turns back into this source from any folder
+        (an index records them so `clip search` embeds queries with the same model)."""
+        ident = dict(self.identity)
+        kind = ident.get("kind")
+        if kind == "hub":
+            return ident.get("alias") or ident["source"], None
+        if kind == "file":
+            return ident["path"], None
+        if kind == "config":
+            return ident["config"], self.pretrained
+        if kind == "open_clip":
+            return self.model_name, self.pretrained
+        if self.folder:
+            return self.folder, None
+        return self.label, self.pretrained
+
     def identity_dict(self) -> dict[str, Any]:
         return {"name": self.label, "open_clip": self.model_name, "pretrained": self.pretrained,
                 **dict(self.identity)}
