@@ -107,7 +107,8 @@ def generating(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        values = {name: kwargs.pop(name, default) for name, _, default in GLOBAL_OPTIONS if name in names}
+        # a global the command defines itself (e.g. caption's --out FILE) stays the command's own
+        values = {name: kwargs.pop(name, default) if name in names else default for name, _, default in GLOBAL_OPTIONS}
         g = Globals(**values)
         apply_globals(g)
         return fn(*args, **kwargs, opts=g)
