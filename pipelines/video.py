@@ -1,0 +1,767 @@
+"""Video: text-to-video, image-to-video, prompt travel, long clips and frame interpolation.
+
+One `VideoPipeline` (task "video") over diffusers' video pipelines. Which diffusers class runs is
+read from the model itself (model_index.json's `_class_name`, or the card's `pipeline:`), and a
+"family" row below says what that class can do:
+
+  animatediff  an SD 1.5 / SDXL base + a MotionAdapter (AnimateDiffPipeline, or a saved
+               AnimateDiffPipeline folder). Prompt travel and long clips through FreeNoise
+               (`enable_free_noise`: sliding context windows over the motion modules, per-frame
+               prompt embeddings interpolated between keyframes); per-frame ControlNet through
+               AnimateDiffControlNetPipeline; `--init` through AnimateDiffVideoToVideoPipeline
+               (the still image repeated as a video and re-noised by `strength`).
+  t2v-sd       ModelScope / zeroscope (TextToVideoSDPipeline, a UNet3D).
+  svd          Stable Video Diffusion: animates `--init`, no prompt.
+  i2vgen-xl    I2VGen-XL: `--init` + prompt.
+  cogvideox, ltx, wan
+               the transformer families; their image-to-video classes where diffusers has them
+               (LTX's text-to-video weights also serve image-to-video; CogVideoX and Wan need
+               their separate I2V checkpoints).
+
+Frames come back as PIL images; `--interpolate K` then inserts K-1 flow-warped frames per pair
+(pipelines/interpolate.py, no weights). The writer turns them into MP4/GIF/WebP/PNG frames.
+
+Decoding is memory-aware: `_decode_plan` asks the device how much memory is free and picks the
+VAE's decode chunk (frames decoded at once), slicing and tiling so a long clip decodes where the
+denoiser fit; the pick is recorded in each output's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from studio import models
+from studio.errors import InputFileError, UsageError
+from studio.outputs import Result
+from studio.pipeline import IMAGE_SUFFIXES, load_image, seeds_for
+
+FORMATS = ("mp4", "gif", "webp", "frames")
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    prompt: str = ""  # what the clip shows (image-only models such as SVD take none)
+    negative_prompt: str | None = None  # what to steer away from
+    model: str = "auto"  # alias, hub id, local folder: an SD base, an AnimateDiff/T2V/SVD/... pipeline, or a motion adapter
+    motion_adapter: str | None = None  # AnimateDiff motion module over an SD base (alias, hub id, folder)
+    frames: int = 16  # frames the model generates (before --interpolate)
+    fps: float | None = None  # playback frames/s of the file; None: the model's rate x interpolate
+    width: int | None = None  # pixels; None: the model's native size
+    height: int | None = None  # pixels; None: the model's native size
+    steps: int = 25  # denoising steps
+    guidance: float | None = None  # classifier-free guidance scale; None: the family's default
+    seed: int | None = None  # noise seed (recorded); output i uses seed + i
+    num_outputs: int = 1  # clips to generate, each with its own seed
+    format: str = "mp4"  # mp4 | gif | webp | frames (a folder of numbered PNGs)
+    init_image: str | None = None  # image-to-video: the first frame / the still to animate
+    strength: float = 0.8  # AnimateDiff --init: how far the repeated still is re-noised (1 = ignore it)
+    motion_bucket_id: int = 127  # SVD: amount of motion (higher moves more)
+    noise_aug_strength: float = 0.02  # SVD: noise added to the init image (higher: less like it)
+    prompt_map: Any = None  # prompt travel: {frame: prompt} or "0:a calm sea,16:a stormy sea"
+    context_length: int | None = None  # FreeNoise window (frames); None: the motion adapter's native length
+    context_stride: int = 4  # FreeNoise: frames between window starts
+    controlnet: str | None = None  # ControlNet model (alias, hub id, folder) for per-frame conditioning
+    control_frames: str | None = None  # folder of control images named by frame number (0.png, 0016.png, ...)
+    control_scale: float = 1.0  # ControlNet conditioning scale
+    interpolate: int = 1  # insert interpolate-1 flow-warped frames between each generated pair
+    interpolate_method: str = "dis"  # dis | farneback (OpenCV optical flow)
+    decode_chunk_size: int | None = None  # frames the VAE decodes at once; None: fit to free memory
+
+
+# ----------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class Family:
+    """What one diffusers video class needs and can do."""
+
+    name: str
+    t2v: str | None  # diffusers class for text-to-video (None: image-only)
+    i2v: str | None  # diffusers class for --init (None: no image input)
+    i2v_same_weights: bool  # the t2v weights also serve the i2v class (from_pipe)
+    fps: float  # the rate the model was trained at (default playback rate)
+    guidance: float  # the family's usual guidance
+    size_multiple: int = 8  # width/height must be multiples of this
+    frame_rule: tuple[int, int] | None = None  # frames must be a*k + b (temporal VAE compression)
+    takes_prompt: bool = True
+    width: int | None = None  # native size when the pipeline has no sample_size to read
+    height: int | None = None
+
+
+FAMILIES: dict[str, Family] = {
+    "animatediff": Family("animatediff", "AnimateDiffPipeline", "AnimateDiffVideoToVideoPipeline", True, 8, 7.5),
+    "animatediff-sdxl": Family("animatediff-sdxl", "AnimateDiffSDXLPipeline", None, False, 8, 5.0),
+    "t2v-sd": Family("t2v-sd", "TextToVideoSDPipeline", None, False, 8, 9.0),
+    "svd": Family("svd", None, "StableVideoDiffusionPipeline", False, 7, 3.0, takes_prompt=False),
+    "i2vgen-xl": Family("i2vgen-xl", None, "I2VGenXLPipeline", False, 8, 9.0),
+    "cogvideox": Family("cogvideox", "CogVideoXPipeline", "CogVideoXImageToVideoPipeline", False, 8, 6.0,
+                        16, (4, 1), width=720, height=480),
+    "ltx": Family("ltx", "LTXPipeline", "LTXImageToVideoPipeline", True, 24, 3.0, 32, (8, 1), width=704, height=480),
+    "wan": Family("wan", "WanPipeline", "WanImageToVideoPipeline", False, 16, 5.0, 16, (4, 1), width=832, height=480),
+}
+
+# model_index.json `_class_name` -> (family, whether the saved class is the image-to-video one)
+CLASS_FAMILY: dict[str, tuple[str, bool]] = {
+    "StableDiffusionPipeline": ("animatediff", False),  # an SD base: needs a motion adapter
+    "StableDiffusionXLPipeline": ("animatediff-sdxl", False),
+    "AnimateDiffPipeline": ("animatediff", False),
+    "AnimateDiffSDXLPipeline": ("animatediff-sdxl", False),
+    "TextToVideoSDPipeline": ("t2v-sd", False),
+    "VideoToVideoSDPipeline": ("t2v-sd", False),
+    "StableVideoDiffusionPipeline": ("svd", True),
+    "I2VGenXLPipeline": ("i2vgen-xl", True),
+    "CogVideoXPipeline": ("cogvideox", False),
+    "CogVideoXImageToVideoPipeline": ("cogvideox", True),
+    "LTXPipeline": ("ltx", False),
+    "LTXImageToVideoPipeline": ("ltx", True),
+    "WanPipeline": ("wan", False),
+    "WanImageToVideoPipeline": ("wan", True),
+}
+
+# AnimateDiff's reference sampler (guoyww's configs and diffusers' docs): DDIM, linear betas.
+ANIMATEDIFF_SCHEDULER = {"clip_sample": False, "timestep_spacing": "linspace", "beta_schedule": "linear",
+                         "steps_offset": 1}
+
+
+def _read_json(spec: models.ModelSpec, filename: str) -> dict[str, Any] | None:
+    """A JSON file at the root of a model (local folder, cached snapshot or the hub); None if absent."""
+    if spec.kind == "file":
+        return None
+    if spec.is_local or spec.offline or models.is_offline():
+        path = Path(spec.location()) / filename
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(spec.source, filename, revision=spec.revision)).read_text(encoding="utf-8"))
+    except EntryNotFoundError:
+        return None
+    except Exception as exc:  # network, gated repo, unknown id
+        raise models.ModelNotAvailable(f"could not read {filename} of {spec.alias or spec.source}: {exc}".splitlines()[0],
+                                       f"check the id and your network, or `studio models pull {spec.alias or spec.source}`") from exc
+
+
+def _class_name(spec: models.ModelSpec) -> str:
+    """The diffusers class a model was saved as: the card's `pipeline:` wins, then model_index.json,
+    then config.json (a lone MotionAdapter or ControlNet)."""
+    if spec.card.get("pipeline"):
+        return str(spec.card["pipeline"])
+    if spec.kind == "file":
+        raise UsageError(f"{Path(spec.source).name} is a single checkpoint file",
+                         "video models load from diffusers folders (model_index.json); pass the folder or a hub id")
+    for filename in ("model_index.json", "config.json"):
+        data = _read_json(spec, filename)
+        if data and data.get("_class_name"):
+            return str(data["_class_name"])
+    raise UsageError(f"{spec.alias or spec.source} has no model_index.json or config.json naming a diffusers class",
+                     "pass a diffusers video model folder or hub id (`studio models list --task video`)")
+
+
+def _diffusers_class(name: str) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise UsageError(f"this diffusers ({diffusers.__version__}) has no {name}", "upgrade diffusers")
+    return cls
+
+
+def _sub_spec(name: str, parent: models.ModelSpec, task: str | None = "video") -> models.ModelSpec:
+    """Resolve a second model (motion adapter, ControlNet, AnimateDiff base) with the parent's safety flags."""
+    return models.resolve(name, task=task, allow_pickle=parent.allow_pickle,
+                          trust_remote_code=parent.trust_remote_code, offline=parent.offline or None)
+
+
+def parse_prompt_map(value: Any, default_prompt: str = "") -> dict[int, str] | None:
+    """{frame: prompt} from a dict (presets; JSON sidecars turn keys into strings) or from
+    "0:a calm sea,16:a stormy sea". Commas inside a prompt are kept: the text is split only at a
+    comma followed by `N:`."""
+    if value in (None, "", {}):
+        return None
+    if isinstance(value, str):
+        parts = re.split(r",\s*(?=\d+\s*:)", value.strip())
+        items = []
+        for part in parts:
+            frame, sep, prompt = part.partition(":")
+            if not sep or not frame.strip().isdigit():
+                raise UsageError(f"bad prompt map entry {part!r}", 'write FRAME:PROMPT pairs, e.g. "0:a calm sea,16:a stormy sea"')
+            items.append((frame.strip(), prompt.strip()))
+    elif isinstance(value, dict):
+        items = list(value.items())
+    else:
+        raise UsageError(f"prompt_map must be a mapping or a string, not {type(value).__name__}",
+                         'e.g. prompt_map: {0: "a calm sea", 16: "a stormy sea"}')
+    out: dict[int, str] = {}
+    for frame, prompt in items:
+        try:
+            index = int(frame)
+        except (TypeError, ValueError):
+            raise UsageError(f"prompt map key {frame!r} is not a frame number", "keys are frame numbers from 0") from None
+        if index < 0:
+            raise UsageError(f"prompt map frame {index} is negative", "frames count from 0")
+        if not str(prompt).strip():
+            raise UsageError(f"prompt map frame {index} has an empty prompt", "give each keyframe a prompt")
+        out[index] = str(prompt).strip()
+    if 0 not in out:
+        if not default_prompt:
+            raise UsageError("the prompt map has no prompt for frame 0", "add `0:...` or give the prompt argument")
+        out[0] = default_prompt  # the positional prompt opens the clip
+    return dict(sorted(out.items()))
+
+
+def _frame_number(path: Path) -> int | None:
+    digits = re.findall(r"\d+", path.stem)
+    return int(digits[-1]) if digits else None
+
+
+def load_control_frames(folder: str | Path, frames: int, size: tuple[int, int]) -> tuple[list[Any], list[int]]:
+    """One control image per frame from a folder of images named by frame number. Frames between
+    keyframes hold the previous keyframe's image (frames before the first hold the first), the
+    way animatediff-cli fills sparse control folders. Returns (images, keyframe numbers)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise InputFileError(f"control frames folder {folder} does not exist", "pass a folder of images named by frame number")
+    numbered = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        index = _frame_number(path)
+        if index is None:
+            raise InputFileError(f"control image {path.name} has no frame number in its name", "name them 0.png, 0008.png, ...")
+        if index in numbered:
+            raise InputFileError(f"two control images for frame {index} ({numbered[index].name}, {path.name})", "keep one per frame")
+        numbered[index] = path
+    if not numbered:
+        raise InputFileError(f"{folder} holds no control images", "add images named by frame number (0.png, 8.png, ...)")
+    late = [i for i in numbered if i >= frames]
+    if late:
+        raise UsageError(f"control image for frame {late[0]} is past the clip's {frames} frames", "raise --frames or remove it")
+    keys = sorted(numbered)
+    images = {i: load_image(numbered[i], what="control image").resize(size) for i in keys}
+    out, current = [], images[keys[0]]
+    for f in range(frames):
+        current = images.get(f, current)
+        out.append(current)
+    return out, keys
+
+
+# ----------------------------------------------------------------------------- the pipeline
+class VideoPipeline:
+    task = "video"
+    request_type = VideoRequest
+
+    def __init__(self, spec: models.ModelSpec, device: Any, family: Family, class_name: str, pipe: Any = None):
+        self.spec = spec
+        self.device = device
+        self.family = family
+        self.class_name = class_name  # what the model was saved as
+        self.pipe = pipe  # the loaded diffusers pipeline (None for an SD base until an adapter is known)
+        self._variants: dict[tuple, Any] = {}  # (kind, model specs) -> derived pipelines, built once
+        self._needs_adapter = class_name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "MotionAdapter")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, spec: models.ModelSpec, device: Any) -> "VideoPipeline":
+        class_name = _class_name(spec)
+        if class_name == "MotionAdapter":
+            # a motion adapter named as the model (e.g. the animatediff-v3 card): its base comes
+            # from the card's `components: {base: ...}`, loaded once an adapter is combined in run()
+            return cls(spec, device, FAMILIES["animatediff"], class_name)
+        if class_name not in CLASS_FAMILY:
+            raise UsageError(f"{spec.alias or spec.source} is a {class_name}, not a video model studio runs",
+                             f"video classes: {', '.join(sorted(CLASS_FAMILY))} (an SD base needs --motion-adapter)")
+        family = FAMILIES[CLASS_FAMILY[class_name][0]]
+        self = cls(spec, device, family, class_name)
+        if not self._needs_adapter:
+            with models.loading(spec, "video model"):
+                pipe = _diffusers_class(class_name).from_pretrained(spec.location(), **spec.load_kwargs(library="diffusers"))
+            self.pipe = self._prepare(pipe)
+        return self
+
+    def _prepare(self, pipe: Any) -> Any:
+        pipe.set_progress_bar_config(disable=True)  # studio's own bar shows the steps
+        return self.device.prepare(pipe)
+
+    @property
+    def is_i2v_model(self) -> bool:
+        return CLASS_FAMILY.get(self.class_name, ("", False))[1]
+
+    def _base_and_adapter(self, request: VideoRequest) -> tuple[models.ModelSpec, models.ModelSpec]:
+        """(SD base, motion adapter) for an AnimateDiff run on a base model or a lone adapter."""
+        if self.class_name == "MotionAdapter":
+            if request.motion_adapter:
+                raise UsageError(f"{self.spec.alias or self.spec.name} is itself a motion adapter",
+                                 "pass the SD base with --model and the adapter with --motion-adapter")
+            base = (self.spec.card.get("components") or {}).get("base")
+            if not base:
+                raise UsageError(f"{self.spec.alias or self.spec.name} is a motion adapter and names no base model",
+                                 "pass --model BASE --motion-adapter ADAPTER (e.g. --model sd15 --motion-adapter animatediff-v3)")
+            return _sub_spec(str(base), self.spec, task="image"), self.spec
+        if request.motion_adapter:
+            return self.spec, _sub_spec(request.motion_adapter, self.spec)
+        # the layout `make-tiny animatediff` and AnimateDiffPipeline saves use: motion_adapter/ inside
+        if self.spec.is_local and (Path(self.spec.source) / "motion_adapter" / "config.json").is_file():
+            return self.spec, _sub_spec(str(Path(self.spec.source) / "motion_adapter"), self.spec)
+        raise UsageError(f"{self.spec.alias or self.spec.name} is a Stable Diffusion base: AnimateDiff needs a motion adapter",
+                         "add --motion-adapter animatediff-v3 (or a MotionAdapter folder / hub id)")
+
+    def _animatediff(self, request: VideoRequest) -> Any:
+        """The AnimateDiff pipeline for this request: the loaded one, or base + adapter (cached)."""
+        if not self._needs_adapter:
+            if request.motion_adapter:
+                raise UsageError(f"{self.spec.alias or self.spec.name} already holds its motion modules ({self.class_name})",
+                                 "drop --motion-adapter, or pass an SD base with --model")
+            return self.pipe
+        base, adapter = self._base_and_adapter(request)
+        key = ("animatediff", base, adapter)
+        if key not in self._variants:
+            from diffusers import DDIMScheduler, MotionAdapter
+
+            with models.loading(adapter, "motion adapter"):
+                motion = MotionAdapter.from_pretrained(adapter.location(), **adapter.load_kwargs(library="diffusers"))
+            base_class = _class_name(base)
+            cls_name = {"StableDiffusionPipeline": "AnimateDiffPipeline",
+                        "StableDiffusionXLPipeline": "AnimateDiffSDXLPipeline"}.get(base_class)
+            if cls_name is None:
+                raise UsageError(f"AnimateDiff's base must be a Stable Diffusion 1.5 or SDXL model, not a {base_class}",
+                                 "pass an SD base with --model (e.g. sd15)")
+            with models.loading(base, "AnimateDiff base model"):
+                # diffusers turns the base's UNet2D into a UNetMotionModel with the adapter's motion modules
+                pipe = _diffusers_class(cls_name).from_pretrained(base.location(), motion_adapter=motion,
+                                                                  **base.load_kwargs(library="diffusers"))
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **ANIMATEDIFF_SCHEDULER)
+            self._variants[key] = self._prepare(pipe)
+        return self._variants[key]
+
+    def _controlnet_pipe(self, base_pipe: Any, request: VideoRequest) -> Any:
+        cn_spec = _sub_spec(request.controlnet, self.spec, task=None)
+        key = ("controlnet", id(base_pipe), cn_spec)
+        if key not in self._variants:
+            from diffusers import AnimateDiffControlNetPipeline, ControlNetModel
+
+            with models.loading(cn_spec, "ControlNet"):
+                controlnet = ControlNetModel.from_pretrained(cn_spec.location(), **cn_spec.load_kwargs(library="diffusers"))
+            controlnet = self.device.prepare(controlnet)
+            pipe = AnimateDiffControlNetPipeline.from_pipe(base_pipe, controlnet=controlnet)
+            pipe.set_progress_bar_config(disable=True)
+            self._variants[key] = pipe
+        return self._variants[key]
+
+    def _i2v_pipe(self, base_pipe: Any) -> Any:
+        """The image-to-video class over the same weights (AnimateDiff video2video, LTX I2V)."""
+        key = ("i2v", id(base_pipe))
+        if key not in self._variants:
+            pipe = _diffusers_class(self.family.i2v).from_pipe(base_pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._variants[key] = pipe
+        return self._variants[key]
+
+    # ------------------------------------------------------------------ checks
+    def check_inputs(self, request: VideoRequest) -> None:
+        fam = self.family
+        label = self.spec.alias or self.spec.name
+        if request.format not in FORMATS:
+            raise UsageError(f"unknown video format {request.format!r}", f"use one of {', '.join(FORMATS)}")
+        for name, value, low in (("frames", request.frames, 1), ("steps", request.steps, 1),
+                                 ("num_outputs", request.num_outputs, 1), ("context_stride", request.context_stride, 1)):
+            if not isinstance(value, int) or value < low:
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= {low}, not {value!r}", "pass a positive number")
+        if request.fps is not None and not (0 < float(request.fps) <= 240):
+            raise UsageError(f"--fps must be in (0, 240], not {request.fps}", "8 to 30 is usual")
+        from pipelines.interpolate import check_factor
+
+        check_factor(request.interpolate, request.interpolate_method)
+        if request.interpolate > 1 and request.frames < 2:
+            raise UsageError("--interpolate needs at least 2 frames", "raise --frames")
+        for name in ("width", "height"):
+            value = getattr(request, name)
+            if value is not None and (not isinstance(value, int) or value < fam.size_multiple or value % fam.size_multiple):
+                raise UsageError(f"--{name} {value} must be a multiple of {fam.size_multiple} for {fam.name} models",
+                                 f"try {max(fam.size_multiple, round((value or 0) / fam.size_multiple) * fam.size_multiple)}")
+        if fam.frame_rule:
+            a, b = fam.frame_rule
+            if (request.frames - b) % a:
+                k = max(1, round((request.frames - b) / a))
+                raise UsageError(f"{fam.name} models generate {a}k+{b} frames (their VAE compresses time {a}x), not {request.frames}",
+                                 f"use --frames {a * k + b}")
+        if request.decode_chunk_size is not None and request.decode_chunk_size < 1:
+            raise UsageError("--decode-chunk-size must be >= 1", "or leave it out to fit free memory")
+
+        # prompt and image
+        has_init = bool(request.init_image)
+        if fam.takes_prompt and not (request.prompt or "").strip() and not request.prompt_map:
+            raise UsageError(f"{label} needs a prompt", 'give one: studio video "a boat on a calm sea"')
+        if not fam.takes_prompt and (request.prompt or "").strip():
+            raise UsageError(f"{label} ({fam.name}) animates the --init image and takes no prompt", "drop the prompt")
+        if has_init:
+            load_image(request.init_image, what="--init image")
+            if fam.i2v is None:
+                raise UsageError(f"{label} ({fam.name}) has no image-to-video mode",
+                                 "use an image-to-video model: svd, an AnimateDiff model, or an LTX/Wan/CogVideoX I2V checkpoint")
+            if not self.is_i2v_model and not fam.i2v_same_weights:
+                raise UsageError(f"{label} is a text-to-video {fam.name} checkpoint; --init needs its image-to-video checkpoint",
+                                 f"pass an {fam.i2v} model with --model")
+            if not 0.0 < request.strength <= 1.0:
+                raise UsageError(f"--strength must be in (0, 1], not {request.strength}", "0.6-0.9 keeps the still recognisable")
+        elif self.is_i2v_model:
+            raise UsageError(f"{label} is an image-to-video model ({self.class_name})", "pass the first frame with --init IMAGE")
+
+        # AnimateDiff-only features
+        animatediff = fam.name.startswith("animatediff")
+        travel = parse_prompt_map(request.prompt_map, request.prompt)
+        if travel is not None:
+            if not animatediff:
+                raise UsageError(f"prompt travel needs an AnimateDiff model (FreeNoise prompt interpolation); {label} is {fam.name}",
+                                 "use --model animatediff-v3 (or an SD base with --motion-adapter)")
+            late = [f for f in travel if f >= request.frames]
+            if late:
+                raise UsageError(f"prompt map frame {late[0]} is past the clip's {request.frames} frames (0..{request.frames - 1})",
+                                 f"raise --frames above {late[0]} or move the keyframe")
+        if request.context_length is not None:
+            if not animatediff:
+                raise UsageError(f"--context-length applies to AnimateDiff's sliding windows; {label} is {fam.name}", "drop it")
+            if request.context_length < 2 or request.context_length > request.frames:
+                raise UsageError(f"--context-length must be 2..{request.frames} (the clip's frames), not {request.context_length}",
+                                 "16 matches AnimateDiff's training length")
+        if bool(request.controlnet) != bool(request.control_frames):
+            raise UsageError("--controlnet and --control-frames go together", "pass both: a ControlNet model and a folder of control images")
+        if request.controlnet:
+            if fam.name != "animatediff":
+                raise UsageError(f"per-frame ControlNet needs an SD 1.5 AnimateDiff model; {label} is {fam.name}",
+                                 "use --model animatediff-v3 with --controlnet")
+            if has_init:
+                raise UsageError("--init and --controlnet cannot be combined here", "use one of them")
+            if not Path(request.control_frames).expanduser().is_dir():
+                raise InputFileError(f"control frames folder {request.control_frames} does not exist",
+                                     "pass a folder of images named by frame number")
+
+    # ------------------------------------------------------------------ running
+    def run(self, request: VideoRequest, progress: Any) -> list[Result]:
+        import torch
+
+        from pipelines.interpolate import interpolate_frames
+
+        # 1. check inputs
+        self.check_inputs(request)
+        fam = self.family
+        travel = parse_prompt_map(request.prompt_map, request.prompt)
+
+        # 2. pick the diffusers pipeline for this request
+        base = self._animatediff(request) if fam.name.startswith("animatediff") else self.pipe
+        pipe, mode = base, "text-to-video"
+        if request.init_image:
+            mode = "image-to-video"
+            pipe = base if self.is_i2v_model else self._i2v_pipe(base)
+        elif request.controlnet:
+            pipe, mode = self._controlnet_pipe(base, request), "controlnet"
+
+        # 3. sizes, rates and guidance this run resolves to (recorded in the outputs)
+        width, height = self._size(pipe, request)
+        interp = request.interpolate
+        fps = float(request.fps) if request.fps else float(fam.fps) * interp
+        guidance = fam.guidance if request.guidance is None else float(request.guidance)
+        init = load_image(request.init_image, what="--init image").resize((width, height)) if request.init_image else None
+
+        # 4. long clips and prompt travel: FreeNoise sliding windows over the motion modules
+        free_noise = self._set_free_noise(pipe, request, travel) if fam.name.startswith("animatediff") else None
+
+        # 5. memory-aware decoding
+        decode = self._decode_plan(pipe, request, width, height)
+
+        # 6. call arguments shared by every output
+        kwargs = self._call_kwargs(pipe, request, width, height, guidance, fps / interp, init, travel)
+        control_keys = None
+        if request.controlnet:
+            kwargs["conditioning_frames"], control_keys = load_control_frames(request.control_frames, request.frames, (width, height))
+            kwargs["controlnet_conditioning_scale"] = float(request.control_scale)
+        if "decode_chunk_size" in self._params(pipe):
+            kwargs["decode_chunk_size"] = decode["chunk"]
+
+        # 7. generate: one clip per seed
+        results = []
+        base_seed = request.seed if request.seed is not None else 0
+        for index, seed in enumerate(seeds_for(base_seed, request.num_outputs)):
+            handle = progress.task(f"video {index + 1}/{request.num_outputs}" if request.num_outputs > 1 else "video",
+                                   total=request.steps)
+            call = dict(kwargs, generator=self.device.generator(seed))
+            self._progress_kwargs(pipe, progress, handle, call)
+            with self.device.inference():
+                try:
+                    output = pipe(**call)
+                except (ValueError, TypeError) as exc:  # the pipeline's own input checks
+                    raise UsageError(f"{type(pipe).__name__} refused the request: {str(exc).splitlines()[0]}",
+                                     "check --frames/--width/--height against the model card (`studio models info`)") from exc
+                except torch.cuda.OutOfMemoryError as exc:
+                    from studio.errors import RuntimeFailure
+
+                    raise RuntimeFailure("out of GPU memory while generating the clip",
+                                         "lower --frames, --width/--height or --decode-chunk-size, or use --offload model") from exc
+            handle.finish()
+            frames = _to_pil_frames(output.frames)
+            generated = len(frames)
+
+            # 8. frame interpolation (no weights)
+            if interp > 1:
+                ih = progress.task("interpolating", total=len(frames) - 1)
+                frames = interpolate_frames(frames, interp, method=request.interpolate_method, on_pair=ih.advance)
+
+            params = dataclasses.asdict(request)
+            params.update(seed=seed, width=frames[0].width, height=frames[0].height, fps=round(fps, 4), guidance=guidance,
+                          prompt_map=travel, init_image=str(request.init_image) if request.init_image else None)
+            extra = {"video": {"family": fam.name, "pipeline": type(pipe).__name__, "mode": mode,
+                               "generated_frames": generated, "frames": len(frames), "free_noise": free_noise,
+                               "decode": decode, "control_keyframes": control_keys}}
+            results.append(Result(kind="video", value=frames, params=params, fmt=request.format, extra=extra))
+        return results
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _params(pipe: Any) -> set[str]:
+        return set(inspect.signature(type(pipe).__call__).parameters)
+
+    def _size(self, pipe: Any, request: VideoRequest) -> tuple[int, int]:
+        """(width, height): asked for, else the card's defaults, else the model's native size."""
+        if request.width and request.height:
+            return request.width, request.height
+        unet = getattr(pipe, "unet", None)
+        native = None
+        if unet is not None and getattr(unet.config, "sample_size", None):
+            side, f = unet.config.sample_size, pipe.vae_scale_factor
+            native = (side * f, side * f) if isinstance(side, int) else (side[1] * f, side[0] * f)  # (h, w) configs
+        if native is None:
+            native = (self.family.width or 512, self.family.height or 512)
+        return request.width or native[0], request.height or native[1]
+
+    def _set_free_noise(self, pipe: Any, request: VideoRequest, travel: dict[int, str] | None) -> dict[str, Any] | None:
+        """Turn FreeNoise on for clips longer than the adapter's native length or with a prompt
+        map (diffusers interpolates per-frame prompt embeddings only on its FreeNoise path), and
+        off otherwise: the setting lives in the UNet, which cached pipelines share."""
+        if not hasattr(pipe, "enable_free_noise"):
+            if travel or request.frames > self._native_frames(pipe):
+                raise UsageError(f"{type(pipe).__name__} has no FreeNoise support for long clips or prompt travel",
+                                 f"keep --frames <= {self._native_frames(pipe)} and drop --prompt-map")
+            return None
+        native = self._native_frames(pipe)
+        wanted = bool(travel) or request.frames > native or request.context_length is not None
+        if not wanted:
+            _disable_free_noise(pipe)
+            return None
+        context = min(request.context_length or native, request.frames)
+        pipe.enable_free_noise(context_length=context, context_stride=request.context_stride)
+        return {"context_length": context, "context_stride": request.context_stride, "prompt_travel": bool(travel)}
+
+    @staticmethod
+    def _native_frames(pipe: Any) -> int:
+        # AnimateDiff v1.5 adapters hold 32 positions but were trained on 16-frame clips
+        adapter = getattr(pipe, "motion_adapter", None)
+        max_len = getattr(getattr(adapter, "config", None), "motion_max_seq_length", 32) if adapter is not None else 32
+        return min(16, int(max_len))
+
+    def _decode_plan(self, pipe: Any, request: VideoRequest, width: int, height: int) -> dict[str, Any]:
+        """How the VAE decodes: frames at once (decode_chunk_size), slicing, tiling. Sized from the
+        memory free on the device so long clips decode where the denoiser fit."""
+        import torch
+
+        vae = getattr(pipe, "vae", None)
+        dev = self.device.device
+        if dev.type == "cuda":
+            free = torch.cuda.mem_get_info(dev)[0]
+        else:
+            import os
+
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        elem = torch.finfo(self.device.dtype).bits // 8
+        channels = 128
+        if vae is not None and getattr(vae.config, "block_out_channels", None):
+            channels = int(vae.config.block_out_channels[0])
+        # peak decoder activations per frame: about 8 full-resolution tensors of the first block's width
+        per_frame = 8 * channels * width * height * elem
+        budget = int(free * 0.5)
+        chunk = request.decode_chunk_size or max(1, min(request.frames, budget // max(per_frame, 1)))
+        tiling = per_frame > budget  # one frame alone would not fit: decode it in tiles
+        # pipelines without a decode_chunk_size argument decode every frame in one call; slicing
+        # splits that batch when it would not fit
+        slicing = "decode_chunk_size" not in self._params(pipe) and chunk < request.frames
+        if vae is not None:
+            if hasattr(vae, "use_tiling"):
+                vae.use_tiling = tiling
+            else:
+                tiling = False
+            if hasattr(vae, "use_slicing"):
+                vae.use_slicing = slicing
+            else:
+                slicing = False
+        return {"chunk": int(chunk), "slicing": slicing, "tiling": tiling, "free_mb": free // 2**20,
+                "per_frame_mb": round(per_frame / 2**20, 1)}
+
+    def _call_kwargs(self, pipe: Any, request: VideoRequest, width: int, height: int, guidance: float,
+                     model_fps: float, init: Any, travel: dict[int, str] | None) -> dict[str, Any]:
+        params = self._params(pipe)
+        fam = self.family
+        kw: dict[str, Any] = {"height": height, "width": width, "num_inference_steps": request.steps, "output_type": "pil"}
+        if "num_frames" in params:
+            kw["num_frames"] = request.frames
+        if fam.takes_prompt:
+            kw["prompt"] = travel if travel else request.prompt
+            if request.negative_prompt and "negative_prompt" in params:
+                kw["negative_prompt"] = request.negative_prompt
+        if fam.name == "svd":
+            # SVD's guidance ramps from min to max across frames
+            kw.update(max_guidance_scale=guidance, min_guidance_scale=min(1.0, guidance), fps=max(1, round(model_fps) - 1),
+                      motion_bucket_id=request.motion_bucket_id, noise_aug_strength=request.noise_aug_strength)
+        else:
+            kw["guidance_scale"] = guidance
+        if "target_fps" in params:  # I2VGen-XL conditions on the frame rate
+            kw["target_fps"] = max(1, round(model_fps))
+        if "frame_rate" in params:  # LTX conditions on the frame rate
+            kw["frame_rate"] = max(1, round(model_fps))
+        if init is not None:
+            if "video" in params:  # AnimateDiff video2video: the still repeated as a clip
+                kw["video"] = [init] * request.frames
+                kw["strength"] = request.strength
+                kw.pop("num_frames", None)
+            else:
+                kw["image"] = init
+        return kw
+
+    def _progress_kwargs(self, pipe: Any, progress: Any, handle: Any, call: dict[str, Any]) -> None:
+        params = self._params(pipe)
+        if "callback_on_step_end" in params:
+            call["callback_on_step_end"] = progress.diffusers_callback(handle)
+        elif "callback" in params:  # older pipelines (TextToVideoSD): callback(step, timestep, latents)
+            call["callback"] = lambda step, t, latents: handle.advance(1)
+            call["callback_steps"] = 1
+
+
+def _disable_free_noise(pipe: Any) -> None:
+    """diffusers' disable_free_noise assumes the mid block has motion modules (adapters without a
+    motion mid block fail there); this walks only the blocks that have them."""
+    from diffusers.models.attention import FreeNoiseTransformerBlock
+
+    if not any(isinstance(m, FreeNoiseTransformerBlock) for m in pipe.unet.modules()):
+        pipe._free_noise_context_length = None
+        return
+    for block in [*pipe.unet.down_blocks, pipe.unet.mid_block, *pipe.unet.up_blocks]:
+        if getattr(block, "motion_modules", None) is not None:
+            pipe._disable_free_noise_in_block(block)
+    pipe._free_noise_context_length = None
+
+
+def _to_pil_frames(frames: Any) -> list[Any]:
+    """The first clip of a pipeline output as PIL frames (pipelines return nested lists, arrays or tensors)."""
+    import numpy as np
+    from PIL import Image
+
+    clip = frames[0]
+    if hasattr(clip, "detach"):  # torch (F, C, H, W) in [0, 1]
+        clip = clip.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    if isinstance(clip, np.ndarray):  # (F, H, W, C) in [0, 1]
+        return [Image.fromarray((np.clip(f, 0, 1) * 255).round().astype(np.uint8)) for f in clip]
+    return [f.convert("RGB") for f in clip]
+
+
+# ----------------------------------------------------------------------------- tiny models
+def _tiny_tokenizer() -> Any:
+    """A CLIP tokenizer with a byte-level vocabulary and no merges: every byte is a token, so it
+    needs no downloaded vocab and still tokenises any prompt the real way."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+
+
+def _tiny_text_encoder(tokenizer: Any, hidden: int) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden,
+                                        intermediate_size=2 * hidden, num_attention_heads=2, num_hidden_layers=2,
+                                        vocab_size=len(tokenizer), max_position_embeddings=32))
+
+
+def make_tiny_animatediff(out: Path, seed: int = 0) -> None:
+    """A tiny SD 1.5-architecture base (out/), a tiny MotionAdapter (out/motion_adapter/) and a
+    matching tiny ControlNet (out/controlnet/). `--model out` finds the adapter beside the base;
+    `--model out --motion-adapter out/motion_adapter` is the explicit base + adapter path."""
+    import torch
+    from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, MotionAdapter, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+
+    torch.manual_seed(seed)
+    channels = (16, 32)
+    unet = UNet2DConditionModel(block_out_channels=channels, layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=channels, in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=8, sample_size=32)
+    tokenizer = _tiny_tokenizer()
+    text_encoder = _tiny_text_encoder(tokenizer, 32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, **ANIMATEDIFF_SCHEDULER)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    MotionAdapter(block_out_channels=channels, motion_layers_per_block=1, motion_norm_num_groups=8,
+                  motion_num_attention_heads=2, motion_max_seq_length=8).save_pretrained(out / "motion_adapter")
+    # the VAE downsamples 2x, so the ControlNet's image embedding must too (one stride-2 step)
+    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).save_pretrained(out / "controlnet")
+
+
+def make_tiny_t2v(out: Path, seed: int = 0) -> None:
+    """A tiny TextToVideoSDPipeline (ModelScope/zeroscope architecture: UNet3DConditionModel)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=8, sample_size=32)
+    tokenizer = _tiny_tokenizer()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False)
+    TextToVideoSDPipeline(vae=vae, text_encoder=_tiny_text_encoder(tokenizer, 32), tokenizer=tokenizer, unet=unet,
+                          scheduler=scheduler).save_pretrained(out)
+
+
+def make_tiny_svd(out: Path, seed: int = 0) -> None:
+    """A tiny StableVideoDiffusionPipeline (image-to-video; CLIP vision encoder, spatio-temporal UNet,
+    temporal-decoder VAE), for tests of the --init path."""
+    import torch
+    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
+                           UNetSpatioTemporalConditionModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    # its blocks hard-code 32 norm groups, hence 32/64 channels
+    unet = UNetSpatioTemporalConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
+                                            in_channels=8, out_channels=4, cross_attention_dim=16, num_attention_heads=2,
+                                            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                                            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+                                            projection_class_embeddings_input_dim=48, addition_time_embed_dim=16)
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                                       down_block_types=["DownEncoderBlock2D"] * 2)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, projection_dim=16, num_hidden_layers=2,
+                                                             num_attention_heads=2, image_size=224, intermediate_size=32,
+                                                             patch_size=32))  # SVD resizes to 224
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       interpolation_type="linear", num_train_timesteps=1000, prediction_type="v_prediction",
+                                       sigma_max=700.0, sigma_min=0.002, steps_offset=1, timestep_spacing="leading",
+                                       timestep_type="continuous", use_karras_sigmas=True)
+    StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
+                                 feature_extractor=CLIPImageProcessor(crop_size=32, size=32)).save_pretrained(out)
