@@ -1,0 +1,101 @@
+"""The sandbox and test-driven selection, on candidates we control (a tiny random LM writes
+garbage, so the behaviours that matter are pinned with fixed candidate strings): passing,
+failing, not parsing, looping forever, allocating without bound, reading a secret from the
+environment, opening a socket, flooding stdout."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pipelines import sandbox
+from pipelines.code import select_candidate
+
+ADD_TESTS = "def test_small():\n    assert add(1, 2) == 3\n\ndef test_negative():\n    assert add(-1, 1) == 0\n"
+PASSING = "def add(a, b):\n    return a + b\n"
+FAILING = "def add(a, b):\n    return a - b\n"
+NOT_PARSING = "def add(a, b)\n    return a + b\n"
+LOOPING = "def add(a, b):\n    while True:\n        pass\n"
+GREEDY = "def add(a, b):\n    hoard = []\n    while True:\n        hoard.append(bytearray(10**7))\n"
+FAST = sandbox.Limits(timeout_s=1.5, memory_mb=256)
+
+
+def test_passing_and_failing_candidates_are_counted_per_test():
+    ok = sandbox.run_tests(PASSING, ADD_TESTS, FAST)
+    assert (ok.status, ok.passed, ok.total) == ("passed", 2, 2)
+    bad = sandbox.run_tests(FAILING, ADD_TESTS, FAST)
+    assert (bad.status, bad.passed, bad.total) == ("failed", 0, 2)
+    assert bad.tests[0] == {"name": "test_small", "passed": False, "error": "AssertionError (tests.py:2)"}
+
+
+def test_a_loop_is_killed_at_the_wall_timeout_and_keeps_the_tests_already_passed():
+    code = "def quick():\n    return 1\n\ndef slow():\n    while True:\n        pass\n"
+    tests = "def test_quick():\n    assert quick() == 1\n\ndef test_slow():\n    slow()\n"
+    outcome = sandbox.run_tests(code, tests, FAST)
+    assert outcome.status == "timeout"
+    assert "killed after 1.5 s" in outcome.error
+    assert outcome.passed == 1 and outcome.total == 2  # the report is written test by test
+    assert outcome.seconds < 1.5 + 2.0
+
+
+def test_unbounded_allocation_hits_the_memory_limit():
+    outcome = sandbox.run_tests(GREEDY, ADD_TESTS, FAST)
+    assert outcome.status == "memory"
+    assert "256 MiB" in outcome.error
+
+
+def test_no_secret_reaches_the_sandbox(monkeypatch):
+    monkeypatch.setenv("STUDIO_TEST_SECRET", "hunter2")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    code = "import os\ndef leaked():\n    return {k: v for k, v in os.environ.items() if 'SECRET' in k or 'TOKEN' in k}\n"
+    tests = "import os\ndef test_env():\n    assert leaked() == {}, leaked()\n    assert set(os.environ) <= {'PATH', 'LANG', 'HOME', 'TMPDIR', 'OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'LC_CTYPE'}\n"
+    outcome = sandbox.run_tests(code, tests, FAST)
+    assert outcome.status == "passed", outcome.summary()
+    assert "scrubbed" in outcome.isolation["environment"]
+
+
+def test_a_socket_cannot_reach_a_server_on_this_machine():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    code = ("import socket\ndef phone_home():\n"
+            f"    with socket.create_connection(('127.0.0.1', {port}), timeout=2) as s:\n"
+            "        s.sendall(b'stolen')\n    return True\n")
+    outcome = sandbox.run_tests(code, "def test_net():\n    assert phone_home()\n", FAST)
+    server.settimeout(0.2)  # a connection that got through would wait in the backlog
+    with pytest.raises(socket.timeout):
+        server.accept()
+    server.close()
+    assert outcome.status == "failed"
+    assert outcome.tests[0]["error"].startswith(("OSError", "ConnectionRefusedError")), outcome.tests[0]
+    assert outcome.isolation["network"].startswith(("isolated", "NOT isolated"))  # says which applied
+
+
+def test_flooding_stdout_stops_at_the_file_limit():
+    outcome = sandbox.run_tests("def spam():\n    while True:\n        print('x' * 1000)\n", "spam()\n",
+                                sandbox.Limits(timeout_s=5, file_mb=1))
+    assert outcome.status == "output"
+    assert len(outcome.stdout) <= 4000  # the outcome keeps a tail, not the flood
+
+
+def test_selection_keeps_the_first_passing_candidate_and_reports_the_others():
+    candidates = [NOT_PARSING, FAILING, LOOPING, PASSING, PASSING]
+    notes = []
+    selection = select_candidate(candidates, ADD_TESTS, FAST, note=notes.append)
+    assert selection.index == 3 and selection.passed
+    statuses = [o["status"] for o in selection.outcomes]
+    assert statuses == ["syntax", "failed", "timeout", "passed", "not run"]
+    assert selection.outcomes[0]["error"].startswith("SyntaxError")
+    assert [o["passed"] for o in selection.outcomes[1:4]] == [0, 0, 2]
+    assert len(notes) == 4 and "timeout" in notes[2]
+    assert selection.isolation["network"]
+
+
+def test_selection_without_a_passing_candidate_keeps_the_one_passing_most_tests():
+    half = "def add(a, b):\n    return 3\n"  # passes test_small only
+    selection = select_candidate([NOT_PARSING, FAILING, half, GREEDY], ADD_TESTS, FAST)
+    assert not selection.passed
+    assert [o["status"] for o in selection.outcomes] == ["syntax", "failed", "failed", "memory"]
+    assert selection.index == 2 and selection.outcomes[2]["passed"] == 1
