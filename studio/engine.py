@@ -109,6 +109,9 @@ class Engine:
                                         **{k: v for k, v in opts.device.items() if v is not None}})
             self.progress.note(f"saved preset {opts.save_preset} to {path}")
 
+        # an unwritable --out fails now (exit 2), not after minutes of generation
+        writer = OutputWriter(opts.out_dir, task=task, template=opts.template, overwrite=opts.overwrite) if opts.write else None
+
         # 3. load (cached) and run
         device = get_device_manager(device_settings)
         t0 = time.perf_counter()
@@ -127,7 +130,6 @@ class Engine:
             extra["preset"] = opts.preset
         if job:
             extra["job"] = job
-        writer = OutputWriter(opts.out_dir, task=task, template=opts.template, overwrite=opts.overwrite) if opts.write else None
         for index, result in enumerate(results):
             result.extra = {**extra, **result.extra}
             if writer is not None:

@@ -44,7 +44,7 @@ class Result:
     params: dict[str, Any]  # the request as resolved for this output (seed included)
     fmt: str | None = None  # file suffix without dot (png, wav, flac, mid, mp4, gif, webp, frames, txt)
     extra: dict[str, Any] = field(default_factory=dict)  # model identity, device, timings, notes
-    companions: dict[str, Any] = field(default_factory=dict)  # name -> PIL image written beside (control maps)
+    companions: dict[str, Any] = field(default_factory=dict)  # name -> PIL image (NAME.name.png) or (samples, rate) (NAME.name.wav) written beside
     path: Path | None = None  # set by the writer once written
     metadata: dict[str, Any] = field(default_factory=dict)  # set by the writer: what the sidecar holds
 
@@ -210,11 +210,14 @@ def _write_audio(tmp: Path, value: Any, meta: dict[str, Any], params: dict[str, 
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim == 2:  # (C, T) -> (T, C) as soundfile expects
         samples = samples.T
-    sf.write(str(tmp), samples, int(rate), format=fmt.upper(), subtype="PCM_16" if fmt == "wav" else None)
-    with contextlib.suppress(Exception):  # tags: WAV INFO / FLAC vorbis comments
-        with sf.SoundFile(str(tmp), "r+") as f:
+    channels = 1 if samples.ndim == 1 else samples.shape[1]
+    # tags (WAV INFO / FLAC vorbis comments) are set before the audio: FLAC cannot be reopened r+
+    with sf.SoundFile(str(tmp), "w", samplerate=int(rate), channels=channels, format=fmt.upper(),
+                      subtype="PCM_16" if fmt == "wav" else None) as f:
+        with contextlib.suppress(Exception):
             f.comment = json.dumps(_jsonable(params))[:2000]
             f.software = "studio"
+        f.write(samples)
 
 
 def _write_midi(tmp: Path, value: Any, meta: dict[str, Any], params: dict[str, Any]) -> None:
@@ -360,10 +363,14 @@ class OutputWriter:
             else:
                 raise ValueError(f"unknown result kind {result.kind!r}")
         companions = {}
-        for name, image in result.companions.items():
-            comp = self._free_path(f"{final.stem}.{name}", ".png")
+        for name, value in result.companions.items():
+            is_audio = isinstance(value, tuple)  # (samples, rate): e.g. a MIDI's rendering, NAME.render.wav
+            comp = self._free_path(f"{final.stem}.{name}", ".wav" if is_audio else ".png")
             with atomic_path(comp, overwrite=self.overwrite) as tmp:
-                image.save(tmp, format="PNG")
+                if is_audio:
+                    _write_audio(tmp, value, meta, params, "wav")
+                else:
+                    value.save(tmp, format="PNG")
             companions[name] = comp.name
         if companions:
             meta["companions"] = companions

@@ -28,6 +28,7 @@ KINDS: dict[str, str] = {
     # music
     "midi-lm": "pipelines.music_symbolic:make_tiny_midi_lm",
     "musicgen": "pipelines.music_audio:make_tiny_musicgen",
+    "musicgen-melody": "pipelines.music_audio:make_tiny_musicgen_melody",
     # video
     "animatediff": "pipelines.video:make_tiny_animatediff",
     "t2v": "pipelines.video:make_tiny_t2v",
