@@ -148,6 +148,24 @@ def extract_code(text: str, lang: str = "python") -> str:
     return text.strip("\n") + "\n" if text.strip() else ""
 
 
+CODE_STARTS = ("def ", "class ", "import ", "from ", "async def ", "@", "#!", "#include", "function ", "fn ",
+               "func ", "package ", "public ", "const ", "let ", "var ", "use ", "select ", "SELECT ", '"""', "'''")
+
+
+def looks_like_code(text: str, lang: str = "python") -> bool:
+    """Whether a chat prompt is code to finish (a stub, a file) rather than a request in words."""
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if first.startswith(CODE_STARTS):
+        return True
+    if lang == "python" and "\n" in text.strip():
+        try:
+            ast.parse(text + ("\n    pass\n" if text.rstrip().endswith(":") else ""))
+            return True
+        except SyntaxError:
+            return False
+    return False
+
+
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """`text` up to the earliest stop string, and whether one was found."""
     cut = min((i for s in stops if s and (i := text.find(s)) >= 0), default=-1)
@@ -252,7 +270,8 @@ def repository_snippets(folder: Path, exclude: Path | None = None) -> list[Snipp
 def retrieve_context(folder: Path, query: str, budget: int, count_tokens: Callable[[str], int],
                      exclude: Path | None = None) -> list[Snippet]:
     """The snippets of `folder` most relevant to `query` (BM25), best first, that fit in
-    `budget` tokens together; overlapping windows of one file are not both taken."""
+    `budget` tokens together (each counted with its header line); overlapping windows of one
+    file are not both taken."""
     from rank_bm25 import BM25Plus
 
     snippets = repository_snippets(folder, exclude)
@@ -273,7 +292,7 @@ def retrieve_context(folder: Path, query: str, budget: int, count_tokens: Callab
             continue
         if any(c.path == snippet.path and c.start <= snippet.end and snippet.start <= c.end for c in chosen):
             continue
-        tokens = count_tokens(snippet.text)
+        tokens = count_tokens(f"---- {snippet.path} (lines {snippet.start}-{snippet.end}) ----\n{snippet.text}\n")
         if used + tokens > budget:
             continue
         snippet.score, snippet.tokens = float(scores[i]), tokens
@@ -484,7 +503,7 @@ class CodeGenerator:
         if request.context is not None:
             bare = self._prompt_ids(request, mode, prefix, suffix, "")
             room = self._window() - len(bare) - request.max_tokens if self._window() else request.context_tokens
-            budget = min(request.context_tokens, room)
+            budget = min(request.context_tokens, room - 24)  # 24: the block's own header and footer lines
             query = "\n".join(p for p in (request.prompt, request.instruction or "", prefix[-3000:], suffix[:1000]) if p)
             folder = Path(request.context).expanduser().resolve()
             exclude = Path(request.infill).expanduser() if request.infill else None
@@ -564,6 +583,9 @@ class CodeGenerator:
         if mode == "chat":
             if request.instruction:
                 task = f"{request.instruction}\n\n```{lang}\n{request.prompt.rstrip()}\n```"
+            elif looks_like_code(request.prompt, lang):  # a stub or the start of a file: finish it
+                task = (f"Complete the following {lang} code. Reply with the complete code in one ```{lang} block."
+                        f"\n\n```{lang}\n{request.prompt.rstrip()}\n```")
             else:
                 task = f"{request.prompt.strip()}\n\nWrite it in {lang}; put the code in one ```{lang} block."
             messages = ([{"role": "system", "content": request.system}] if request.system else [])

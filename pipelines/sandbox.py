@@ -96,12 +96,13 @@ class Outcome:
 
 
 # ---------------------------------------------------------------------------- the child side
-# The bootstrap runs first in the child (`python -I -c BOOTSTRAP CONFIG`): it enters the network
+# The bootstrap runs first in the child (`python -I -S -c BOOTSTRAP CONFIG`): it enters the network
 # namespace (syscall method), installs the socket guard (fallback), sets the rlimits, drops root
 # where that works, and only then runs the harness. No untrusted line runs before it finishes.
 BOOTSTRAP = r"""
 import json, os, resource, sys
 cfg = json.loads(sys.argv[1])
+sys.path.extend(cfg["site"])  # site-packages without running its .pth hooks (-S): 3x faster start
 if cfg.get("unshare_flags"):
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -145,6 +146,7 @@ def describe(exc):
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename in ("solution.py", "tests.py")]
     at = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return f"{type(exc).__name__}{': ' + text if text else ''}{at}"
+sys.path.insert(0, os.getcwd())  # tests may also `from solution import f`
 solution = open("solution.py", encoding="utf-8").read()
 tests = open("tests.py", encoding="utf-8").read() if os.path.exists("tests.py") else ""
 tree = ast.parse(tests, "tests.py")
@@ -239,9 +241,17 @@ def _readable_by_others() -> bool:
 
 
 def _command(method: _Method, script: Path, args: list[str], rlimits: dict[str, tuple[int, int]]) -> list[str]:
-    cfg = {"unshare_flags": method.unshare_flags, "socket_guard": method.socket_guard, "drop_to": method.drop_to,
+    cfg = {"site": list(_site_paths()), "unshare_flags": method.unshare_flags, "socket_guard": method.socket_guard, "drop_to": method.drop_to,
            "rlimits": rlimits, "script": str(script), "args": args}
-    return [*method.prefix, sys.executable, "-I", "-c", BOOTSTRAP, json.dumps(cfg)]
+    return [*method.prefix, sys.executable, "-I", "-S", "-c", BOOTSTRAP, json.dumps(cfg)]
+
+
+@functools.lru_cache(maxsize=None)
+def _site_paths() -> tuple[str, ...]:
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    return tuple(dict.fromkeys(p for p in (paths["purelib"], paths["platlib"]) if p and os.path.isdir(p)))
 
 
 def _prepare_dir(root: Path, drop_to: int | None) -> None:
@@ -330,7 +340,7 @@ def isolation_report(limits: Limits | None = None) -> dict[str, Any]:
     else:
         nproc = str(limits.processes)
     return {
-        "process": "separate Python process (python -I) in its own session",
+        "process": "separate Python process (python -I -S, site-packages importable) in its own session",
         "workdir": "temporary, removed afterwards",
         "environment": f"scrubbed: only {', '.join(SAFE_ENV_KEYS)}",
         "timeout_s": limits.timeout_s,

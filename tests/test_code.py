@@ -236,7 +236,7 @@ def test_prefix_suffix_and_a_model_without_fim_tokens(cli, lm, tmp_path):
 
 
 # ------------------------------------------------------------------------- chat models
-def test_a_chat_template_makes_it_a_chat_model(cli, lm, tmp_path):
+def test_a_chat_template_makes_it_a_chat_model(cli, lm, tmp_path, isolated_home):
     from transformers import AutoTokenizer
 
     chat = tmp_path / "chat"
@@ -260,6 +260,15 @@ def test_a_chat_template_makes_it_a_chat_model(cli, lm, tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["mode"] == "chat"
     r = cli("code", "def add(a, b):", "--model", chat, "--max-tokens", "6", "--raw", "--json")
     assert json.loads(r.stdout)["mode"] == "completion"
+    stub = gen.tokenizer.decode(gen._prompt_ids(CodeRequest(prompt="def add(a, b):\n"), "chat", "", "", ""))
+    assert "Complete the following python code" in stub and "```python\ndef add(a, b):\n```" in stub
+
+    # a base model's card says raw: its tokenizer's chat template is not used unless --chat
+    (isolated_home / "models").mkdir()
+    (isolated_home / "models" / "tiny-base.yaml").write_text(
+        f"name: tiny-base\nsource: {chat}\ntask: code\ndefaults: {{raw: true, max_tokens: 6}}\n")
+    assert json.loads(cli("code", "def f():", "--model", "tiny-base", "--json").stdout)["mode"] == "completion"
+    assert json.loads(cli("code", "def f():", "--model", "tiny-base", "--chat", "--json").stdout)["mode"] == "chat"
 
 
 def test_extract_code_and_stop_filter():
@@ -299,13 +308,13 @@ def test_context_includes_the_relevant_files_within_the_budget(cli, lm, generato
 def test_samples_and_tests_select_among_the_models_candidates(cli, lm):
     Path("test_add.py").write_text("def test_add():\n    assert add(1, 2) == 3\n")
     r = cli("code", "def add(a, b):\n", "--model", lm, "--max-tokens", "6", "--samples", "3", "-t", "0.9",
-            "--seed", "5", "--tests", "test_add.py", "--timeout", "3", "--json")
+            "--seed", "5", "--tests", "test_add.py", "--timeout", "10", "--json")
     assert r.exit_code == 0, r
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 1  # one kept candidate
     selection = rows[0]["selection"]
     assert len(selection["candidates"]) == 3 and 0 <= selection["chosen"] < 3
-    assert {c["status"] for c in selection["candidates"]} <= {"syntax", "failed", "passed", "not run", "error"}
+    assert {c["status"] for c in selection["candidates"]} <= {"syntax", "failed", "passed", "not run", "error", "timeout"}
     assert rows[0]["sandbox"]["network"] and "scrubbed" in rows[0]["sandbox"]["environment"]
     bad = cli("code", "def add(a, b):", "--model", lm, "--tests", "missing.py")
     assert bad.exit_code == 2 and "missing.py" in bad.stderr

