@@ -330,3 +330,14 @@ def test_samples_without_tests_print_each_candidate(cli, lm):
 def test_int8_quantisation_applies(cli, lm):
     r = cli("code", "def add(a, b):", "--model", lm, "--max-tokens", "4", "--quantize", "int8", "--json")
     assert r.exit_code == 0, r
+
+
+def test_code_request_parameters_are_explicit():
+    import dataclasses
+
+    from pipelines.code import CodeRequest
+
+    assert [f.name for f in dataclasses.fields(CodeRequest)] == [
+        "prompt", "instruction", "model", "max_tokens", "temperature", "top_p", "stop", "system", "lang", "raw",
+        "infill", "at", "prefix", "suffix", "context", "context_tokens", "samples", "tests", "timeout", "memory_mb",
+        "stream", "seed"]
