@@ -115,7 +115,7 @@ def test_help_is_fast_and_imports_no_heavy_library():
     assert out.returncode == 0, out.stderr
     n, heavy, seconds = out.stdout.split(" ", 1)[0], out.stdout.split("[", 1)[1].split("]")[0], float(out.stdout.split()[-1])
     assert heavy == "", f"--help imported {heavy}"
-    assert seconds < 3.0  # every group's help, in one process
+    assert seconds < 15.0  # every group's help in one process: ~1 s idle; generous for a loaded CI box
 
 
 def test_doctor_json_tells_the_truth_about_this_machine(cli):
