@@ -213,6 +213,7 @@ def test_resume_and_out_folder_guard_against_mixing_runs(cli, shapes, tiny, tmp_
     assert r.exit_code == 2 and "global batch" in r.stderr
     r = cli(*args, "--resume", "--json")  # a finished run resumes to the same end
     assert r.exit_code == 0, r
+    assert json.loads(r.stdout)["resumed_from"] == 2 and json.loads(r.stdout)["loss"] > 0
 
 
 def test_accumulation_keeps_the_contrastive_batch_whole(shapes, tiny, tmp_path):

@@ -764,11 +764,13 @@ def train(cfg: TrainConfig, progress: Any = None, *, on_step: Callable[[int, dic
                 if cfg.precision != "fp32" else contextlib.nullcontext())
 
     # 5. resume: weights, optimizer, schedule, scaler, RNG, memory and data position
-    start_step, fingerprint = 0, data.fingerprint()
+    start_step, fingerprint, last = 0, data.fingerprint(), {}
     if resume_from is not None:
-        start_step = _restore(resume_from, cfg, global_batch, fingerprint, model=model, optimizer=optimizer,
-                              scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, device=device)
-        progress.note(f"resuming from {resume_from.name} (step {start_step} of {total})")
+        position = _restore(resume_from, cfg, global_batch, fingerprint, model=model, optimizer=optimizer,
+                            scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, device=device)
+        start_step, last = int(position["step"]), dict(position.get("last") or {})
+        progress.note(f"resuming from {resume_from.name} (step {start_step} of {total})" if start_step < total
+                      else f"the run is already complete ({resume_from.name})")
     elif dist_info.main:
         write_text_file(out / CONFIG_JSON, json.dumps({**dataclasses.asdict(cfg), "world_size": dist_info.world,
                                                        "global_batch": global_batch, "total_steps": total,
@@ -799,14 +801,14 @@ def train(cfg: TrainConfig, progress: Any = None, *, on_step: Callable[[int, dic
                             scaler=scaler, loss_fn=loss_fn, config=cfg,
                             position={"step": step, "epoch": step // steps_per_epoch,
                                       "batch_in_epoch": step % steps_per_epoch, "global_batch": global_batch,
-                                      "total_steps": total, "data_fingerprint": fingerprint})
+                                      "total_steps": total, "data_fingerprint": fingerprint, "last": last})
         dist_info.barrier()
         return folder
 
     # 6. the loop: one optimizer step per global batch
     handle = progress.task("training", total=total)
     handle.advance(start_step)
-    step, last, samples_s, loader_iter, loader_epoch = start_step, {}, 0.0, None, -1
+    step, samples_s, loader_iter, loader_epoch = start_step, 0.0, None, -1
     t_last = time.perf_counter()
     try:
         while step < total:
@@ -929,7 +931,7 @@ def _train_step(net, model, loss_fn, optimizer, scaler, autocast, images, texts,
 
 
 def _restore(folder: Path, cfg: TrainConfig, global_batch: int, fingerprint: dict, *, model, optimizer, scheduler,
-             scaler, loss_fn, device) -> int:
+             scaler, loss_fn, device) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
@@ -963,7 +965,7 @@ def _restore(folder: Path, cfg: TrainConfig, global_batch: int, fingerprint: dic
         loss_fn.memory_text = tensors["memory.text"].to(device)
     version, internal, gauss = state["python_random"]
     random.setstate((version, tuple(internal), gauss))
-    return int(position["step"])
+    return position
 
 
 def _trim_metrics(path: Path, step: int) -> None:

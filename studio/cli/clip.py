@@ -128,7 +128,8 @@ def train(
     if json_out:
         typer.echo(json.dumps(summary, default=str))
     elif not quiet:
-        sys.stderr.write(f"wrote {summary['out']} (step {summary['steps']}, loss {summary.get('loss', float('nan')):.4f})\n")
+        loss = f", loss {summary['loss']:.4f}" if isinstance(summary.get("loss"), float) else ""
+        sys.stderr.write(f"wrote {summary['out']} (step {summary['steps']}{loss})\n")
         if summary.get("val"):
             _print_metrics(summary["val"], title="validation")
 
