@@ -197,7 +197,7 @@ def interpolate_clip(path: str | Path, factor: int, *, fps: float | None = None,
                          "use --format gif, webp or frames")
     handle = progress.task("interpolating", total=len(frames) - 1) if progress is not None else None
     out = interpolate_frames(frames, factor, method=method, on_pair=(handle.advance if handle else None))
-    params = {"input": str(Path(path).name), "factor": factor, "method": method, "fps": round(out_fps, 4),
+    params = {"input": str(Path(path).name), "name": f"{Path(path).stem}-x{factor}", "factor": factor, "method": method, "fps": round(out_fps, 4),
               "source_fps": round(base_fps, 4) if source_fps else None, "frames": len(out),
               "width": out[0].width, "height": out[0].height, "format": fmt}
     return Result(kind="video", value=out, params=params, fmt=fmt,

@@ -28,13 +28,14 @@ denoiser fit; the pick is recorded in each output's metadata.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from studio import models
 from studio.errors import InputFileError, UsageError
@@ -164,6 +165,25 @@ def _class_name(spec: models.ModelSpec) -> str:
                      "pass a diffusers video model folder or hub id (`studio models list --task video`)")
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' own tqdm bars off while loading: studio shows its own
+    `loading ...` status, and --quiet must mean quiet."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+
+
 def _diffusers_class(name: str) -> Any:
     import diffusers
 
@@ -280,7 +300,7 @@ class VideoPipeline:
         family = FAMILIES[CLASS_FAMILY[class_name][0]]
         self = cls(spec, device, family, class_name)
         if not self._needs_adapter:
-            with models.loading(spec, "video model"):
+            with models.loading(spec, "video model"), _quiet_loading():
                 pipe = _diffusers_class(class_name).from_pretrained(spec.location(), **spec.load_kwargs(library="diffusers"))
             self.pipe = self._prepare(pipe)
         return self
@@ -324,7 +344,7 @@ class VideoPipeline:
         if key not in self._variants:
             from diffusers import DDIMScheduler, MotionAdapter
 
-            with models.loading(adapter, "motion adapter"):
+            with models.loading(adapter, "motion adapter"), _quiet_loading():
                 motion = MotionAdapter.from_pretrained(adapter.location(), **adapter.load_kwargs(library="diffusers"))
             base_class = _class_name(base)
             cls_name = {"StableDiffusionPipeline": "AnimateDiffPipeline",
@@ -332,7 +352,7 @@ class VideoPipeline:
             if cls_name is None:
                 raise UsageError(f"AnimateDiff's base must be a Stable Diffusion 1.5 or SDXL model, not a {base_class}",
                                  "pass an SD base with --model (e.g. sd15)")
-            with models.loading(base, "AnimateDiff base model"):
+            with models.loading(base, "AnimateDiff base model"), _quiet_loading():
                 # diffusers turns the base's UNet2D into a UNetMotionModel with the adapter's motion modules
                 pipe = _diffusers_class(cls_name).from_pretrained(base.location(), motion_adapter=motion,
                                                                   **base.load_kwargs(library="diffusers"))
@@ -346,7 +366,7 @@ class VideoPipeline:
         if key not in self._variants:
             from diffusers import AnimateDiffControlNetPipeline, ControlNetModel
 
-            with models.loading(cn_spec, "ControlNet"):
+            with models.loading(cn_spec, "ControlNet"), _quiet_loading():
                 controlnet = ControlNetModel.from_pretrained(cn_spec.location(), **cn_spec.load_kwargs(library="diffusers"))
             controlnet = self.device.prepare(controlnet)
             pipe = AnimateDiffControlNetPipeline.from_pipe(base_pipe, controlnet=controlnet)
@@ -364,9 +384,28 @@ class VideoPipeline:
         return self._variants[key]
 
     # ------------------------------------------------------------------ checks
+    def _rules(self) -> tuple[int, tuple[int, int] | None]:
+        """(size multiple, frames rule a*k+b) of the loaded model: the transformer families read
+        them off the pipeline (VAE compression x patch size), since variants differ (LTX 0.9.x
+        compresses time 8x, a custom VAE may not); the family table is the fallback."""
+        fam, pipe = self.family, self.pipe
+        if pipe is None or fam.frame_rule is None:
+            return fam.size_multiple, fam.frame_rule
+        spatial = (getattr(pipe, "vae_spatial_compression_ratio", None) or getattr(pipe, "vae_scale_factor_spatial", None))
+        temporal = (getattr(pipe, "vae_temporal_compression_ratio", None) or getattr(pipe, "vae_scale_factor_temporal", None))
+        patch = getattr(pipe, "transformer_spatial_patch_size", None)
+        if patch is None:
+            cfg_patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+            patch = cfg_patch[-1] if isinstance(cfg_patch, (list, tuple)) else cfg_patch
+        # the family's multiple is the floor: the pipelines check it themselves (LTX: 32)
+        multiple = max(fam.size_multiple, int(spatial * (patch or 1))) if spatial else fam.size_multiple
+        rule = (int(temporal), 1) if temporal else fam.frame_rule
+        return multiple, rule
+
     def check_inputs(self, request: VideoRequest) -> None:
         fam = self.family
         label = self.spec.alias or self.spec.name
+        size_multiple, frame_rule = self._rules()
         if request.format not in FORMATS:
             raise UsageError(f"unknown video format {request.format!r}", f"use one of {', '.join(FORMATS)}")
         for name, value, low in (("frames", request.frames, 1), ("steps", request.steps, 1),
@@ -382,14 +421,14 @@ class VideoPipeline:
             raise UsageError("--interpolate needs at least 2 frames", "raise --frames")
         for name in ("width", "height"):
             value = getattr(request, name)
-            if value is not None and (not isinstance(value, int) or value < fam.size_multiple or value % fam.size_multiple):
-                raise UsageError(f"--{name} {value} must be a multiple of {fam.size_multiple} for {fam.name} models",
-                                 f"try {max(fam.size_multiple, round((value or 0) / fam.size_multiple) * fam.size_multiple)}")
-        if fam.frame_rule:
-            a, b = fam.frame_rule
+            if value is not None and (not isinstance(value, int) or value < size_multiple or value % size_multiple):
+                raise UsageError(f"--{name} {value} must be a multiple of {size_multiple} for {fam.name} models",
+                                 f"try {max(size_multiple, round((value or 0) / size_multiple) * size_multiple)}")
+        if frame_rule:
+            a, b = frame_rule
             if (request.frames - b) % a:
                 k = max(1, round((request.frames - b) / a))
-                raise UsageError(f"{fam.name} models generate {a}k+{b} frames (their VAE compresses time {a}x), not {request.frames}",
+                raise UsageError(f"{label} generates {a}k+{b} frames (its VAE compresses time {a}x), not {request.frames}",
                                  f"use --frames {a * k + b}")
         if request.decode_chunk_size is not None and request.decode_chunk_size < 1:
             raise UsageError("--decode-chunk-size must be >= 1", "or leave it out to fit free memory")
@@ -495,7 +534,7 @@ class VideoPipeline:
             with self.device.inference():
                 try:
                     output = pipe(**call)
-                except (ValueError, TypeError) as exc:  # the pipeline's own input checks
+                except ValueError as exc:  # the pipeline's own input checks (sizes, frame counts)
                     raise UsageError(f"{type(pipe).__name__} refused the request: {str(exc).splitlines()[0]}",
                                      "check --frames/--width/--height against the model card (`studio models info`)") from exc
                 except torch.cuda.OutOfMemoryError as exc:
@@ -765,3 +804,57 @@ def make_tiny_svd(out: Path, seed: int = 0) -> None:
                                        timestep_type="continuous", use_karras_sigmas=True)
     StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
                                  feature_extractor=CLIPImageProcessor(crop_size=32, size=32)).save_pretrained(out)
+
+
+def _tiny_t5(d_model: int, umt5: bool = False) -> tuple[Any, Any]:
+    """(tokenizer, encoder) of the T5 family with a letters-only Unigram vocabulary built here,
+    so no sentencepiece file is downloaded."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    pieces += [("\u2581" + c, -2.5) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=64)
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    encoder = model_cls(config_cls(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                                   num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+    return tokenizer, encoder
+
+
+def make_tiny_wan(out: Path, seed: int = 0) -> None:
+    """A tiny WanPipeline (Wan 2.1 text-to-video: UMT5 encoder, WanTransformer3DModel, Wan VAE)."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer, encoder = _tiny_t5(32, umt5=True)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
+                                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    WanPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=transformer, vae=vae,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0)).save_pretrained(out)
+
+
+def make_tiny_ltx(out: Path, seed: int = 0) -> None:
+    """A tiny LTXPipeline (T5 encoder, LTXVideoTransformer3DModel, LTX video VAE); the same
+    weights run LTXImageToVideoPipeline for --init."""
+    import torch
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer, encoder = _tiny_t5(32)
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
+                                             num_layers=1, caption_channels=32)
+    vae = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+                                decoder_spatio_temporal_scaling=(True, True, False, False),
+                                decoder_inject_noise=(False, False, False, False, False),
+                                upsample_residual=(False, False, False, False), upsample_factor=(1, 1, 1, 1),
+                                timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
+                                decoder_causal=False)
+    LTXPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=transformer, vae=vae,
+                scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(out)
