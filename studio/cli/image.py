@@ -1,5 +1,165 @@
-"""Placeholder: filled in by the image work."""
+"""`studio image PROMPT ...` (text-to-image, img2img, inpaint, outpaint, ControlNet, LoRA, prompt
+weighting, attention maps) and `studio control preprocess TYPE IMAGE`.
+
+Thin: options become an ImageRequest's fields and the engine does the rest. Nothing heavy is
+imported here (pipelines.image and pipelines.control import torch/diffusers only inside functions).
+"""
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from studio.cli.common import Globals, generating, new_app, run_command
+from studio.errors import UsageError
+
+control_app = new_app("ControlNet helpers: make control maps from images.")
+
+_GEN = "Generation"
+_IMG = "Init image, inpaint and outpaint"
+_CTL = "ControlNet"
+_ADP = "Adapters and prompt"
 
 
-def register(root) -> None:
-    pass
+def register(root: typer.Typer) -> None:
+    root.command("image", no_args_is_help=True)(image)
+    root.add_typer(control_app, name="control")
+
+
+def _seeds(text: Optional[str]) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        seeds = tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+    except ValueError:
+        raise UsageError(f"--seeds {text!r} is not a comma-separated list of whole numbers", "e.g. --seeds 1,2,3")
+    if not seeds:
+        raise UsageError("--seeds is empty", "e.g. --seeds 1,2,3")
+    return seeds
+
+
+def _path(value: Optional[Path]) -> Optional[str]:
+    return str(value.expanduser().resolve()) if value is not None else None
+
+
+def _control_text(text: str) -> str:
+    """Make the IMAGE part of TYPE:IMAGE[:...] absolute, so the recorded request replays anywhere."""
+    kind, sep, rest = text.partition(":")
+    if not sep:
+        return text
+    parts = rest.split(":")
+    n = 3 if len(parts) >= 4 and all(_num(p) for p in parts[-3:]) else 1 if len(parts) >= 2 and _num(parts[-1]) else 0
+    image = ":".join(parts[: len(parts) - n])
+    if image and Path(image).expanduser().exists():
+        image = str(Path(image).expanduser().resolve())
+    return ":".join([kind, image, *parts[len(parts) - n:]])
+
+
+def _num(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def list_schedulers() -> None:
+    """Plain columns (not a rich table): pipe-friendly and never truncated."""
+    from pipelines.image import SCHEDULERS, scheduler_family
+
+    rows = [("name", "A1111 sampler", "diffusers class", "settings", "fits")]
+    for name, (cls, overrides, label) in SCHEDULERS.items():
+        settings = ",".join(f"{k}={v}" for k, v in overrides.items() if v is not False) or "-"
+        fits = "SD3/Flux (flow matching)" if scheduler_family(cls) == "flow" else "SD 1.x/2.x, SDXL"
+        rows.append((name, label, cls, settings, fits))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+
+
+@generating
+def image(
+    prompt: Annotated[Optional[str], typer.Argument(help="what to draw; (word:1.3) / \\[word] emphasis as in A1111", show_default=False)] = None,
+    negative: Annotated[Optional[str], typer.Option("--negative", "-n", help="negative prompt", rich_help_panel=_GEN)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="alias, hub id\\[@rev], diffusers folder or .safetensors file", rich_help_panel=_GEN)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="denoising steps", rich_help_panel=_GEN)] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", "--cfg", help="guidance scale (0 for turbo models)", rich_help_panel=_GEN)] = None,
+    width: Annotated[Optional[int], typer.Option(help="width in pixels (a multiple of 8; 16 for SD3/Flux)", rich_help_panel=_GEN)] = None,
+    height: Annotated[Optional[int], typer.Option(help="height in pixels", rich_help_panel=_GEN)] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="one image per seed, e.g. 1,2,3", rich_help_panel=_GEN)] = None,
+    num: Annotated[Optional[int], typer.Option("--num", help="images to make: seeds S, S+1, ... from --seed", rich_help_panel=_GEN)] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", "--sampler", help="sampler name (see --list-schedulers)", rich_help_panel=_GEN)] = None,
+    list_schedulers_: Annotated[bool, typer.Option("--list-schedulers", help="list the sampler names and exit", rich_help_panel=_GEN)] = False,
+    init: Annotated[Optional[Path], typer.Option("--init", help="init image for img2img / inpaint / outpaint", rich_help_panel=_IMG)] = None,
+    strength: Annotated[Optional[float], typer.Option(help="how much of --init to repaint, 0-1 (0.75; inpaint 1.0)", rich_help_panel=_IMG)] = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="inpaint mask: white = repaint", rich_help_panel=_IMG)] = None,
+    outpaint: Annotated[Optional[str], typer.Option(help="pad --init and paint the border: left:128,right:64,top:0,bottom:0 or all:64", rich_help_panel=_IMG)] = None,
+    control: Annotated[Optional[List[str]], typer.Option("--control", help="TYPE:IMAGE\\[:SCALE\\[:START:END]], repeatable (canny, none, depth, pose, ...)", rich_help_panel=_CTL)] = None,
+    control_model: Annotated[Optional[List[str]], typer.Option("--control-model", help="ControlNet per --control, same order (auto = the card for TYPE)", rich_help_panel=_CTL)] = None,
+    lora: Annotated[Optional[List[str]], typer.Option("--lora", help="LoRA PATH_OR_ID\\[:SCALE], repeatable", rich_help_panel=_ADP)] = None,
+    fuse_lora: Annotated[bool, typer.Option("--fuse-lora", help="merge the LoRAs into the weights (faster steps)", rich_help_panel=_ADP)] = False,
+    no_weighting: Annotated[bool, typer.Option("--no-weighting", help="pass the prompt verbatim (no (word:1.3) parsing)", rich_help_panel=_ADP)] = False,
+    attention_maps: Annotated[bool, typer.Option("--attention-maps", help="also write a heatmap per prompt word and a contact sheet", rich_help_panel=_ADP)] = False,
+    opts: Globals = None,
+) -> None:
+    """Generate images from a prompt: text-to-image, img2img (--init), inpaint (--mask), outpaint,
+    ControlNet (--control), LoRA (--lora). Every image carries its settings (PNG parameters, JSON
+    sidecar) and `studio replay IMAGE.png` makes it again."""
+    if list_schedulers_:
+        list_schedulers()
+        return
+    if prompt is None:
+        raise UsageError("missing PROMPT", 'e.g. studio image "a lighthouse at dusk" (or --list-schedulers)')
+    params = {
+        "prompt": prompt, "negative_prompt": negative, "model": model, "steps": steps, "guidance": guidance,
+        "width": width, "height": height, "seeds": _seeds(seeds), "num_outputs": num, "scheduler": scheduler,
+        "init_image": _path(init), "strength": strength, "mask_image": _path(mask), "outpaint": outpaint,
+        "controls": tuple(_control_text(c) for c in control) if control else None,
+        "control_models": tuple(control_model) if control_model else None,
+        "adapters": tuple(lora) if lora else None,
+        "fuse_adapters": True if fuse_lora else None,
+        "weighting": False if no_weighting else None,
+        "attention_maps": True if attention_maps else None,
+    }
+    run_command("image", params, opts)
+
+
+@control_app.command("preprocess")
+def preprocess(
+    kind: Annotated[str, typer.Argument(metavar="TYPE", help="canny, none, shuffle, depth, pose, lineart, softedge, scribble, mlsd, normal")],
+    image: Annotated[Path, typer.Argument(help="the input image")],
+    low: Annotated[int, typer.Option(help="canny: lower threshold")] = 100,
+    high: Annotated[int, typer.Option(help="canny: upper threshold")] = 200,
+    width: Annotated[Optional[int], typer.Option(help="resize the map to this width")] = None,
+    height: Annotated[Optional[int], typer.Option(help="resize the map to this height")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default ./outputs)")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="allow the controlnet-aux detectors' pickle weights")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing")] = False,
+) -> None:
+    """Write the control map a --control TYPE:IMAGE would use (to check it, or to pass it later as none:MAP)."""
+    import json
+    import sys
+
+    from pipelines.control import canonical_type
+    from pipelines.control import preprocess as run_preprocessor
+    from studio.cli.common import default_out_dir
+    from studio.outputs import OutputWriter, Result
+    from studio.pipeline import load_image
+
+    kind = canonical_type(kind)
+    source = load_image(image, what="image")
+    if width or height:
+        w, h = source.size
+        size = (width or round(w * height / h), height or round(h * width / w))
+        source = source.resize(size)
+    cmap = run_preprocessor(kind, source, low=low, high=high, allow_pickle=allow_pickle)
+    params = {"type": kind, "input": str(image.expanduser().resolve()), "low": low, "high": high,
+              "width": cmap.size[0], "height": cmap.size[1]}
+    writer = OutputWriter(out or default_out_dir("control"), task="control", template="{date}-{task}-{slug}")
+    result = Result(kind="image", value=cmap, params={**params, "name": f"{kind}-{image.stem}"})
+    path = writer.write(result)
+    if json_out:
+        sys.stdout.write(json.dumps({"task": "control", "type": kind, "path": str(path)}) + "\n")
+    elif not quiet:
+        sys.stderr.write(f"wrote {path}\n")

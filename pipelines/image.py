@@ -1,0 +1,1062 @@
+"""Images: text-to-image, img2img, inpaint/outpaint, ControlNet, LoRA, prompt weighting and
+cross-attention maps, on diffusers.
+
+One load serves every mode: the text-to-image pipeline is loaded once (AutoPipelineForText2Image,
+or `from_single_file` for one .safetensors checkpoint) and the img2img / inpaint / ControlNet
+pipelines are made from it with `AutoPipeline*.from_pipe`, which shares the weights. Whatever the
+family (SD 1.x/2.x, SDXL, SD3, Flux), diffusers' auto classes pick the pipeline class.
+
+Reproducibility: each image gets its own CPU generator seeded with its seed (seed, seed+1, ... or
+--seeds), and is generated alone, so any image of a batch replays bit for bit from its metadata.
+A prompt without emphasis goes to diffusers verbatim: studio's output then equals a plain
+diffusers script's (tests/test_image.py checks max pixel difference 0).
+
+Nothing heavy is imported at module level: the CLI reads SCHEDULERS without importing torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from studio.errors import BackendUnavailable, InputFileError, RuntimeFailure, UsageError
+
+
+# ----------------------------------------------------------------------------- the request
+@dataclass(frozen=True)
+class ImageRequest:
+    prompt: str = ""  # what to draw; A1111 emphasis (word:1.3) (word) [word] unless weighting is off
+    negative_prompt: str = ""  # what to steer away from (needs guidance > 1 on most models)
+    model: str = "auto"  # alias, hub id[@revision], diffusers folder or single .safetensors file
+    seed: int | None = None  # first seed; image i of --num N uses seed + i (A1111's batch convention)
+    seeds: tuple[int, ...] | None = None  # explicit seeds, one image each (instead of seed + num_outputs)
+    num_outputs: int = 1  # how many images (one per seed)
+    steps: int = 20  # denoising steps (img2img/inpaint run about steps * strength of them)
+    guidance: float = 7.0  # classifier-free guidance scale; 0 or 1 turns it off (turbo models)
+    width: int | None = None  # pixels; None: the init image's size, else the model's default
+    height: int | None = None  # pixels; same rule as width
+    scheduler: str | None = None  # sampler name (see SCHEDULERS); None keeps the model's own
+    init_image: str | None = None  # img2img / inpaint source image
+    strength: float | None = None  # how much of the init image to repaint; None: 0.75 img2img, 1.0 inpaint
+    mask_image: str | None = None  # inpaint mask: white = repaint, black = keep
+    outpaint: str | None = None  # "left:128,right:64,top:0,bottom:32": pad the init image and paint the border
+    controls: tuple[str, ...] = ()  # ControlNet inputs, "TYPE:IMAGE[:SCALE[:START:END]]" each
+    control_models: tuple[str, ...] = ()  # ControlNet per control, same order ("auto" = the card for TYPE)
+    adapters: tuple[str, ...] = ()  # LoRAs, "PATH_OR_ID[:SCALE]" each
+    fuse_adapters: bool = False  # merge the LoRAs into the weights (faster steps, equal up to rounding)
+    weighting: bool = True  # parse A1111 emphasis through compel; False passes the prompt verbatim
+    attention_maps: bool = False  # also write per-word cross-attention heatmaps and a contact sheet
+
+
+# ----------------------------------------------------------------------------- schedulers
+# name -> (diffusers class, config overrides, A1111 sampler name). "flow" classes serve
+# flow-matching models (SD3, Flux); the others serve epsilon/v-prediction models (SD, SDXL).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler"),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "Euler Karras"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": False}, "Heun"),
+    "lms": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}, "LMS"),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "LMS Karras"),
+    "dpm2": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": False}, "DPM2"),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, "DPM2 Karras"),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": False}, "DPM2 a"),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}, "DPM2 a Karras"),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}, "DPM++ 2M"),
+    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "dpm++_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}, "DPM++ 2M SDE"),
+    "dpm++_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, "DPM++ 2M SDE Karras"),
+    "dpm++_2s": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": False}, "DPM++ SDE"),
+    "dpm++_2s_karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}, "DPM++ SDE Karras"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "ddpm": ("DDPMScheduler", {}, "DDPM"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    "deis": ("DEISMultistepScheduler", {}, "DEIS"),
+    "lcm": ("LCMScheduler", {}, "LCM"),
+    "tcd": ("TCDScheduler", {}, "TCD"),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler (flow matching)"),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}, "Heun (flow matching)"),
+}
+
+
+def scheduler_family(class_name: str) -> str:
+    return "flow" if class_name.startswith("FlowMatch") else "diffusion"
+
+
+def make_scheduler(name: str, current: Any) -> Any:
+    """A fresh scheduler of `name`'s class from the model's own scheduler config (so beta schedule,
+    prediction type and timestep spacing stay the model's)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {name!r}", "`studio image --list-schedulers` lists them")
+    class_name, overrides, _ = SCHEDULERS[name]
+    base = type(current).__name__
+    if scheduler_family(class_name) != scheduler_family(base):
+        fits = [n for n, (c, _, _) in SCHEDULERS.items() if scheduler_family(c) == scheduler_family(base)]
+        raise UsageError(f"scheduler {name} does not fit this model (its own is {base}, a "
+                         f"{scheduler_family(base)} sampler)", f"use one of: {', '.join(fits)}")
+    cls = getattr(diffusers, class_name)
+    if cls.__module__.startswith("diffusers.utils.dummy_"):  # diffusers' placeholder for a missing backend
+        missing = cls.__module__.removeprefix("diffusers.utils.dummy_").removesuffix("_objects").split("_and_")
+        extra = [m for m in missing if m != "torch"]
+        raise BackendUnavailable(f"the {name} sampler needs {', '.join(extra)}, which is not installed",
+                                 f"pip install {' '.join(extra)}, or pick another --scheduler")
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    return cls.from_config(current.config, **{k: v for k, v in overrides.items() if k in accepted})
+
+
+# ----------------------------------------------------------------------------- prompt weighting
+_WEIGHT = re.compile(r":\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)")
+
+
+def parse_weighted(prompt: str) -> list[tuple[str, float]]:
+    """A1111 emphasis -> [(text, weight)]: (x) x1.1, ((x)) x1.21, (x:1.5) x1.5, [x] /1.1, nested
+    brackets multiply, \\( \\) \\[ \\] are literal, an unclosed bracket runs to the end (as in A1111).
+    Written here because compel's own syntax differs ((x)1.5, x++) and A1111's parser is AGPL."""
+    chunks: list[list[Any]] = []  # [text, weight]
+    stack: list[tuple[str, int]] = []  # open brackets: (kind, index of the first chunk inside)
+    buf: list[str] = []
+
+    def flush() -> None:
+        if buf:
+            chunks.append(["".join(buf), 1.0])
+            buf.clear()
+
+    def scale(start: int, factor: float) -> None:
+        for chunk in chunks[start:]:
+            chunk[1] *= factor
+
+    i = 0
+    while i < len(prompt):
+        c = prompt[i]
+        if c == "\\" and i + 1 < len(prompt):
+            buf.append(prompt[i + 1])
+            i += 2
+            continue
+        if c in "([":
+            flush()
+            stack.append((c, len(chunks)))
+        elif c == ":" and stack and stack[-1][0] == "(" and (m := _WEIGHT.match(prompt, i)):
+            flush()
+            _, start = stack.pop()
+            scale(start, float(m.group(1)))
+            i = m.end()
+            continue
+        elif c == ")" and stack and stack[-1][0] == "(":
+            flush()
+            scale(stack.pop()[1], 1.1)
+        elif c == "]" and stack and stack[-1][0] == "[":
+            flush()
+            scale(stack.pop()[1], 1 / 1.1)
+        else:
+            buf.append(c)
+        i += 1
+    flush()
+    for kind, start in stack:  # unclosed brackets apply to the rest of the prompt
+        scale(start, 1.1 if kind == "(" else 1 / 1.1)
+    merged: list[tuple[str, float]] = []
+    for text, weight in chunks:
+        weight = round(weight, 6)
+        if merged and merged[-1][1] == weight:
+            merged[-1] = (merged[-1][0] + text, weight)
+        elif text:
+            merged.append((text, weight))
+    return merged
+
+
+def plain_text(prompt: str) -> str:
+    """The prompt without emphasis syntax (what the text encoder's tokens spell)."""
+    return "".join(text for text, _ in parse_weighted(prompt))
+
+
+def is_weighted(prompt: str) -> bool:
+    return any(weight != 1.0 for _, weight in parse_weighted(prompt))
+
+
+def _a1111_compel_class() -> type:
+    """compel's Compel, reading A1111 syntax: its embedding machinery (weights applied by
+    blending with the prompt minus the word, long prompts in 75-token chunks), our parser."""
+    from compel import Compel
+    from compel.prompt_parser import Conjunction, FlattenedPrompt
+
+    class A1111Compel(Compel):
+        @classmethod
+        def parse_prompt_string(cls, prompt_string: str) -> Conjunction:
+            parts = parse_weighted(prompt_string) or [("", 1.0)]
+            return Conjunction([FlattenedPrompt(list(parts))])
+
+        def build_conditioning_tensor(self, text: str, return_tokenization: bool = False) -> Any:
+            conjunction = self.parse_prompt_string(text)
+            conditioning, tokenization, _ = self.build_conditioning_tensor_for_conjunction(
+                conjunction, return_tokenization=True)
+            out: list[Any] = [conditioning]
+            if return_tokenization:
+                out.append(tokenization)
+            if self.requires_pooled:
+                # the pooled vector from the text without the bracket syntax (compel would pass it raw)
+                out.append(self.conditioning_provider.get_pooled_embeddings([plain_text(text)], device=self.device))
+            return tuple(out) if len(out) > 1 else conditioning
+
+    return A1111Compel
+
+
+def encode_weighted(pipe: Any, prompt: str, negative: str) -> dict[str, Any]:
+    """prompt_embeds (and SDXL's pooled embeds) for a weighted prompt and its negative."""
+    from compel import ReturnedEmbeddingsType
+
+    Compel = _a1111_compel_class()
+    name = type(pipe).__name__
+    if "XL" in name and getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "text_encoder", None) is not None:
+        kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED  # what SDXL's UNet was trained on
+        c1 = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, returned_embeddings_type=kind,
+                    truncate_long_prompts=False)
+        c2 = Compel(tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2, returned_embeddings_type=kind,
+                    truncate_long_prompts=False, requires_pooled=True)
+        left = c1([prompt, negative])  # (2, T, D1)
+        right, pooled = c2([prompt, negative])  # (2, T, D2), (2, P)
+        if left.shape[1] != right.shape[1]:
+            raise RuntimeFailure("the two SDXL tokenizers split this prompt differently", "pass --no-weighting")
+        embeds = __import__("torch").cat([left, right], dim=-1)  # (2, T, D1 + D2)
+        out = {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:],
+               "pooled_prompt_embeds": pooled[:1], "negative_pooled_prompt_embeds": pooled[1:]}
+        if not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            # what SDXL's own encode_prompt does for an empty negative prompt
+            out["negative_prompt_embeds"] = out["negative_prompt_embeds"].new_zeros(out["negative_prompt_embeds"].shape)
+            out["negative_pooled_prompt_embeds"] = out["negative_pooled_prompt_embeds"].new_zeros(out["negative_pooled_prompt_embeds"].shape)
+        return out
+    if name.startswith("StableDiffusion") and "3" not in name and getattr(pipe, "text_encoder", None) is not None:
+        compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=False)
+        embeds = compel([prompt, negative])  # (2, T, D), padded to one length
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+    raise UsageError(f"prompt weighting ((word:1.3), [word]) works with SD 1.x/2.x and SDXL, not {name}",
+                     "pass --no-weighting to send the prompt verbatim")
+
+
+# ----------------------------------------------------------------------------- input parsing
+def _as_tuple(value: Any) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (str, int, float)):
+        return (value,)
+    return tuple(value)
+
+
+def parse_outpaint(text: str) -> dict[str, int]:
+    """"left:128,right:64" -> {"left": 128, "right": 64, "top": 0, "bottom": 0}; "all:64" pads every side."""
+    pads = {"left": 0, "right": 0, "top": 0, "bottom": 0}
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        side, sep, value = part.partition(":")
+        if not sep or side not in (*pads, "all") or not value.isdigit():
+            raise UsageError(f"--outpaint {text!r} is not SIDE:PIXELS[,SIDE:PIXELS...]",
+                             "sides: left, right, top, bottom, all; e.g. --outpaint left:128,right:64")
+        for key in (pads if side == "all" else [side]):
+            pads[key] = int(value)
+    if not any(pads.values()):
+        raise UsageError(f"--outpaint {text!r} pads nothing", "give at least one side more than 0 pixels")
+    return pads
+
+
+def _check_file(path: str | None, what: str) -> None:
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputFileError(f"{what} {path} does not exist", "check the path")
+    if p.is_dir():
+        raise InputFileError(f"{what} {path} is a folder", "pass an image file")
+
+
+def _abs(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+# ----------------------------------------------------------------------------- the pipeline
+class ImagePipeline:
+    task = "image"
+    request_type = ImageRequest
+
+    def __init__(self, pipe: Any, spec: Any, device: Any, notes: list[str] | None = None):
+        from adapters.lora import LoraSet
+
+        self.base = pipe  # the text-to-image pipeline; every other mode shares its weights
+        self.spec = spec
+        self.device = device
+        self.load_notes = notes or []
+        self.loras = LoraSet(pipe, base_label=spec.alias or spec.name)
+        self._pipes: dict[tuple, Any] = {}  # (mode, controlnet ids) -> diffusers pipeline from from_pipe
+        self._default_scheduler = pipe.scheduler
+
+    # -------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, spec: Any, device: Any) -> "ImagePipeline":
+        from studio import models
+
+        notes: list[str] = []
+        with models.loading(spec, "image model"), quiet_libraries():
+            if spec.kind == "file":
+                pipe = _load_single_file(spec, device, notes)
+            else:
+                pipe = _load_pretrained(spec, device, notes)
+            pipe = device.prepare(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, spec, device, notes)
+
+    # -------------------------------------------------------------- sizes
+    def size_factor(self) -> int:
+        """Width and height must be multiples of this (the VAE's downscale times the patch size)."""
+        pipe = self.base
+        vsf = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+        if type(pipe).__name__.startswith("Flux"):
+            return vsf * 2  # Flux packs 2x2 latent patches
+        transformer = getattr(pipe, "transformer", None)
+        patch = getattr(getattr(transformer, "config", None), "patch_size", None)
+        if isinstance(patch, int) and patch > 1:
+            return vsf * patch
+        return max(8, vsf)  # the UNet pipelines check multiples of 8
+
+    def default_size(self) -> tuple[int, int]:
+        pipe = self.base
+        vsf = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+        size = getattr(pipe, "default_sample_size", None)
+        if size is None:
+            denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+            size = getattr(denoiser.config, "sample_size", 64) if denoiser is not None else 64
+        if isinstance(size, (list, tuple)):
+            return int(size[1]) * vsf, int(size[0]) * vsf
+        return int(size) * vsf, int(size) * vsf
+
+    # -------------------------------------------------------------- checks
+    def check_inputs(self, request: ImageRequest) -> None:
+        from adapters.lora import parse_lora
+        from pipelines.control import parse_control
+
+        if not str(request.prompt or "").strip() and not str(request.negative_prompt or "").strip():
+            raise UsageError("the prompt is empty", 'describe the image, e.g. studio image "a lighthouse at dusk"')
+        if request.steps is None or int(request.steps) < 1:
+            raise UsageError(f"--steps {request.steps} must be at least 1", "e.g. --steps 20 (turbo models: 1-4)")
+        if request.guidance is None or float(request.guidance) < 0:
+            raise UsageError(f"--guidance {request.guidance} must be >= 0", "e.g. --guidance 7 (turbo models: 0)")
+        factor = self.size_factor()
+        for name in ("width", "height"):
+            value = getattr(request, name)
+            if value is not None and (int(value) < factor or int(value) % factor):
+                lower = max(factor, int(value) - int(value) % factor)
+                raise UsageError(f"--{name} {value} is not a multiple of {factor} (this model's size step)",
+                                 f"use --{name} {lower} or {lower + factor}")
+        seeds = _as_tuple(request.seeds)
+        if int(request.num_outputs or 0) < 1:
+            raise UsageError(f"--num {request.num_outputs} must be at least 1", "e.g. --num 4")
+        if seeds and request.num_outputs not in (1, len(seeds)):
+            raise UsageError(f"--num {request.num_outputs} and --seeds ({len(seeds)} seeds) disagree",
+                             "--seeds makes one image per seed; drop --num")
+        if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+            raise UsageError(f"--seeds {','.join(map(str, seeds))} must be whole numbers >= 0", "e.g. --seeds 1,2,3")
+        if request.scheduler is not None:
+            make_scheduler(request.scheduler, self._default_scheduler)  # raises on unknown / misfit names
+        if request.strength is not None and not (0.0 < float(request.strength) <= 1.0):
+            raise UsageError(f"--strength {request.strength} must be in (0, 1]",
+                             "0.3 keeps most of the init image, 1.0 repaints it fully")
+        if (request.mask_image or request.outpaint) and not request.init_image:
+            raise UsageError("--mask and --outpaint need an --init image", "pass --init IMAGE")
+        if request.mask_image and request.outpaint:
+            raise UsageError("--mask and --outpaint cannot be combined", "outpaint makes its own mask from the padding")
+        if request.strength is not None and not request.init_image:
+            raise UsageError("--strength applies to --init images only", "add --init IMAGE, or drop --strength")
+        if request.outpaint:
+            pads = parse_outpaint(request.outpaint)
+            bad = {k: v for k, v in pads.items() if v % factor}
+            if bad:
+                side, value = next(iter(bad.items()))
+                raise UsageError(f"--outpaint {side}:{value} is not a multiple of {factor}",
+                                 f"use {side}:{value - value % factor or factor}")
+        _check_file(request.init_image, "init image")
+        _check_file(request.mask_image, "mask image")
+        if request.init_image:
+            strength = float(request.strength if request.strength is not None else self._mode_strength(request))
+            if int(int(request.steps) * strength) < 1:
+                raise UsageError(f"--steps {request.steps} with --strength {strength:g} leaves no denoising step",
+                                 "raise --steps or --strength")
+        controls = [parse_control(c) for c in _as_tuple(request.controls)]
+        for c in controls:
+            _check_file(c.image, f"control image ({c.type})")
+        models_ = _as_tuple(request.control_models)
+        if models_ and len(models_) != len(controls):
+            raise UsageError(f"{len(models_)} --control-model for {len(controls)} --control",
+                             "give one --control-model per --control, in the same order (auto = the default for TYPE)")
+        for text in _as_tuple(request.adapters):
+            parse_lora(text)
+        if request.attention_maps and getattr(self.base, "unet", None) is None:
+            raise UsageError("--attention-maps needs a UNet model (SD 1.x/2.x or SDXL)",
+                             "drop --attention-maps for transformer models such as SD3 and Flux")
+        if request.weighting and (is_weighted(request.prompt or "") or is_weighted(request.negative_prompt or "")):
+            name = type(self.base).__name__
+            if not name.startswith("StableDiffusion") or name.startswith("StableDiffusion3"):
+                raise UsageError(f"prompt weighting ((word:1.3), [word]) works with SD 1.x/2.x and SDXL, not {name}",
+                                 "pass --no-weighting to send the prompt verbatim")
+
+    @staticmethod
+    def _mode_strength(request: ImageRequest) -> float:
+        return 1.0 if (request.mask_image or request.outpaint) else 0.75
+
+    # -------------------------------------------------------------- run
+    def run(self, request: ImageRequest, progress: Any) -> list[Any]:
+        import torch
+
+        from adapters.lora import parse_lora
+        from studio.outputs import Result
+        from studio.pipeline import seeds_for
+
+        # 1. check inputs
+        self.check_inputs(request)
+        notes = list(self.load_notes)
+
+        def note(text: str) -> None:
+            notes.append(text)
+            progress.note(text)
+
+        mode = "inpaint" if (request.mask_image or request.outpaint) else "img2img" if request.init_image else "text2img"
+        strength = float(request.strength) if request.strength is not None else (self._mode_strength(request) if mode != "text2img" else None)
+
+        # 2. sizes and input images: init (resized to a valid size), mask, outpaint canvas, control maps
+        width, height, init, mask = self._prepare_images(request, note)
+        controls, control_maps, control_meta = self._prepare_controls(request, width, height, note)
+
+        # 3. the diffusers pipeline for this mode (shared weights), its scheduler and adapters
+        pipe = self._pipe_for(mode, [c for c, _ in controls])
+        pipe.scheduler = (make_scheduler(request.scheduler, self._default_scheduler)
+                          if request.scheduler else self._default_scheduler)
+        adapters = self.loras.apply([parse_lora(a) for a in _as_tuple(request.adapters)],
+                                    fuse=bool(request.fuse_adapters), allow_pickle=self.spec.allow_pickle,
+                                    offline=self.spec.offline)
+
+        # 4. the prompt: verbatim, or A1111 emphasis through compel (encoded once for all seeds)
+        prompt, negative = request.prompt or "", request.negative_prompt or ""
+        weighted = request.weighting and (is_weighted(prompt) or is_weighted(negative))
+        call: dict[str, Any] = {}
+        with self.device.inference():
+            if weighted:
+                call.update(encode_weighted(pipe, prompt, negative))
+            else:
+                text, neg = (plain_text(prompt), plain_text(negative)) if request.weighting else (prompt, negative)
+                call["prompt"] = text
+                if neg:
+                    if "negative_prompt" not in _call_params(pipe):
+                        raise UsageError(f"{type(pipe).__name__} takes no negative prompt", "drop --negative")
+                    call["negative_prompt"] = neg
+
+        # 5. the call's arguments for this mode
+        call.update(num_inference_steps=int(request.steps), guidance_scale=float(request.guidance), output_type="pil")
+        if mode == "text2img":
+            call.update(width=width, height=height)
+            if controls:
+                call["image"] = control_maps if len(control_maps) > 1 else control_maps[0]
+        else:
+            call.update(image=init, strength=strength)
+            if mode == "inpaint":
+                call.update(mask_image=mask, width=width, height=height)
+            if controls:
+                call["control_image"] = control_maps if len(control_maps) > 1 else control_maps[0]
+        if controls:
+            specs = [s for _, s in controls]
+            many = len(specs) > 1
+            call["controlnet_conditioning_scale"] = [s.scale for s in specs] if many else specs[0].scale
+            call["control_guidance_start"] = [s.start for s in specs] if many else specs[0].start
+            call["control_guidance_end"] = [s.end for s in specs] if many else specs[0].end
+        accepted = _call_params(pipe)
+        call = {k: v for k, v in call.items() if k in accepted or k in ("prompt",)}
+        steps_run = int(request.steps) if strength is None else min(int(int(request.steps) * strength), int(request.steps))
+
+        # 6. generate: one image per seed, each with its own CPU generator
+        seeds = seeds_for(int(request.seed or 0), int(request.num_outputs), _as_tuple(request.seeds) or None)
+        base_params = dataclasses.asdict(request)
+        base_params.update(
+            seeds=None, num_outputs=1, width=width, height=height, strength=strength,
+            init_image=_abs(request.init_image) if request.init_image else None,
+            mask_image=_abs(request.mask_image) if request.mask_image else None,
+            controls=[s.to_text() for _, s in controls], adapters=[a for a in _as_tuple(request.adapters)],
+            control_models=list(_as_tuple(request.control_models)),
+        )
+        results = []
+        for index, seed in enumerate(seeds):
+            handle = progress.task(f"image {index + 1}/{len(seeds)} seed {seed}", total=steps_run)
+            if "callback_on_step_end" in accepted:
+                call["callback_on_step_end"] = progress.diffusers_callback(handle)
+            maps = None
+            try:
+                with self.device.inference(), self._attention_maps(request, pipe, width, height) as maps:
+                    output = pipe(**call, generator=self.device.generator(seed))
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                raise RuntimeFailure(f"out of memory generating {width}x{height}",
+                                     "lower --width/--height, or try --offload model / --precision bf16") from exc
+            handle.finish()
+            image = output.images[0]
+            companions: dict[str, Any] = {}
+            extra: dict[str, Any] = {"mode": mode, "pipeline": type(pipe).__name__,
+                                     "scheduler": type(pipe.scheduler).__name__,
+                                     "weighting": "compel (A1111 syntax)" if weighted else "none"}
+            if control_maps:
+                for i, cmap in enumerate(control_maps):
+                    companions["control" if len(control_maps) == 1 else f"control-{i}"] = cmap
+                extra["controls"] = control_meta
+            if adapters:
+                extra["adapters"] = adapters
+            if maps is not None:
+                words = self._words(request, pipe, maps)
+                if words:
+                    from pipelines.attention_maps import render
+
+                    overlays, sheet = render(image, words)
+                    companions["attention"] = sheet
+                    companions.update(overlays)
+                    extra["attention_words"] = [w for w, _ in words]
+            if getattr(output, "nsfw_content_detected", None) and any(output.nsfw_content_detected or []):
+                note("the model's safety checker blanked this image")
+            if notes:
+                extra["notes"] = list(notes)
+            results.append(Result(kind="image", value=image, params={**base_params, "seed": seed},
+                                  extra=extra, companions=companions))
+        return results
+
+    # -------------------------------------------------------------- steps of run
+    def _prepare_images(self, request: ImageRequest, note: Any) -> tuple[int, int, Any, Any]:
+        """(width, height, init image, mask) at a size the model accepts; every resize is a note."""
+        factor = self.size_factor()
+        if not request.init_image:
+            dw, dh = self.default_size()
+            return int(request.width or dw), int(request.height or dh), None, None
+        init = self._open(request.init_image, "init image", "RGB", note)
+        if request.width and request.height:
+            target = (int(request.width), int(request.height))
+        else:
+            w, h = init.size
+            if request.width:  # keep the aspect ratio when one side is given
+                w, h = int(request.width), max(factor, round(h * int(request.width) / w / factor) * factor)
+            elif request.height:
+                w, h = max(factor, round(w * int(request.height) / h / factor) * factor), int(request.height)
+            target = (max(factor, w - w % factor), max(factor, h - h % factor))
+        if init.size != target:
+            note(f"resized the init image from {init.size[0]}x{init.size[1]} to {target[0]}x{target[1]}"
+                 + ("" if (request.width and request.height) else f" (a multiple of {factor})"))
+            init = init.resize(target, _lanczos())
+        mask = None
+        if request.mask_image:
+            mask = self._open(request.mask_image, "mask image", "L", note)
+            if mask.size != init.size:
+                note(f"resized the mask from {mask.size[0]}x{mask.size[1]} to {init.size[0]}x{init.size[1]}")
+                mask = mask.resize(init.size, _lanczos())
+        if request.outpaint:
+            init, mask = outpaint_canvas(init, parse_outpaint(request.outpaint), overlap=factor)
+            note(f"outpainting: canvas {init.size[0]}x{init.size[1]}, the padding is repainted")
+        return init.size[0], init.size[1], init, mask
+
+    @staticmethod
+    def _open(path: str, what: str, mode: str, note: Any) -> Any:
+        from PIL import Image
+
+        from studio.pipeline import load_image
+
+        image = load_image(path, mode=mode, what=what)
+        with Image.open(Path(path).expanduser()) as probe:
+            original = probe.mode
+        if original != mode and not (mode == "L" and original == "1"):
+            dropped = " (transparency dropped)" if "A" in original or "transparency" in image.info else ""
+            note(f"converted the {what} from {original} to {mode}{dropped}")
+        return image
+
+    def _prepare_controls(self, request: ImageRequest, width: int, height: int, note: Any) -> tuple[list, list, list]:
+        """[(controlnet, spec)], [control map PIL], [metadata] for the --control inputs."""
+        from pipelines.control import base_family, check_fits, default_control_model, load_controlnet, parse_control, preprocess
+
+        specs = [parse_control(c) for c in _as_tuple(request.controls)]
+        if not specs:
+            return [], [], []
+        names = list(_as_tuple(request.control_models)) or ["auto"] * len(specs)
+        family = base_family(self.base)
+        controls, maps, meta = [], [], []
+        for spec, name in zip(specs, names):
+            if not name or name == "auto":
+                name = default_control_model(spec.type, family)
+            controlnet, cspec = load_controlnet(name, self.device, allow_pickle=self.spec.allow_pickle,
+                                                offline=self.spec.offline, trust_remote_code=self.spec.trust_remote_code)
+            check_fits(controlnet, self.base, cspec.alias or cspec.name)
+            image = self._open(spec.image, f"control image ({spec.type})", "RGB", note)
+            if image.size != (width, height):
+                note(f"resized the {spec.type} control image from {image.size[0]}x{image.size[1]} to {width}x{height}")
+                image = image.resize((width, height), _lanczos())
+            cmap = preprocess(spec.type, image, allow_pickle=self.spec.allow_pickle)
+            spec = dataclasses.replace(spec, image=_abs(spec.image))
+            controls.append((controlnet, spec))
+            maps.append(cmap)
+            meta.append({"type": spec.type, "image": spec.image, "scale": spec.scale, "start": spec.start,
+                         "end": spec.end, "model": cspec.identity()})
+        return controls, maps, meta
+
+    def _pipe_for(self, mode: str, controlnets: list) -> Any:
+        """The diffusers pipeline for a mode (and ControlNets), made once with from_pipe: it shares
+        the base pipeline's modules, so no weights are loaded or copied."""
+        if mode == "text2img" and not controlnets:
+            return self.base
+        key = (mode, tuple(id(c) for c in controlnets))
+        if key not in self._pipes:
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+            auto = {"text2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
+                    "inpaint": AutoPipelineForInpainting}[mode]
+            kwargs: dict[str, Any] = {}
+            if controlnets:
+                kwargs["controlnet"] = controlnets[0] if len(controlnets) == 1 else list(controlnets)
+            try:
+                pipe = auto.from_pipe(self.base, **kwargs)
+            except (ValueError, KeyError) as exc:
+                what = mode + (" with ControlNet" if controlnets else "")
+                raise UsageError(f"diffusers has no {what} pipeline for {type(self.base).__name__}",
+                                 "use an SD 1.x/2.x, SDXL, SD3 or Flux model for this mode") from exc
+            pipe.set_progress_bar_config(disable=True)
+            if self.device.resolved.offload == "model":
+                pipe.enable_model_cpu_offload(device=self.device.device)  # hooks for the added ControlNet too
+            self._pipes[key] = pipe
+        return self._pipes[key]
+
+    def _attention_maps(self, request: ImageRequest, pipe: Any, width: int, height: int) -> Any:
+        import contextlib
+
+        if not request.attention_maps:
+            return contextlib.nullcontext()
+        from pipelines.attention_maps import CrossAttentionMaps
+
+        unet = getattr(pipe, "unet", None)
+        vsf = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+        no_cfg_model = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None
+        cfg = float(request.guidance) > 1.0 and not no_cfg_model  # diffusers' do_classifier_free_guidance
+        return CrossAttentionMaps(unet, (height // vsf, width // vsf), cfg=cfg)
+
+    def _words(self, request: ImageRequest, pipe: Any, maps: Any) -> list:
+        from pipelines.attention_maps import word_maps
+
+        token_maps = maps.token_maps()
+        if token_maps is None:
+            return []
+        text = plain_text(request.prompt or "") if request.weighting else (request.prompt or "")
+        return word_maps(pipe.tokenizer, text, token_maps)
+
+
+def _call_params(pipe: Any) -> set[str]:
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+def _lanczos() -> Any:
+    from PIL import Image
+
+    return Image.Resampling.LANCZOS
+
+
+def outpaint_canvas(image: Any, pads: dict[str, int], overlap: int = 8) -> tuple[Any, Any]:
+    """(canvas, mask) for outpainting: the image in the middle of a larger canvas whose border is
+    the image's edge pixels stretched outwards and blurred (a starting point the model repaints
+    fully), and a mask that is white over the border plus `overlap` pixels into the image, so the
+    seam is repainted too."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(image.convert("RGB"))  # (H, W, 3)
+    l, r, t, b = pads["left"], pads["right"], pads["top"], pads["bottom"]
+    canvas = cv2.copyMakeBorder(arr, t, b, l, r, cv2.BORDER_REPLICATE)  # (H+t+b, W+l+r, 3)
+    H, W = canvas.shape[:2]
+    k = max(3, (max(l, r, t, b) // 2) | 1)  # odd kernel, about half the widest pad
+    blurred = cv2.GaussianBlur(canvas, (k, k), 0)
+    inside = np.zeros((H, W), dtype=bool)
+    inside[t:t + arr.shape[0], l:l + arr.shape[1]] = True
+    canvas = np.where(inside[..., None], canvas, blurred)
+    mask = np.full((H, W), 255, dtype=np.uint8)
+    y0, y1 = t + (overlap if t else 0), t + arr.shape[0] - (overlap if b else 0)
+    x0, x1 = l + (overlap if l else 0), l + arr.shape[1] - (overlap if r else 0)
+    mask[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 0  # keep the image, minus the overlap band
+    return Image.fromarray(canvas), Image.fromarray(mask)
+
+
+# ----------------------------------------------------------------------------- loading helpers
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """While loading: no diffusers/transformers progress bars or info/warning lines (studio shows
+    its own "loading" line; their bars and dtype notices would interleave with it on stderr)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = (dlog.get_verbosity(), tlog.get_verbosity())
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+
+
+def _load_kwargs(spec: Any, device: Any, config: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {"dtype": device.dtype, **spec.load_kwargs(library="diffusers")}
+    if "safety_checker" in config:
+        # A1111/ComfyUI run without it; loading it costs a second CLIP model
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return kwargs
+
+
+def _load_pretrained(spec: Any, device: Any, notes: list[str]) -> Any:
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+    location = spec.location()
+    extra = {"revision": spec.revision} if spec.revision and spec.kind == "hub" and not spec.offline else {}
+    try:
+        config = DiffusionPipeline.load_config(location, **extra)
+    except Exception as exc:
+        if spec.kind == "folder" and not (Path(location) / "model_index.json").exists():
+            raise UsageError(f"{spec.source} is not a diffusers pipeline folder (no model_index.json)",
+                             "pass a folder saved with save_pretrained, a hub id, or a single .safetensors file") from exc
+        raise
+    return AutoPipelineForText2Image.from_pretrained(location, **_load_kwargs(spec, device, config))
+
+
+class _LazyCheckpoint(dict):
+    """Key names of a .safetensors file, tensors read only when asked: enough for diffusers'
+    model-type detection without reading gigabytes twice."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self._file = safe_open(path, framework="pt")
+        super().__init__({k: None for k in self._file.keys()})
+
+    def __getitem__(self, key: str) -> Any:
+        if dict.__getitem__(self, key) is None:
+            dict.__setitem__(self, key, self._file.get_tensor(key))
+        return dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+
+# single-file model types -> the diffusers pipeline class that reads them
+_SINGLE_FILE_CLASSES = {
+    "v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
+    "xl_base": "StableDiffusionXLPipeline", "playground-v2-5": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline", "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline",
+    "flux-dev": "FluxPipeline", "flux-schnell": "FluxPipeline",
+}
+
+
+def _load_single_file(spec: Any, device: Any, notes: list[str]) -> Any:
+    """One .safetensors checkpoint (A1111/Civitai style) through diffusers' from_single_file.
+
+    The checkpoint holds weights only; the component configs come from, in order: the model
+    card's `components: {config: FOLDER_OR_HUB_ID}`, a diffusers folder (model_index.json) the
+    file sits in, or diffusers' default repo for the detected type (which must be in the HF cache
+    when offline)."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    path = Path(spec.source)
+    if path.suffix != ".safetensors" and not spec.allow_pickle:
+        raise UsageError(f"{path.name} is a pickle checkpoint", "convert it to .safetensors or pass --allow-pickle")
+    try:
+        model_type = infer_diffusers_model_type(_LazyCheckpoint(str(path))) if path.suffix == ".safetensors" else "v1"
+    except Exception as exc:
+        raise UsageError(f"{path.name} is not a readable .safetensors checkpoint ({type(exc).__name__})",
+                         "check the file (an interrupted download?)") from exc
+    class_name = _SINGLE_FILE_CLASSES.get(model_type)
+    if class_name is None:
+        raise UsageError(f"{path.name} is a {model_type} checkpoint, not a text-to-image model studio loads from one file",
+                         "use a diffusers folder or hub id for this model")
+    config = ((spec.card or {}).get("components") or {}).get("config")
+    if config is None and (path.parent / "model_index.json").exists():
+        config = str(path.parent)
+    kwargs: dict[str, Any] = {"torch_dtype": device.dtype}
+    if config:
+        kwargs["config"] = config
+        notes.append(f"single-file checkpoint: configs from {config}")
+    if spec.offline:
+        kwargs["local_files_only"] = True
+    cls = getattr(diffusers, class_name)
+    if class_name.startswith("StableDiffusion") and "3" not in class_name and "XL" not in class_name:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_single_file(str(path), **kwargs)
+    except Exception as exc:
+        if not config and ("offline" in str(exc).lower() or "local" in str(exc).lower() or "connect" in str(exc).lower()):
+            raise UsageError(f"{path.name} needs its base model's configs, which are not in the local cache",
+                             "run once with network access, or write a model card with `components: {config: FOLDER}`") from exc
+        raise
+    text2img = diffusers.AutoPipelineForText2Image.from_pipe(pipe)
+    return text2img
+
+
+# ----------------------------------------------------------------------------- tiny models
+_TINY_WORDS = ("a an the of on in at with and by to cat dog fox bird horse red blue green yellow black white "
+               "photo painting portrait drawing lighthouse dusk sea sky tree forest house car man woman girl boy "
+               "mountain river city street night day sun moon hat garden flower castle robot astronaut cup").split()
+
+
+def tiny_tokenizer() -> Any:
+    """A real CLIPTokenizer with a tiny byte-level BPE (every byte, plus merges for common prompt
+    words so attention maps and weighting tests have whole-word tokens); about 700 tokens."""
+    from transformers import CLIPTokenizer
+
+    # GPT-2/CLIP's byte -> printable unicode table (the BPE works on these characters)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _TINY_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _tiny_text_encoder(projection: bool = False, hidden: int = 32) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _tiny_vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    # four levels, so the VAE downscales by 8 like the real ones (sizes must be multiples of 8)
+    return AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=4, sample_size=64)
+
+
+def _tiny_scheduler() -> Any:
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  steps_offset=1, timestep_spacing="leading")
+
+
+def _tiny_sd_unet() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=(2, 4), norm_num_groups=8)
+
+
+def tiny_sd_pipeline(seed: int = 0) -> Any:
+    """The tiny SD 1.x pipeline, in memory (64x64 by default, sizes in steps of 8)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    unet = _tiny_sd_unet()
+    vae = _tiny_vae()
+    text_encoder = _tiny_text_encoder()
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet,
+                                   scheduler=_tiny_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def make_tiny_sd(out: Path, seed: int = 0) -> None:
+    """A tiny random Stable Diffusion 1.x (real UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+    CLIPTokenizer), saved with save_pretrained; plus the same weights as one A1111-layout
+    `tiny-sd.safetensors` checkpoint for the from_single_file path."""
+    pipe = tiny_sd_pipeline(seed)
+    pipe.save_pretrained(out, safe_serialization=True)
+    save_single_file(pipe, Path(out) / "tiny-sd.safetensors")
+
+
+def make_tiny_sdxl(out: Path, seed: int = 0) -> None:
+    """A tiny random SDXL (two CLIP text encoders, text_time conditioning), 64x64 by default."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                transformer_layers_per_block=(1, 1),
+                                projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size/crop ids * 8 + pooled 32
+                                cross_attention_dim=64, norm_num_groups=8)  # 32 + 32 from the two encoders
+    pipe = StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=_tiny_text_encoder(),
+                                     text_encoder_2=_tiny_text_encoder(projection=True), tokenizer=tiny_tokenizer(),
+                                     tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=_tiny_scheduler(),
+                                     force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def make_tiny_controlnet(out: Path, seed: int = 0) -> None:
+    """A tiny random ControlNetModel that fits the tiny SD (`make-tiny sd`). Its zero convolutions
+    get small random weights so the control map visibly steers the tiny model."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed + 1)
+    controlnet = ControlNetModel(block_out_channels=(16, 32), layers_per_block=1, in_channels=4,
+                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
+                                 attention_head_dim=(2, 4), norm_num_groups=8,
+                                 conditioning_embedding_out_channels=(8, 8, 16, 16))  # 3 stride-2 convs: /8 like the VAE
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            torch.nn.init.normal_(module.weight, std=0.5)
+            torch.nn.init.normal_(module.bias, std=0.5)
+    controlnet.save_pretrained(out, safe_serialization=True)
+
+
+def make_tiny_lora(out: Path, seed: int = 0) -> None:
+    """A tiny random LoRA for the tiny SD, on the UNet's attention and the text encoder's
+    attention (as kohya/A1111 LoRAs are), saved with save_lora_weights as
+    pytorch_lora_weights.safetensors. The text encoder's adapter is injected with peft directly:
+    transformers 5's `add_adapter` insists on peft >= 0.22."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed + 2)
+    unet, text_encoder = _tiny_sd_unet(), _tiny_text_encoder()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    text_encoder = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                                      target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
+                                           text_encoder)
+    StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)),
+        safe_serialization=True)
+
+
+# ----------------------------------------------------------------------------- single-file export
+def _ldm_unet_names(config: Any) -> dict[str, str]:
+    """diffusers UNet key prefix -> original (LDM) prefix, for any number of levels and layers.
+    The inverse of diffusers' convert_ldm_unet_checkpoint; the layout follows diffusers'
+    scripts/convert_diffusers_to_original_stable_diffusion.py (Apache-2.0), generalised from
+    SD's fixed 4 levels x 2 layers to the config's."""
+    names = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+             "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+    levels, layers = len(config.block_out_channels), config.layers_per_block
+    down_attn = ["CrossAttn" in t for t in config.down_block_types]
+    up_attn = ["CrossAttn" in t for t in config.up_block_types]
+    for i in range(levels):
+        for j in range(layers):
+            k = 1 + i * (layers + 1) + j
+            names[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{k}.0."
+            if down_attn[i]:
+                names[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{k}.1."
+        if i < levels - 1:
+            names[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(i + 1) * (layers + 1)}.0.op."
+        for j in range(layers + 1):
+            k = i * (layers + 1) + j
+            names[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{k}.0."
+            if up_attn[i]:
+                names[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{k}.1."
+        if i < levels - 1:
+            names[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{i * (layers + 1) + layers}.{2 if up_attn[i] else 1}."
+    names["mid_block.attentions.0."] = "middle_block.1."
+    for j in range(2):
+        names[f"mid_block.resnets.{j}."] = f"middle_block.{2 * j}."
+    return names
+
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTN = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+
+
+def _to_ldm(sd: dict[str, Any], names: dict[str, str], prefix: str, renames: dict[str, str]) -> dict[str, Any]:
+    out = {}
+    for key, value in sd.items():
+        new = key
+        for hf, ldm in sorted(names.items(), key=lambda kv: -len(kv[0])):
+            if key.startswith(hf):
+                rest = key[len(hf):]
+                for a, b in renames.items():
+                    if rest.startswith(a):
+                        rest = b + rest[len(a):]
+                        break
+                new = ldm + rest
+                break
+        out[prefix + new] = value
+    return out
+
+
+def save_single_file(pipe: Any, path: Path) -> None:
+    """Write an SD 1.x diffusers pipeline as one original-layout (A1111/LDM) .safetensors file, the
+    format `from_single_file` reads. Used for the tiny model, so that path is tested end to end."""
+    from safetensors.torch import save_file
+
+    from studio.outputs import atomic_path
+
+    unet = pipe.unet.state_dict()
+    unet_names = _ldm_unet_names(pipe.unet.config)
+    resnet_keys = {k for k in unet_names if ".resnets." in k}
+    ckpt: dict[str, Any] = {}
+    for key, value in unet.items():
+        prefix = next((p for p in sorted(unet_names, key=len, reverse=True) if key.startswith(p)), None)
+        renames = _RESNET if prefix in resnet_keys else {}
+        ckpt.update(_to_ldm({key: value}, unet_names, "model.diffusion_model.", renames))
+
+    vae_cfg = pipe.vae.config
+    levels = len(vae_cfg.block_out_channels)
+    vae_names = {"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out.",
+                 "encoder.mid_block.attentions.0.": "encoder.mid.attn_1.", "decoder.mid_block.attentions.0.": "decoder.mid.attn_1."}
+    for part in ("encoder", "decoder"):
+        for j in range(2):
+            vae_names[f"{part}.mid_block.resnets.{j}."] = f"{part}.mid.block_{j + 1}."
+    for i in range(levels):
+        for j in range(vae_cfg.layers_per_block):
+            vae_names[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+        if i < levels - 1:
+            vae_names[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+        for j in range(vae_cfg.layers_per_block + 1):
+            vae_names[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{levels - 1 - i}.block.{j}."
+        if i < levels - 1:
+            vae_names[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{levels - 1 - i}.upsample."
+    for key, value in pipe.vae.state_dict().items():
+        renames = _VAE_ATTN if ".attentions." in key else _VAE_RESNET
+        if ".attentions." in key and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        ckpt.update(_to_ldm({key: value}, vae_names, "first_stage_model.", renames))
+
+    for key, value in pipe.text_encoder.state_dict().items():
+        key = key if key.startswith("text_model.") else "text_model." + key
+        ckpt["cond_stage_model.transformer." + key] = value
+    ckpt = {k: v.contiguous() for k, v in ckpt.items()}
+    with atomic_path(Path(path)) as tmp:
+        save_file(ckpt, str(tmp))
