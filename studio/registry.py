@@ -25,15 +25,22 @@ BUILTIN_TASKS: dict[str, str] = {
 }
 
 
+_ENTRY_POINT_TASKS: list[tuple[str, str]] = []  # read once per process: scanning every
+_SCANNED: list[bool] = []  # installed package's metadata costs ~0.1 s, on every Engine.run
+
+
 def tasks() -> dict[str, str]:
     found = dict(BUILTIN_TASKS)
-    try:
-        from importlib.metadata import entry_points
+    if not _SCANNED:
+        try:
+            from importlib.metadata import entry_points
 
-        for ep in entry_points(group="studio.tasks"):
-            found.setdefault(ep.name, ep.value)
-    except Exception:  # broken third-party metadata must not break studio
-        pass
+            _ENTRY_POINT_TASKS.extend((ep.name, ep.value) for ep in entry_points(group="studio.tasks"))
+        except Exception:  # broken third-party metadata must not break studio
+            pass
+        _SCANNED.append(True)
+    for name, value in _ENTRY_POINT_TASKS:
+        found.setdefault(name, value)
     return found
 
 
