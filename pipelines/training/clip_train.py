@@ -21,8 +21,10 @@ What is written here is what open_clip (the library) leaves to its separate trai
   safetensors} (optimizer, scheduler, scaler, RNG, step, data position): no pickle anywhere.
 
 Distributed: launch the same command with `torchrun --nproc-per-node N -m studio clip train ...`
-or `accelerate launch -m studio clip train ...`; each process reads RANK/WORLD_SIZE/LOCAL_RANK
-from the environment both launchers set. `--batch-size` is per process (open_clip's
+(CPU with gloo, or GPUs with NCCL), or on GPUs `accelerate launch --multi_gpu --num_processes N
+-m studio clip train ...`, which runs torch's launcher; each process reads RANK / WORLD_SIZE /
+LOCAL_RANK from the environment these launchers set. (`accelerate launch --cpu` starts a single
+process unless accelerate is configured for multi-CPU/MPI: use torchrun on CPUs.) `--batch-size` is per process (open_clip's
 convention), so the global batch is batch_size x processes x accum.
 """
 

@@ -106,8 +106,8 @@ def train(
 ) -> None:
     """Train or fine-tune a CLIP model contrastively (InfoNCE), resumable, on one or many processes.
 
-    Several processes: `torchrun --nproc-per-node N -m studio clip train ...` (or `accelerate launch -m studio clip
-    train ...`); --batch-size is per process.
+    Several processes: `torchrun --nproc-per-node N -m studio clip train ...` (CPU or GPU), or on GPUs
+    `accelerate launch --multi_gpu --num_processes N -m studio clip train ...`; --batch-size is per process.
     """
     _setup(debug, offline)
     from pipelines.training.clip_train import TrainConfig
