@@ -220,7 +220,10 @@ def test_saved_animatediff_pipeline_folder_loads(ad, tmp_path):
 def test_prompt_travel_changes_later_frames(cli, ad, tmp_path):
     common = {"model": str(ad), "frames": 8, "steps": 2, "guidance": 1.0, "seed": 2}
     still = engine_run({**common, "prompt": "a calm sea", "prompt_map": "0:a calm sea"})[0]
-    travel = engine_run({**common, "prompt": "a calm sea", "prompt_map": "0:a calm sea,6:a stormy sea at night"})[0]
+    # the keyframes come from a preset file, as a YAML mapping
+    preset = tmp_path / "travel.yaml"
+    preset.write_text('task: video\nprompt_map:\n  0: a calm sea\n  6: a stormy sea at night\n')
+    travel = engine_run({**common, "prompt": "a calm sea"}, preset=str(preset))[0]
     assert travel.extra["video"]["free_noise"] == {"context_length": 8, "context_stride": 4, "prompt_travel": True}
     assert travel.params["prompt_map"] == {0: "a calm sea", 6: "a stormy sea at night"}
     diff = np.abs(arrays(still) - arrays(travel)).mean(axis=(1, 2, 3))  # per frame
