@@ -274,12 +274,13 @@ class _VisionLanguage:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}", "pass --batch-size 8")
 
     @staticmethod
-    def _all_failed(errors: dict[int, InputFileError], total: int) -> None:
+    def _all_failed(errors: dict[int, InputFileError], total: int, images: Sequence[str]) -> None:
         """One bad file on its own is bad input (exit 2); a few among many are reported per file."""
         if errors and len(errors) == total:
-            if total == 1:
+            count = len(set(images))
+            if count == 1:
                 raise errors[0]
-            raise InputFileError(f"none of the {total} images could be read (first: {errors[0].message})",
+            raise InputFileError(f"none of the {count} images could be read (first: {errors[0].message})",
                                  "pass PNG, JPEG or WebP files")
 
 
@@ -339,7 +340,7 @@ class Captioner(_VisionLanguage):
         # 4. generate captions (unreadable files are recorded, not raised)
         captions, seconds, errors = self._run_batches(batches, len(order), "caption", request.max_tokens,
                                                       request.beams, progress, "captioning", after)
-        self._all_failed(errors, len(order))
+        self._all_failed(errors, len(order), request.images)
 
         # 5. Results in input order; each one's params replay that image alone
         base = {k: v for k, v in asdict(request).items() if k != "images"}
@@ -416,7 +417,7 @@ class VQA(_VisionLanguage):
         # 3. answer (output position = image-major: image 0's questions, then image 1's, ...)
         answers, seconds, errors = self._run_batches(batches(), total, "vqa", request.max_tokens, request.beams,
                                                      progress, "answering")
-        self._all_failed(errors, total)
+        self._all_failed(errors, total, request.images)
 
         # 4. Results: one per (image, question)
         base = {k: v for k, v in asdict(request).items() if k not in ("images", "questions")}
@@ -473,10 +474,9 @@ def resolve_clip(name: str | None, like: models.ModelSpec) -> Any:
     try:
         return clip_source(name, allow_pickle=like.allow_pickle, offline=like.offline or None)
     except UsageError as exc:
-        if name == "auto":
-            raise type(exc)(f"--interrogate needs a CLIP model and none is set up: {exc.message}",
-                            "pass --clip-model (an open_clip folder, or a hub id such as "
-                            "laion/CLIP-ViT-B-32-laion2B-s34B-b79K)") from exc
+        if name == "auto":  # the user never named a CLIP model: say which flag picks one
+            raise type(exc)(f"--interrogate: {exc.message}",
+                            f"{exc.hint}; or pass --clip-model (an open_clip folder or hub id)") from exc
         raise
 
 
@@ -676,5 +676,29 @@ def make_tiny_vlm(out: Path, seed: int = 0) -> None:
                                                                   crop_size={"height": 32, "width": 32}),
                                tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
                                chat_template=_LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def make_tiny_git(out: Path, seed: int = 0) -> None:
+    """A tiny random GIT (GitForCausalLM: CLIP vision encoder + BERT-style causal decoder) with a
+    GitProcessor; GIT prompts differ from BLIP's ([CLS] + text, no [SEP]), so it gets its own test."""
+    import torch
+    from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    tokenizer = _tiny_bert_tokenizer()
+    vocab = tokenizer.get_vocab()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, projection_dim=32)
+    config = GitConfig(vision_config=vision, vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                       bos_token_id=vocab["[CLS]"], eos_token_id=vocab["[SEP]"], pad_token_id=vocab["[PAD]"],
+                       initializer_range=0.2)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GitForCausalLM(config).eval()
+    processor = GitProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                crop_size={"height": 32, "width": 32}),
+                             tokenizer=tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)

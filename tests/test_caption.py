@@ -267,3 +267,36 @@ def test_eval_caption_scores_a_folder_against_its_sidecars(cli, tiny, photos):
     paths[0].with_suffix(".txt").write_text("a completely different reference\n")
     worse = json.loads(cli("eval", "caption", "--data", folder, "--model", model, "--max-tokens", "6").stdout)
     assert worse["exact_match"] == pytest.approx(2 / 3) and worse["bleu_4"] < 1.0
+
+
+# --------------------------------------------------------------------------- prompt styles
+def test_prefix_models_continue_the_prompt_and_vqa_answers_leave_the_question_out(tiny, photos, tmp_path):
+    from pipelines.caption import make_tiny_git
+
+    _, paths = photos
+    images = [str(p) for p in paths[:3]]
+    st = Studio(device="cpu")
+    # BLIP: --prompt is the start of the caption (the model's documented conditional captioning)
+    blip = st.run("caption", images=images[:1], model=str(tiny("blip-caption")), prompt="a photo of",
+                  max_tokens=4, write=False)
+    assert blip[0].value.startswith("a photo of ")
+    # GIT: [CLS] + prompt, continued; batched captions equal one-at-a-time ones
+    git = tmp_path / "git"
+    git.mkdir()
+    make_tiny_git(git)
+    batch = st.run("caption", images=images, model=str(git), prompt="a photo of", max_tokens=4, batch_size=3, write=False)
+    assert all(r.value.startswith("a photo of ") for r in batch)
+    assert [r.value for r in batch] == [caption_alone(git, p, prompt="a photo of", max_tokens=4) for p in images]
+    answers = st.run("vqa", images=images[:2], questions=["what colour is it", "how many"], model=str(git),
+                     max_tokens=4, write=False)
+    assert [(r.extra["image"], r.extra["question"]) for r in answers] == [
+        (images[0], "what colour is it"), (images[0], "how many"), (images[1], "what colour is it"), (images[1], "how many")]
+    assert all(r.value and not r.value.startswith(r.extra["question"]) for r in answers)
+
+
+def test_two_photos_that_would_share_a_sidecar_are_refused_before_any_work(cli, tiny, photos):
+    folder, paths = photos
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(folder / "p0.jpg")
+    result = cli("caption", paths[0], folder / "p0.jpg", "--sidecar", "--model", tiny("blip-caption"))
+    assert result.exit_code == 2 and "p0.txt" in result.stderr
+    assert not paths[0].with_suffix(".txt").exists()

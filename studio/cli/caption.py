@@ -156,15 +156,15 @@ def caption(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="alias, hub id or folder (default: the caption default, blip-base)", rich_help_panel=_P)] = None,
     prompt: Annotated[Optional[str], typer.Option(help="BLIP/GIT: text the caption starts with; chat VLMs: the instruction; Florence-2: a task token", rich_help_panel=_P)] = None,
     question: Annotated[Optional[list[str]], typer.Option("--question", help="ask this of every image instead of captioning (repeatable)", rich_help_panel=_P, show_default=False)] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="most new tokens per caption [default: 30]", rich_help_panel=_P, show_default=False)] = None,
-    beams: Annotated[Optional[int], typer.Option(help="beam search width, 1 = greedy [default: model card's, else 1]", rich_help_panel=_P, show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="images per forward pass [default: 8]", rich_help_panel=_P, show_default=False)] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="most new tokens per caption (default: 30)", rich_help_panel=_P, show_default=False)] = None,
+    beams: Annotated[Optional[int], typer.Option(help="beam search width, 1 = greedy (default: model card's, else 1)", rich_help_panel=_P, show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="images per forward pass (default: 8)", rich_help_panel=_P, show_default=False)] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="walk folders recursively", rich_help_panel=_P)] = False,
     interrogate: Annotated[bool, typer.Option("--interrogate", help="append the tags CLIP ranks best (a prompt for text-to-image)", rich_help_panel=_I)] = False,
-    tags: Annotated[Optional[str], typer.Option(help="tag vocabulary: a file (one tag a line) or a built-in list: mediums, styles, lighting, colours, subjects [default: all]", rich_help_panel=_I, show_default=False)] = None,
+    tags: Annotated[Optional[str], typer.Option(help="tag vocabulary: a file (one tag a line) or a built-in list: mediums, styles, lighting, colours, subjects (default: all)", rich_help_panel=_I, show_default=False)] = None,
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="open_clip model for --interrogate: alias, hf-hub:ID / ID, folder, or ARCH@TAG", rich_help_panel=_I, show_default=False)] = None,
-    top_tags: Annotated[Optional[int], typer.Option("--top-tags", help="tags appended by --interrogate [default: 6]", rich_help_panel=_I, show_default=False)] = None,
-    format: Annotated[Optional[str], typer.Option("--format", "-f", help="table|txt|jsonl|csv [default: table on a terminal, else txt; from --out's suffix]", rich_help_panel=_O, show_default=False)] = None,
+    top_tags: Annotated[Optional[int], typer.Option("--top-tags", help="tags appended by --interrogate (default: 6)", rich_help_panel=_I, show_default=False)] = None,
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="table|txt|jsonl|csv (default: table on a terminal, else txt; from --out's suffix)", rich_help_panel=_O, show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the captions to this file instead of stdout", rich_help_panel=_O, show_default=False)] = None,
     sidecar: Annotated[bool, typer.Option("--sidecar", help="write photo.txt beside each photo.jpg (for LoRA training sets)", rich_help_panel=_O)] = False,
     sidecar_ext: Annotated[str, typer.Option("--sidecar-ext", help="sidecar suffix (kohya also reads .caption)", rich_help_panel=_O)] = "txt",
@@ -189,6 +189,13 @@ def caption(
         return _answer(images, list(question), model, max_tokens, beams, batch_size, fmt, out, overwrite, opts)
 
     ext = "." + sidecar_ext.lstrip(".")
+    if sidecar:
+        seen: dict[Path, str] = {}
+        for p in images:
+            other = seen.setdefault(Path(p).with_suffix(ext), p)
+            if other != p:  # photo.jpg and photo.png would both claim photo.txt
+                raise UsageError(f"{other} and {p} would share the caption file {Path(p).with_suffix(ext)}",
+                                 "rename one of them, or caption them without --sidecar")
     if sidecar and not overwrite:
         # never replace a caption someone wrote; skipping them also makes a rerun resume a folder
         have = [p for p in images if Path(p).with_suffix(ext).exists()]
@@ -245,10 +252,10 @@ def vqa(
     image: Annotated[Path, typer.Argument(help="an image file (use `caption DIR --question Q` for folders)", show_default=False)],
     questions: Annotated[list[str], typer.Argument(help="one or more questions", show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="alias, hub id or folder (default: the vqa default, blip-vqa)")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="most new tokens per answer [default: 20]", show_default=False)] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="most new tokens per answer (default: 20)", show_default=False)] = None,
     beams: Annotated[Optional[int], typer.Option(help="beam search width, 1 = greedy", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="pairs per forward pass [default: 8]", show_default=False)] = None,
-    format: Annotated[Optional[str], typer.Option("--format", "-f", help="table|txt|jsonl|csv [default: table on a terminal, else txt]", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="pairs per forward pass (default: 8)", show_default=False)] = None,
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="table|txt|jsonl|csv (default: table on a terminal, else txt)", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the answers to this file instead of stdout", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out file")] = False,
     opts: Globals = None,
