@@ -32,6 +32,9 @@ KINDS: dict[str, str] = {
     # video
     "animatediff": "pipelines.video:make_tiny_animatediff",
     "t2v": "pipelines.video:make_tiny_t2v",
+    "svd": "pipelines.video:make_tiny_svd",
+    "ltx": "pipelines.video:make_tiny_ltx",
+    "wan": "pipelines.video:make_tiny_wan",
     # code
     "code-lm": "pipelines.code:make_tiny_code_lm",
 }
