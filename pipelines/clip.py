@@ -153,8 +153,11 @@ def _from_spec(spec: Any, pretrained: str | None, allow_pickle: bool) -> ClipSou
     else:
         from huggingface_hub import snapshot_download
 
-        patterns = [CONFIG_NAME, "*.safetensors", "tokenizer*", "*.txt", "special_tokens_map.json", "vocab.json",
-                    "merges.txt"] + (["*.bin"] if allow_pickle else [])
+        # only open_clip's files: laion repos also hold a transformers copy of the weights
+        patterns = list(spec.card.get("files") or [CONFIG_NAME, WEIGHTS_NAME, "open_clip_pytorch_model.safetensors",
+                                                   "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt"])
+        if allow_pickle:
+            patterns.append("open_clip_pytorch_model.bin")
         try:
             folder = Path(snapshot_download(spec.source, revision=spec.revision, allow_patterns=patterns))
         except Exception as exc:
