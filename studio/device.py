@@ -329,7 +329,8 @@ class DeviceManager:
         if r.attention in ("xformers", "sliced"):
             raise BackendUnavailable(f"--attention {r.attention} applies to diffusers pipelines only",
                                      "use --attention sdpa, flash or math for this model")
-        if hasattr(model, "set_attn_implementation") and r.attention in ("sdpa", "flash", "math"):
+        if (hasattr(model, "set_attn_implementation") and r.attention in ("sdpa", "flash", "math")
+                and getattr(model, "_supports_sdpa", False)):
             # transformers models: keep SDPA (flash/math pick the kernel through attention_context)
             try:
                 model.set_attn_implementation("sdpa")

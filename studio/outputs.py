@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -55,13 +56,19 @@ def slugify(text: str, limit: int = 40) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    return dict(_library_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> tuple[tuple[str, str], ...]:
+    # once per process: each lookup scans site-packages (~0.1 s), twice per output written
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
     for name in ("studio", "torch", "diffusers", "transformers", "accelerate", "peft", "open_clip_torch", "miditok"):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
-    return out
+    return tuple(out.items())
 
 
 def a1111_parameters(params: dict[str, Any], model_name: str | None) -> str:
@@ -111,12 +118,16 @@ def atomic_path(final: Path, *, overwrite: bool = False, is_dir: bool = False) -
     """Yield a temp path in final's folder; on success move it to `final` without clobbering
     (unless overwrite). On any error the temp is removed and `final` is untouched."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~umask)
     else:
         fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the user's usual mode
     try:
         yield tmp
         if is_dir:

@@ -23,6 +23,7 @@ KINDS: dict[str, str] = {
     "blip-caption": "pipelines.caption:make_tiny_blip_caption",
     "blip-vqa": "pipelines.caption:make_tiny_blip_vqa",
     "vlm": "pipelines.caption:make_tiny_vlm",
+    "git": "pipelines.caption:make_tiny_git",
     # clip (pipelines/clip.py)
     "clip": "pipelines.clip:make_tiny_clip",
     # music
