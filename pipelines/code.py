@@ -78,6 +78,7 @@ class CodeRequest:
     memory_mb: int = 512  # memory limit of the sandbox, MiB
     stream: bool = False  # stream tokens to stdout as they come (the CLI sets it for one sample)
     seed: int | None = None  # sampling seed (recorded in the output)
+    adapters: tuple[str, ...] = ()  # peft adapters, "PATH[:SCALE]" each (`studio adapt train --task code`)
 
 
 # ----------------------------------------------------------------------------- FIM styles
@@ -483,8 +484,12 @@ class CodeGenerator:
 
     # ------------------------------------------------------------------ run
     def run(self, request: CodeRequest, progress: Any) -> list[Result]:
-        # 1. check inputs
+        # 1. check inputs; exactly the requested adapters active (none: the base model, bit for bit)
         self.check_inputs(request)
+        from adapters.peft_adapters import adapter_records, apply_adapters
+
+        apply_adapters(self.model, tuple(request.adapters or ()), base_label=self.spec.alias or self.spec.name,
+                       allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
         stops = tuple(request.stop or ())
         mode = "infill" if (request.infill is not None or request.prefix is not None or request.suffix is not None) \
             else "chat" if (self.chat and not request.raw) else "completion"
@@ -557,6 +562,8 @@ class CodeGenerator:
                 extra["fim"] = self.fim.name
             if request.context is not None:
                 extra["context"] = [s.listing() for s in snippets]
+            if request.adapters:
+                extra["adapters"] = adapter_records(self.model)
             if selection is not None:
                 extra["selection"] = selection.to_dict()
                 extra["sandbox"] = selection.isolation

@@ -340,4 +340,4 @@ def test_code_request_parameters_are_explicit():
     assert [f.name for f in dataclasses.fields(CodeRequest)] == [
         "prompt", "instruction", "model", "max_tokens", "temperature", "top_p", "stop", "system", "lang", "raw",
         "infill", "at", "prefix", "suffix", "context", "context_tokens", "samples", "tests", "timeout", "memory_mb",
-        "stream", "seed"]
+        "stream", "seed", "adapters"]

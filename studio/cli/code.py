@@ -83,6 +83,7 @@ def code(
     tests: Annotated[Optional[Path], typer.Option(help="Python tests (test_* functions / asserts) the candidates run against, in a sandbox", rich_help_panel=_SEL, show_default=False)] = None,
     timeout: Annotated[Optional[float], typer.Option(help="seconds each candidate may run (default 10)", rich_help_panel=_SEL, show_default=False)] = None,
     memory: Annotated[Optional[int], typer.Option("--memory", help="sandbox memory limit in MiB (default 512)", rich_help_panel=_SEL, show_default=False)] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="peft adapter PATH\\[:SCALE] from `studio adapt train --task code`, repeatable", rich_help_panel=_GEN, show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="let --out FILE replace an existing file")] = False,
     opts: Globals = None,
 ) -> None:
@@ -114,7 +115,7 @@ def code(
         "infill": str(infill) if infill is not None else None, "at": at, "prefix": prefix, "suffix": suffix,
         "context": str(context) if context is not None else None, "context_tokens": context_tokens,
         "samples": samples, "tests": str(tests) if tests is not None else None, "timeout": timeout,
-        "memory_mb": memory, "stream": stream, "seed": opts.seed,
+        "memory_mb": memory, "stream": stream, "seed": opts.seed, "adapters": tuple(lora) if lora else None,
     }
     options = opts.run_options("code", write=opts.out is not None and out_file is None, overwrite=overwrite)
     quiet = opts.quiet or opts.json
