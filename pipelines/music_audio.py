@@ -430,14 +430,17 @@ def make_tiny_musicgen(out: Path, seed: int = 0) -> None:
     tokenizer = _tiny_t5_tokenizer()
     cfg = _tiny_configs(tokenizer, melody=False)
     torch.manual_seed(seed)
-    config = MusicgenConfig(text_encoder=cfg["text"], audio_encoder=cfg["audio"], decoder=MusicgenDecoderConfig(**cfg["decoder"]))
-    model = MusicgenForConditionalGeneration(config)
+    with quiet_transformers():  # MusicGen's pad id (= codebook size) is outside the code vocabulary by design
+        config = MusicgenConfig(text_encoder=cfg["text"], audio_encoder=cfg["audio"],
+                                decoder=MusicgenDecoderConfig(**cfg["decoder"]))
+        model = MusicgenForConditionalGeneration(config)
     _widen_init(model)
     model.generation_config.decoder_start_token_id = 64
     model.generation_config.pad_token_id = 64
     model.generation_config.do_sample = True
     model.generation_config.guidance_scale = 3.0
-    model.save_pretrained(out)
+    with quiet_transformers():
+        model.save_pretrained(out)
     processor = MusicgenProcessor(feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=2000),
                                   tokenizer=tokenizer)
     processor.save_pretrained(out)
@@ -453,13 +456,15 @@ def make_tiny_musicgen_melody(out: Path, seed: int = 0) -> None:
     tokenizer = _tiny_t5_tokenizer()
     cfg = _tiny_configs(tokenizer, melody=True)
     torch.manual_seed(seed)
-    config = MusicgenMelodyConfig(text_encoder=cfg["text"], audio_encoder=cfg["audio"],
-                                  decoder=MusicgenMelodyDecoderConfig(**cfg["decoder"]), num_chroma=12, chroma_length=16)
-    model = MusicgenMelodyForConditionalGeneration(config)
+    with quiet_transformers():
+        config = MusicgenMelodyConfig(text_encoder=cfg["text"], audio_encoder=cfg["audio"],
+                                      decoder=MusicgenMelodyDecoderConfig(**cfg["decoder"]), num_chroma=12, chroma_length=16)
+        model = MusicgenMelodyForConditionalGeneration(config)
     _widen_init(model)
     model.generation_config.decoder_start_token_id = 64
     model.generation_config.pad_token_id = 64
-    model.save_pretrained(out)
+    with quiet_transformers():
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     features = {"feature_extractor_type": "MusicgenMelodyFeatureExtractor", "processor_class": "MusicgenMelodyProcessor",
                 "feature_size": 12, "sampling_rate": 2000, "hop_length": 256, "n_fft": 512, "chunk_length": 2,

@@ -553,6 +553,10 @@ class MidiGenerator:
             self._primer_ids(request.primer)
 
     def _primer_ids(self, path: str) -> list[int]:
+        return self._read_primer(path)[0]
+
+    def _read_primer(self, path: str) -> tuple[list[int], float | None]:
+        """(REMI ids of the primer, its opening tempo in BPM if it has one)."""
         from symusic import Score
 
         p = Path(path).expanduser()
@@ -567,7 +571,8 @@ class MidiGenerator:
                                  "pass a standard MIDI file (.mid)") from exc
         if isinstance(seq, list):  # tokenizers with one sequence per track
             seq = seq[0] if seq else None
-        return list(seq.ids) if seq is not None else []
+        tempo = float(score.tempos[0].qpm) if len(score.tempos) and score.tempos[0].time == 0 else None
+        return (list(seq.ids) if seq is not None else []), tempo
 
     # -- 2-4. generate, decode, results
     def run(self, request: MidiRequest, progress: Any) -> list[Result]:
@@ -575,7 +580,7 @@ class MidiGenerator:
 
         # 1. check inputs and resolve the controls
         ctl = self._resolve(request)
-        primer = self._primer_ids(request.primer) if request.primer else []
+        primer, primer_tempo = self._read_primer(request.primer) if request.primer else ([], None)
         primer_bars = sum(1 for t in primer if t == self.vocab.bar)
         scale = ctl["key"][2] if ctl["key"] else None
         controls = Controls(
@@ -599,7 +604,7 @@ class MidiGenerator:
             ids = self._generate(prompt, constraint, request, seed)
             handle.finish()
             # 3. decode tokens -> MIDI, then write the controls the tokens cannot hold exactly
-            midi = self._decode(ids, ctl, request)
+            midi = self._decode(ids, ctl, request, primer_tempo)
             chords_per_bar = [ctl["chords"][(b % len(ctl["chords"]))][0] for b in range(ctl["bars"])] if ctl["chords"] else None
             extra = {"music": {"tokens": len(ids), "new_tokens": len(ids) - len(prompt), "bars": ctl["bars"],
                                "primer_bars": primer_bars, "chords_per_bar": chords_per_bar,
@@ -653,7 +658,7 @@ class MidiGenerator:
                 constraint.ingest(produced[-1])
         return ids
 
-    def _decode(self, ids: list[int], ctl: dict[str, Any], request: MidiRequest) -> Any:
+    def _decode(self, ids: list[int], ctl: dict[str, Any], request: MidiRequest, primer_tempo: float | None = None) -> Any:
         from symusic import Tempo, TimeSignature
 
         v = self.vocab
@@ -667,6 +672,9 @@ class MidiGenerator:
             # tempo tokens are binned (e.g. 121.29 for 120): the file gets the exact BPM asked for
             score.tempos.clear()
             score.tempos.append(Tempo(0, qpm=float(ctl["tempo"])))
+        elif primer_tempo is not None and len(score.tempos) and score.tempos[0].time == 0:
+            # a continuation keeps the primer's exact opening tempo (its token is the nearest bin)
+            score.tempos[0] = Tempo(0, qpm=primer_tempo)
         ts = ctl["time_signature"]
         if ts is not None and not len(score.time_signatures):
             score.time_signatures.append(TimeSignature(0, ts[0], ts[1]))
@@ -695,5 +703,6 @@ def make_tiny_midi_lm(out: Path, seed: int = 0) -> None:
                         bos_token_id=tokenizer["BOS_None"], eos_token_id=tokenizer["EOS_None"],
                         pad_token_id=tokenizer.pad_token_id)
     model = GPT2LMHeadModel(config)
-    model.save_pretrained(out)
+    with quiet_transformers():
+        model.save_pretrained(out)
     tokenizer.save(Path(out) / "tokenizer.json")

@@ -129,11 +129,12 @@ def test_long_duration_continues_in_windows(cli, mg, tmp_path):
 
 def test_window_and_stride_flags(cli, mg, tmp_path):
     r = cli("music", "audio", "ambient", "--model", mg, "--duration", "2", "--window", "1", "--extend-stride", "0.5",
-            "--seed", "1", "--out", tmp_path / "o", "--quiet")
+            "--num", "2", "--seed", "1", "--out", tmp_path / "o", "--quiet")
     assert r.exit_code == 0, r
-    (path,) = outputs(tmp_path / "o", ".wav")
-    # 1 s, then +0.5 s twice
-    assert json.loads(path.with_suffix(".json").read_text())["audio"]["windows"] == 3
+    paths = outputs(tmp_path / "o", ".wav")
+    metas = [json.loads(p.with_suffix(".json").read_text()) for p in paths]
+    assert sorted(m["params"]["seed"] for m in metas) == [1, 2]  # --num: one clip per seed
+    assert all(m["audio"]["windows"] == 3 for m in metas)  # 1 s, then +0.5 s twice
     bad = cli("music", "audio", "ambient", "--model", mg, "--window", "1", "--extend-stride", "1", "--out", tmp_path / "b")
     assert bad.exit_code == 2 and "--extend-stride" in bad.stderr
     bad = cli("music", "audio", "ambient", "--model", mg, "--window", "60", "--out", tmp_path / "b")

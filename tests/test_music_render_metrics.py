@@ -58,6 +58,13 @@ def test_render_with_fluidsynth(cli, tmp_path):
     # never overwrites: a second render gets a new name
     again = cli("music", "render", song, "--json")
     assert Path(json.loads(again.stdout)["path"]).name == "song.render-1.wav"
+    # an explicit soundfont (here the same General MIDI font, by path) renders the same notes
+    font = music_render.default_soundfont()
+    named = cli("music", "render", song, "--soundfont", font, "--out", tmp_path / "sf.wav", "--json")
+    assert named.exit_code == 0, named
+    assert json.loads(named.stdout)["soundfont"] == font.name
+    same, _ = sf.read(str(tmp_path / "sf.wav"))
+    assert same.shape == data.shape and np.allclose(same, data, atol=1e-3)
 
 
 def test_render_falls_back_to_plain_synthesis_with_a_notice(cli, tmp_path, monkeypatch):

@@ -129,6 +129,10 @@ def test_primer_is_continued(cli, lm, tmp_path):
     assert any(n.start >= 2.0 for n in notes)  # new notes after the primer's bar
     assert max(n.start for n in notes) < 2.0 * 3  # primer bar + 2 bars at 120 BPM in 4/4
     assert json.loads(path.with_suffix(".json").read_text())["music"]["primer_bars"] >= 1
+    # without --tempo the continuation keeps the primer's exact tempo (not REMI's 121.29 bin)
+    (kept,) = generate(cli, lm, tmp_path / "k", "--primer", tmp_path / "primer.mid", "--bars", "1", "--program", "0",
+                       "--seed", "3")
+    assert abs(read(kept).get_tempo_changes()[1][0] - 120) < 0.01
 
 
 def test_num_and_seed_reproduce(cli, lm, tmp_path):

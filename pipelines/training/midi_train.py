@@ -263,10 +263,10 @@ def _new_model(config: MidiTrainConfig) -> tuple[Any, Any]:
 def _load_model(location: str, load_kwargs: dict[str, Any], spec: Any = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    from pipelines.music_symbolic import load_midi_tokenizer
+    from pipelines.music_symbolic import load_midi_tokenizer, quiet_transformers
     from studio.models import loading
 
-    with loading(spec, "MIDI model") if spec is not None else contextlib.nullcontext():
+    with loading(spec, "MIDI model") if spec is not None else contextlib.nullcontext(), quiet_transformers():
         tokenizer = load_midi_tokenizer(location)
         model = AutoModelForCausalLM.from_pretrained(location, **load_kwargs)
     return model, tokenizer
@@ -316,6 +316,7 @@ def train(config: MidiTrainConfig, device: Any, progress: Any, *, spec: Any = No
                                        spec.load_kwargs() if spec else {"use_safetensors": True}, spec)
     else:
         model, tokenizer = _new_model(config)
+    model.config.loss_type = "ForCausalLM"  # say it: transformers warns when a config leaves it unset
     context = int(getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024))
     if config.seq_len > context:
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context ({context})",
