@@ -143,7 +143,7 @@ def _parse_cards(files: list[Path]) -> dict[str, dict[str, Any]]:
     cards: dict[str, dict[str, Any]] = {}
     for path in files:
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}  # libyaml: every resolve reads all cards
         except yaml.YAMLError as exc:
             raise UsageError(f"model card {path} is not valid YAML: {exc}".splitlines()[0], "fix or remove the file")
         if not isinstance(data, dict) or "source" not in data:

@@ -8,21 +8,267 @@
     guidance: 0.0
     precision: fp16          # device keys (device, precision, attention, offload, quantize, compile)
 
-Keys other than task/description/device keys are request parameters of the task; the engine
-rejects any the task does not know, naming the key and the file. Merge order: the request's
-defaults < the model card's defaults < the preset < command-line flags.
+Keys other than task/description/device keys are request parameters of the task. Everything is
+validated when the preset is read: an unknown key, a value of the wrong type or an unknown
+device setting is an error naming the key and `file:line` (from YAML's node marks), before any
+model loads. Merge order: the request's defaults < the model card's defaults < the preset <
+command-line flags.
+
+Shipped presets live in presets/*.yaml; a user's own in $STUDIO_HOME/presets/ (same name wins).
+The YAML helpers here (`read_yaml`, `YamlDoc.where`) are shared with batch files (studio/batch.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from studio.device import ATTENTIONS, OFFLOADS, PRECISIONS, QUANTIZE
 from studio.device import ENV as DEVICE_KEYS
 from studio.errors import UsageError
 from studio.paths import PACKAGE_PRESETS, user_presets_dir
 
 META_KEYS = {"task", "description"}
+# keys the engine accepts for every task even where the Request has no such field: `model`
+# picks what to load (the engine drops it afterwards for model-less requests)
+ALWAYS_ALLOWED = {"model"}
+NAME_OK = "letters, digits, - and _"
+
+
+# --------------------------------------------------------------------------- YAML with line numbers
+@dataclass
+class YamlDoc:
+    """A parsed YAML file plus the line of every key and item, so errors can say `file:line`."""
+
+    source: str  # the file path (or "<python>" for data built in code)
+    data: Any  # the plain Python data (dicts, lists, scalars)
+    lines: dict[tuple, int] = field(default_factory=dict)  # (key, key, index, ...) -> 1-based line
+
+    def where(self, *path: Any) -> str:
+        """`file:line` of the deepest known prefix of `path` (the file alone when unknown)."""
+        for end in range(len(path), 0, -1):
+            line = self.lines.get(tuple(path[:end]))
+            if line is not None:
+                return f"{self.source}:{line}"
+        return self.source
+
+
+def read_yaml(path: str | Path | None = None, *, text: str | None = None, source: str | None = None) -> YamlDoc:
+    """Parse YAML keeping each key's line. Syntax errors and duplicate keys (which PyYAML would
+    silently collapse, losing a job or a setting) are UsageErrors with `file:line`."""
+    import yaml
+
+    if text is None:
+        p = Path(path).expanduser()  # type: ignore[arg-type]
+        if not p.exists():
+            raise UsageError(f"{p} does not exist", "check the path")
+        if p.is_dir():
+            raise UsageError(f"{p} is a folder", "pass a YAML file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read {p}: {exc}", "pass a UTF-8 YAML file") from exc
+        source = source or str(p)
+    source = source or "<text>"
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml: ~10x faster, same marks
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{where} is not valid YAML ({problem})", "fix the indentation and quoting on that line") from exc
+    finally:
+        loader.dispose()
+    lines: dict[tuple, int] = {}
+    if node is not None:
+        _walk(node, (), lines, source)
+    return YamlDoc(source=source, data=data, lines=lines)
+
+
+def _walk(node: Any, path: tuple, lines: dict[tuple, int], source: str) -> None:
+    import yaml
+
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys keep the anchor's lines
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise UsageError(f"duplicate key {key!r} at {source}:{line} (first at line {seen[key]})",
+                                 "each key may appear once in a mapping; rename or merge them")
+            seen[key] = line
+            lines[path + (key,)] = line
+            _walk(value_node, path + (key,), lines, source)
+            lines[path + (key,)] = line  # the key's own line, not its value's
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[path + (index,)] = item.start_mark.line + 1
+            _walk(item, path + (index,), lines, source)
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------- values
+def _device_head_model():
+    """The pydantic model of a preset's fixed keys (task, description, device settings)."""
+    from pydantic import BaseModel, ConfigDict, field_validator
+
+    Precision = typing.Literal[PRECISIONS]  # type: ignore[valid-type]
+    Attention = typing.Literal[ATTENTIONS]  # type: ignore[valid-type]
+    Offload = typing.Literal[OFFLOADS]  # type: ignore[valid-type]
+    Quantize = typing.Literal[QUANTIZE]  # type: ignore[valid-type]
+
+    class Head(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        task: typing.Optional[str] = None
+        description: typing.Optional[str] = None
+        device: typing.Optional[str] = None
+        precision: typing.Optional[Precision] = None
+        attention: typing.Optional[Attention] = None
+        offload: typing.Optional[Offload] = None
+        quantize: typing.Optional[Quantize] = None
+        compile: typing.Optional[bool] = None
+
+        @field_validator("device")
+        @classmethod
+        def _device(cls, value: str | None) -> str | None:
+            if value is not None:
+                from studio.device import DeviceSettings
+
+                try:
+                    DeviceSettings(device=value)
+                except UsageError as exc:
+                    raise ValueError(f"{exc.message}; {exc.hint}") from exc
+            return value
+
+    return Head
+
+
+_HEAD = None
+
+
+def check_head(values: dict[str, Any], where: Callable[[str], str], what: str) -> dict[str, Any]:
+    """Validate task/description/device keys with pydantic; the first problem names key and line."""
+    from pydantic import ValidationError
+
+    global _HEAD
+    if _HEAD is None:
+        _HEAD = _device_head_model()
+    try:
+        _HEAD(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err.get("loc") else "?"
+        raise UsageError(f"{what}: {key}: {_pydantic_message(err)} ({where(key)})",
+                         f"fix {key!r} in the file") from exc
+    return values
+
+
+def _pydantic_message(err: dict[str, Any]) -> str:
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    if "input" in err and err.get("type") not in ("missing",):
+        msg += f", got {err['input']!r}"
+    return msg
+
+
+@functools.lru_cache(maxsize=None)
+def request_field_types(request_type: type) -> dict[str, tuple[Any, bool]]:
+    """name -> (type hint or None when unresolvable, required?) for a Request dataclass."""
+    try:
+        hints = typing.get_type_hints(request_type)
+    except Exception:  # forward refs to names the module imports lazily: skip type checks
+        hints = {}
+    out = {}
+    for f in dataclasses.fields(request_type):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        out[f.name] = (hints.get(f.name), required)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(hint: Any):
+    from pydantic import ConfigDict, TypeAdapter
+
+    try:
+        return TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+    except Exception:  # a type pydantic has no schema for: accept as is
+        return None
+
+
+def check_value(hint: Any, value: Any) -> tuple[Any, str | None]:
+    """(value as the Request's annotation wants it, None) or (value, why it is wrong).
+
+    Lax pydantic validation: YAML's list becomes the tuple a field declares, a string a Path,
+    while "fast" for an int field is an error. Types pydantic cannot describe pass unchecked."""
+    from pydantic import ValidationError
+
+    if hint is None:
+        return value, None
+    adapter = _adapter(hint)
+    if adapter is None:
+        return value, None
+    try:
+        return adapter.validate_python(value), None
+    except ValidationError as exc:
+        return value, _pydantic_message(exc.errors()[0])
+
+
+def check_params(task: str, params: dict[str, Any], where: Callable[[str], str], what: str, *,
+                 request_type: type | None = None, always_allowed: set[str] = ALWAYS_ALLOWED) -> dict[str, Any]:
+    """Validate request parameters of `task`: unknown keys and bad values name key and line.
+
+    Returns the values converted to the Request's annotated types."""
+    from studio import registry
+
+    if request_type is None:
+        request_type = getattr(registry.pipeline_class(task), "request_type", None)
+    if request_type is None:
+        return dict(params)
+    fields = request_field_types(request_type)
+    out = {}
+    for key, value in params.items():
+        if key in always_allowed and key not in fields:
+            out[key] = value
+            continue
+        if key not in fields:
+            raise UsageError(f"unknown key {key!r} in {what} ({where(key)}){did_you_mean(key, fields)}",
+                             f"{task} takes: {', '.join(fields)}")
+        converted, problem = check_value(fields[key][0], value)
+        if problem:
+            raise UsageError(f"{what}: {key}: {problem} ({where(key)})", f"fix {key!r} in the file")
+        out[key] = converted
+    return out
+
+
+# --------------------------------------------------------------------------- presets
+@dataclass
+class Preset:
+    """A validated preset file."""
+
+    name: str  # file stem
+    path: Path  # where it was read from
+    task: str  # the task it holds defaults for
+    description: str | None  # one line for `studio presets list`
+    params: dict[str, Any]  # request parameters (model, steps, ...)
+    device: dict[str, Any]  # device settings (device, precision, ...)
+    doc: YamlDoc  # the parsed file, for `file:line` in later errors
+
+    def flat(self) -> dict[str, Any]:
+        return {**self.params, **self.device}
 
 
 def preset_dirs() -> list[Path]:
@@ -30,7 +276,7 @@ def preset_dirs() -> list[Path]:
 
 
 def find_preset(name: str) -> Path:
-    path = Path(name).expanduser()
+    path = Path(str(name)).expanduser()
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
     for folder in preset_dirs():
@@ -38,7 +284,9 @@ def find_preset(name: str) -> Path:
             candidate = folder / f"{name}{suffix}"
             if candidate.exists():
                 return candidate
-    raise UsageError(f"unknown preset {name!r}", "`studio presets list` shows the presets")
+    known = list_presets()
+    raise UsageError(f"unknown preset {name!r}{did_you_mean(name, known)}",
+                     "`studio presets list` shows the presets; a path to a .yaml file works too")
 
 
 def list_presets() -> dict[str, Path]:
@@ -50,24 +298,40 @@ def list_presets() -> dict[str, Path]:
     return found
 
 
-def load_preset(name: str, task: str | None = None) -> dict[str, Any]:
-    """The preset as a flat dict (task and description removed), checked against `task`."""
-    import yaml
-
-    path = find_preset(name)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UsageError(f"preset {where} is not valid YAML", "fix the file's indentation and quoting") from exc
+def read_preset(name: str | Path, task: str | None = None, *, check_task_params: bool = True) -> Preset:
+    """Find, parse and validate a preset; `task` (when given) must match the preset's task."""
+    path = find_preset(str(name))
+    doc = read_yaml(path)
+    data = doc.data if doc.data is not None else {}
     if not isinstance(data, dict):
-        raise UsageError(f"preset {path} must be a mapping of keys to values", "see `studio presets show sd-turbo-fast`")
+        raise UsageError(f"preset {doc.where()} must be a mapping of keys to values", "see `studio presets show sd-turbo-fast`")
+    where = lambda key: doc.where(key)  # noqa: E731
+    head = {k: v for k, v in data.items() if k in META_KEYS or k in DEVICE_KEYS}
+    check_head(head, where, f"preset {path.name}")
     preset_task = data.get("task")
-    if task and preset_task and preset_task != task:
-        raise UsageError(f"preset {name} is for {preset_task}, not {task}", f"use a {task} preset")
-    out = {k: v for k, v in data.items() if k not in META_KEYS}
-    out["__source__"] = str(path)
+    if not preset_task:
+        raise UsageError(f"preset {path} has no `task:`", "add e.g. `task: image` as its first line")
+    if task and preset_task != task:
+        raise UsageError(f"preset {path.stem} is for {preset_task}, not {task} ({doc.where('task')})", f"use a {task} preset")
+    params = {k: v for k, v in data.items() if k not in head}
+    if check_task_params:
+        from studio import registry
+
+        try:
+            registry.pipeline_class(preset_task)
+        except UsageError as exc:
+            raise UsageError(f"preset {path.name}: {exc.message} ({doc.where('task')})", exc.hint) from exc
+        params = check_params(preset_task, params, where, f"preset {path}")
+    device = {k: v for k, v in head.items() if k in DEVICE_KEYS}
+    return Preset(name=path.stem, path=path, task=preset_task, description=data.get("description"),
+                  params=params, device=device, doc=doc)
+
+
+def load_preset(name: str, task: str | None = None) -> dict[str, Any]:
+    """The preset as a flat dict (task and description removed), validated against `task`."""
+    preset = read_preset(name, task)
+    out = preset.flat()
+    out["__source__"] = str(preset.path)
     return out
 
 
@@ -81,10 +345,11 @@ def split_device(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
 def save_preset(name: str, task: str, values: dict[str, Any], overwrite: bool = False) -> Path:
     import yaml
 
-    from studio.outputs import write_text_file
+    from studio.outputs import _jsonable, write_text_file
 
     if not name.replace("-", "").replace("_", "").isalnum():
-        raise UsageError(f"preset name {name!r} has characters other than letters, digits, - and _", "pick a plain name")
+        raise UsageError(f"preset name {name!r} has characters other than {NAME_OK}", "pick a plain name")
     path = user_presets_dir() / f"{name}.yaml"
-    body = {"task": task, **{k: v for k, v in values.items() if v is not None and not k.startswith("__")}}
+    # plain YAML types only (tuples and Paths would be written as python tags safe_load rejects)
+    body = {"task": task, **{k: _jsonable(v) for k, v in values.items() if v is not None and not k.startswith("__")}}
     return write_text_file(path, yaml.safe_dump(body, sort_keys=False), overwrite=overwrite)

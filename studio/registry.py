@@ -9,6 +9,7 @@ batch or multi-step pipeline file loads each model once.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from studio.errors import UsageError
@@ -41,6 +42,12 @@ def tasks() -> dict[str, str]:
         _SCANNED.append(True)
     for name, value in _ENTRY_POINT_TASKS:
         found.setdefault(name, value)
+    # STUDIO_EXTRA_TASKS="name=module:Class,...": tasks from code that is not an installed package
+    # (a script, a test, every worker `accelerate launch` starts), without entry points
+    for item in os.environ.get("STUDIO_EXTRA_TASKS", "").split(","):
+        name, sep, target = item.strip().partition("=")
+        if sep and name.strip() and ":" in target:
+            found.setdefault(name.strip(), target.strip())
     return found
 
 
@@ -77,3 +84,13 @@ def load_pipeline(task: str, spec: Any, device: Any, progress: Any = None) -> An
 
 def clear_cache() -> None:
     _LOADED.clear()
+
+
+def loaded_keys() -> set[tuple]:
+    """Keys of the pipelines loaded in this process (a batch run frees those it is done with)."""
+    return set(_LOADED)
+
+
+def unload(keys: Any) -> int:
+    """Drop these loaded pipelines from the cache so their memory can be freed; returns how many."""
+    return sum(_LOADED.pop(key, None) is not None for key in list(keys))

@@ -1,5 +1,262 @@
-"""Placeholder: filled in by the batch work."""
+"""`studio run FILE`, `studio validate FILE`, `studio presets list|show`.
+
+Thin: parsing, validation and running live in studio/batch.py and studio/presets.py (also the
+Python API). Nothing heavy is imported here; the runner imports torch only when a job runs.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from studio.cli.common import DEBUG, GLOBAL_OPTIONS, new_app
+
+presets_app = new_app("Presets: saved defaults for one task (built-in, and yours in $STUDIO_HOME/presets).")
+
+_OPT = {name: annotation for name, annotation, _ in GLOBAL_OPTIONS}
 
 
-def register(root) -> None:
-    pass
+def register(root: typer.Typer) -> None:
+    root.command("run")(run)
+    root.command("validate")(validate)
+    root.add_typer(presets_app, name="presets")
+
+
+def _stderr(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+def run(
+    file: Annotated[Path, typer.Argument(help="batch or pipeline file (YAML with jobs: and/or steps:)")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the plan; run nothing")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="skip jobs whose outputs are complete; redo the rest")] = False,
+    processes: Annotated[int, typer.Option("--processes", min=1, help="split jobs over N processes (accelerate launch)")] = 1,
+    out: _OPT["out"] = None,
+    device: _OPT["device"] = None,
+    precision: _OPT["precision"] = None,
+    attention: _OPT["attention"] = None,
+    offload: _OPT["offload"] = None,
+    quantize: _OPT["quantize"] = None,
+    compile: _OPT["compile"] = None,
+    quiet: _OPT["quiet"] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON object per output, then a summary", rich_help_panel="Device and output")] = False,
+    debug: _OPT["debug"] = False,
+    offline: _OPT["offline"] = False,
+    allow_pickle: _OPT["allow_pickle"] = False,
+    trust_remote_code: _OPT["trust_remote_code"] = False,
+) -> None:
+    """Run a batch file or a multi-step pipeline file. Exit code: how many jobs failed (0 = all done)."""
+    from studio.batch import Runner, launch
+    from studio.engine import print_json
+
+    if debug:
+        DEBUG["on"] = True
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    flags = {"device": device, "precision": precision, "attention": attention, "offload": offload,
+             "quantize": quantize, "compile": compile}
+    runner = Runner(file, out_dir=out, resume=resume, device=flags, quiet=quiet, json=json_out, offline=offline,
+                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                    emit=print_json if json_out else None)
+    for warning in runner.file.warnings:
+        _stderr(f"warning: {warning}")
+    if dry_run:
+        _print_plan(runner, processes, json_out)
+        return
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and world == 1:
+        argv = [f"--out={runner.out_dir}"] + (["--resume"] if resume else []) + (["--quiet"] if quiet else [])
+        argv += (["--json"] if json_out else []) + (["--debug"] if debug else []) + (["--offline"] if offline else [])
+        argv += (["--allow-pickle"] if allow_pickle else []) + (["--trust-remote-code"] if trust_remote_code else [])
+        for key, value in flags.items():
+            if value is not None:
+                argv.append(f"--{key}" if value is True else f"--no-{key}" if value is False else f"--{key}={value}")
+        summary = launch(file, processes, argv, cpu=_cpu_only(device, processes))
+        _finish(summary, quiet, json_out)
+        return
+
+    report = runner.run()
+    summary = report.summary()
+    if world > 1:
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return  # the main process reports for everyone (it gathered every outcome)
+        if os.environ.get("STUDIO_RUN_SUMMARY"):  # started by --processes: the parent reports
+            Path(os.environ["STUDIO_RUN_SUMMARY"]).write_text(json.dumps(summary))
+            return
+    _finish(summary, quiet, json_out)
+
+
+def _cpu_only(device: Optional[str], processes: int) -> bool:
+    """Whether the workers run on the CPU; one GPU per worker otherwise (checked here, before
+    accelerate starts N workers that would fail one by one)."""
+    if device == "cpu":
+        return True
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    if torch.cuda.device_count() < processes:
+        from studio.errors import UsageError
+
+        raise UsageError(f"--processes {processes} puts one worker on each GPU, and this machine has "
+                         f"{torch.cuda.device_count()}", f"use --processes {torch.cuda.device_count()}, or --device cpu")
+    return False
+
+
+def _finish(summary: dict[str, Any], quiet: bool, json_out: bool) -> None:
+    from studio.engine import print_json
+
+    failed = summary["failed"] + summary["blocked"]
+    if json_out:
+        print_json({"summary": summary})
+    elif not quiet or failed:
+        parts = [f"{summary['done']} done"]
+        if summary["skipped"]:
+            parts.append(f"{summary['skipped']} skipped (already done)")
+        if summary["failed"]:
+            parts.append(f"{summary['failed']} failed")
+        if summary["blocked"]:
+            parts.append(f"{summary['blocked']} blocked by a failed step")
+        _stderr(f"{summary['jobs']} jobs: {', '.join(parts)} in {summary['seconds']:.1f}s -> {summary['out']}")
+    if failed:
+        raise typer.Exit(min(failed, 100))
+
+
+def _describe(job: Any) -> str:
+    params = job.params
+    if params.get("prompt") is not None:
+        text = str(params["prompt"])
+    else:
+        shown = [f"{k}={v}" for k, v in params.items() if k not in ("model", "seed") and isinstance(v, (str, int, float))]
+        text = ", ".join(shown)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _print_plan(runner: Any, processes: int, json_out: bool) -> None:
+    items = runner.plan(processes=processes)
+    if json_out:
+        from studio.engine import print_json
+
+        for n, item in enumerate(items, 1):
+            job = item.job
+            print_json({"order": n, "job": job.name, "task": job.task, "model": job.model, "preset": job.preset,
+                        "seed": job.params.get("seed"), "after": job.needs, "status": item.status,
+                        "process": item.process, "params": _plain(job.params), "device": _plain(job.device)})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    f = runner.file
+    title = f"{f.name}: {len(items)} jobs -> {runner.out_dir}" + (" (resume)" if runner.resume else "")
+    table = Table(title=title, title_justify="left")
+    for column in ("#", "job", "task", "model", "prompt / inputs", "seed", "after", "status") + (("process",) if processes > 1 else ()):
+        table.add_column(column, overflow="fold")
+    for n, item in enumerate(items, 1):
+        job = item.job
+        model = "-" if job.task == "mux" else job.model
+        row = [str(n), job.name, job.task, model + (f" [{job.preset}]" if job.preset else ""), _describe(job),
+               str(job.params.get("seed", "")), ", ".join(job.needs), item.status]
+        if processes > 1:
+            row.append(str(item.process))
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not fold cells at 80 columns
+        console = Console(width=200)
+    console.print(table)
+
+
+def _plain(value: Any) -> Any:
+    from studio.outputs import _jsonable
+
+    return _jsonable(value)
+
+
+def validate(
+    file: Annotated[Path, typer.Argument(help="a batch / pipeline file, or a preset file")],
+    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Check a batch, pipeline or preset file without running anything (exit 2 on the first problem)."""
+    from studio import presets
+    from studio.batch import BatchFile, is_batch_data, parse
+
+    doc = presets.read_yaml(file)
+    if is_batch_data(doc.data):
+        batch = parse(doc) if isinstance(doc.data, dict) else BatchFile.from_dict(doc.data, source=str(file))
+        steps = [j for j in batch.jobs if j.is_step]
+        info = {"ok": True, "file": str(file), "kind": "batch", "jobs": len(batch.jobs) - len(steps), "steps": len(steps),
+                "tasks": sorted({j.task for j in batch.jobs}), "warnings": batch.warnings}
+        counts = [f"{n} {what}" for n, what in ((info["jobs"], "jobs"), (info["steps"], "steps")) if n]
+        line = f"ok: {file}: {', '.join(counts)} ({', '.join(info['tasks'])})"
+    else:
+        preset = presets.read_preset(file)
+        info = {"ok": True, "file": str(file), "kind": "preset", "task": preset.task, "warnings": []}
+        line = f"ok: {file}: preset for {preset.task}"
+    if json_out:
+        typer.echo(json.dumps(info))
+        return
+    for warning in info["warnings"]:
+        _stderr(f"warning: {warning}")
+    typer.echo(line)
+
+
+@presets_app.command("list")
+def list_presets(
+    task: Annotated[Optional[str], typer.Option(help="only presets for this task")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+) -> None:
+    """List presets: built-in ones and yours ($STUDIO_HOME/presets), yours winning on a name clash."""
+    import yaml
+
+    from studio import presets
+    from studio.paths import PACKAGE_PRESETS
+
+    rows = []
+    for name, path in presets.list_presets().items():
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            data = {"description": "(not valid YAML: `studio presets show` says where)"}
+        if not isinstance(data, dict):
+            data = {}
+        if task and data.get("task") != task:
+            continue
+        builtin = path.parent.resolve() == PACKAGE_PRESETS.resolve()
+        rows.append({"name": name, "task": data.get("task"), "model": data.get("model"),
+                     "description": data.get("description") or "", "source": "built-in" if builtin else "user",
+                     "path": str(path)})
+    if json_out:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "task", "model", "from", "description")
+    for r in rows:
+        table.add_row(r["name"], r["task"] or "", str(r["model"] or ""), r["source"], r["description"])
+    Console().print(table)
+
+
+@presets_app.command("show")
+def show_preset(
+    name: Annotated[str, typer.Argument(help="preset name (or a path to a preset file)")],
+    json_out: Annotated[bool, typer.Option("--json", help="print the validated values as JSON")] = False,
+) -> None:
+    """Print a preset (validated first: a bad key is reported with its file and line)."""
+    from studio import presets
+
+    preset = presets.read_preset(name)
+    if json_out:
+        typer.echo(json.dumps({"name": preset.name, "path": str(preset.path), "task": preset.task,
+                               "description": preset.description, "params": _plain(preset.params),
+                               "device": preset.device}))
+        return
+    typer.echo(f"# {preset.path}")
+    typer.echo(preset.path.read_text(encoding="utf-8").rstrip("\n"))
