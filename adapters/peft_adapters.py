@@ -237,7 +237,9 @@ class AdapterSet:
                 for n, sc, s, m in wanted]
 
     def _layers(self, name: str) -> list[Any]:
-        return [layer for layer in _adapter_layers(self.model) if name in getattr(layer, "scaling", {})]
+        # adapter_layer_names: ("lora_A", "lora_B", ...), ("hada_w1_a", ...), ("ia3_l",): per-adapter dicts
+        return [layer for layer in _adapter_layers(self.model)
+                if any(name in getattr(layer, attr, {}) for attr in getattr(layer, "adapter_layer_names", ()))]
 
     def _load(self, location: str, label: str, name: str) -> None:
         import warnings
