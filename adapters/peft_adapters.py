@@ -228,7 +228,8 @@ class AdapterSet:
                 raise UsageError(f"adapter {source} ({meta.get('method', 'this method')}) has no scale",
                                  f"pass {source} without :SCALE")
             for layer in self._layers(name):
-                layer.set_scale(name, scale)
+                if hasattr(layer, "set_scale"):  # IA3 has no scale (only 1.0 gets here)
+                    layer.set_scale(name, scale)
         # several active adapters add their deltas (LoRA/LoHa/LoKr layers sum every active adapter)
         self.peft.base_model.set_adapter(names)
         self.model.requires_grad_(False)  # set_adapter marks adapters trainable; here they only run
