@@ -209,6 +209,7 @@ def _a1111_compel_class() -> type:
 
 def encode_weighted(pipe: Any, prompt: str, negative: str) -> dict[str, Any]:
     """prompt_embeds (and SDXL's pooled embeds) for a weighted prompt and its negative."""
+    import torch
     from compel import ReturnedEmbeddingsType
 
     Compel = _a1111_compel_class()
@@ -223,7 +224,7 @@ def encode_weighted(pipe: Any, prompt: str, negative: str) -> dict[str, Any]:
         right, pooled = c2([prompt, negative])  # (2, T, D2), (2, P)
         if left.shape[1] != right.shape[1]:
             raise RuntimeFailure("the two SDXL tokenizers split this prompt differently", "pass --no-weighting")
-        embeds = __import__("torch").cat([left, right], dim=-1)  # (2, T, D1 + D2)
+        embeds = torch.cat([left, right], dim=-1)  # (2, T, D1 + D2)
         out = {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:],
                "pooled_prompt_embeds": pooled[:1], "negative_pooled_prompt_embeds": pooled[1:]}
         if not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
@@ -460,9 +461,10 @@ class ImagePipeline:
             if controls:
                 call["image"] = control_maps if len(control_maps) > 1 else control_maps[0]
         else:
-            call.update(image=init, strength=strength)
+            # width/height too: SD3/Flux img2img would otherwise fall back to their default size
+            call.update(image=init, strength=strength, width=width, height=height)
             if mode == "inpaint":
-                call.update(mask_image=mask, width=width, height=height)
+                call.update(mask_image=mask)
             if controls:
                 call["control_image"] = control_maps if len(control_maps) > 1 else control_maps[0]
         if controls:
@@ -714,6 +716,10 @@ def _load_kwargs(spec: Any, device: Any, config: dict[str, Any]) -> dict[str, An
     if "safety_checker" in config:
         # A1111/ComfyUI run without it; loading it costs a second CLIP model
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    for name, value in config.items():
+        if isinstance(value, (list, tuple)) and list(value) == [None, None]:
+            # a component saved as None (SD3 without its T5) must be passed as None again
+            kwargs.setdefault(name, None)
     return kwargs
 
 

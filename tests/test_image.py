@@ -429,3 +429,56 @@ def test_image_cli_imports_nothing_heavy():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- transformer families
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny random SD3 (MMDiT transformer, flow matching, two CLIP encoders; SD3 runs without
+    its optional T5), diffusers' get_dummy_components style, saved and loaded back like a user's."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from pipelines.image import _tiny_text_encoder, tiny_tokenizer
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=4, sample_size=64, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    text_encoder=_tiny_text_encoder(projection=True), tokenizer=tiny_tokenizer(),
+                                    text_encoder_2=_tiny_text_encoder(projection=True), tokenizer_2=tiny_tokenizer(),
+                                    text_encoder_3=None, tokenizer_3=None)
+    out = tmp_path_factory.mktemp("tiny-sd3") / "model"
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_sd3_transformer_family(cli, tiny_sd3, photo):
+    path = gen(cli, "a red cat", "--model", tiny_sd3, "--seed", "1", "--scheduler", "flow_heun", out="a")[0]
+    meta = sidecar(path)
+    assert meta["pipeline"] == "StableDiffusion3Pipeline" and meta["scheduler"] == "FlowMatchHeunDiscreteScheduler"
+    assert Image.open(path).size == (64, 64)
+    again = gen(cli, "a red cat", "--model", tiny_sd3, "--seed", "1", "--scheduler", "flow_heun", out="b")[0]
+    assert np.array_equal(pixels(path), pixels(again))
+    i2i = gen(cli, "a red cat", "--model", tiny_sd3, "--seed", "1", "--init", photo, "--strength", "0.5", out="c")[0]
+    assert sidecar(i2i)["pipeline"] == "StableDiffusion3Img2ImgPipeline"
+    assert Image.open(i2i).size == (64, 48)  # 70x50 rounded down to multiples of 16
+    verbatim = gen(cli, "a (red:1.3) cat", "--model", tiny_sd3, "--seed", "1", "--no-weighting", out="d")[0]
+    assert sidecar(verbatim)["weighting"] == "none"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["a cat", "--width", "72"], "multiple of 16"),
+    (["a (red:1.3) cat"], "--no-weighting"),
+    (["a cat", "--scheduler", "euler"], "flow_euler"),
+    (["a cat", "--attention-maps"], "UNet"),
+])
+def test_sd3_rejects_what_it_cannot_do(cli, tiny_sd3, args, message):
+    r = cli("image", "--model", tiny_sd3, *STEPS, "-o", "out", *args)
+    assert r.exit_code == 2, r
+    assert message in r.stderr and not images("out")
