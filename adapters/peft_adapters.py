@@ -150,7 +150,8 @@ def format_info(info: dict[str, Any]) -> str:
     rows = [("adapter", info.get("path")), ("task", info.get("task")), ("method", info.get("method")),
             ("rank", info.get("rank")), ("alpha", info.get("alpha")),
             ("targets", ", ".join(info["targets"]) if isinstance(info.get("targets"), list) else info.get("targets")),
-            ("base model", base_text), ("format", info.get("format")), ("parts", ", ".join(info.get("parts", [])) or None),
+            ("base model", base_text), ("format", info.get("format")),
+            ("parts", ", ".join(info.get("parts", [])) if info.get("format") != "peft" else None),
             ("trainable params", info.get("trainable_params"))]
     rows += [(f"  {k}", v) for k, v in training.items()]
     return "\n".join(f"{k:<18} {v}" for k, v in rows if v not in (None, "", []))

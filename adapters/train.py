@@ -34,6 +34,8 @@ from studio.errors import InputFileError, UsageError
 
 TASKS = ("image", "caption", "code", "midi")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_ONLY = {"resolution", "instance_prompt", "class_prompt", "class_data", "num_class_images", "prior_weight",
+              "train_text_encoder", "validation_steps"}
 
 
 @dataclass(frozen=True)
@@ -669,7 +671,8 @@ def train(config: TrainConfig, device: Any, progress: Any, *, allow_pickle: bool
         "format": "diffusers" if config.task == "image" else "peft",
         "trainable_params": trainable, "total_params": total,
         "training": {k: v for k, v in asdict(config).items() if k not in ("base", "out", "resume", "task", "method",
-                                                                         "rank", "alpha", "targets") and v not in (None, (), False)},
+                                                                         "rank", "alpha", "targets") and v not in (None, (), False)
+                     and (config.task == "image" or k not in IMAGE_ONLY)},
         "result": {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                    "samples_per_s": round(report.samples_per_s, 3)},
         "device": device.describe()["resolved"],
