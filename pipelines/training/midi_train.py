@@ -204,8 +204,11 @@ def save_checkpoint(path: Path, *, model: Any, tokenizer: Any, optimizer: Any, s
     import torch
     from safetensors.torch import save_file
 
+    from pipelines.music_symbolic import quiet_transformers
+
     with atomic_path(path, is_dir=True) as tmp:
-        model.save_pretrained(tmp)
+        with quiet_transformers():  # no per-shard bar under the training bar
+            model.save_pretrained(tmp)
         tokenizer.save(tmp / "tokenizer.json")
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -316,7 +319,7 @@ def train(config: MidiTrainConfig, device: Any, progress: Any, *, spec: Any = No
                                        spec.load_kwargs() if spec else {"use_safetensors": True}, spec)
     else:
         model, tokenizer = _new_model(config)
-    model.config.loss_type = "ForCausalLM"  # say it: transformers warns when a config leaves it unset
+    model.loss_type = "ForCausalLM"  # say it: transformers warns at the first step when it is left unset
     context = int(getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024))
     if config.seq_len > context:
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context ({context})",
@@ -427,7 +430,9 @@ def train(config: MidiTrainConfig, device: Any, progress: Any, *, spec: Any = No
     if final.exists():
         trash = final.with_name(f".final-old-{int(time.time())}")
         final.rename(trash)
-    with atomic_path(final, is_dir=True) as tmp:
+    from pipelines.music_symbolic import quiet_transformers
+
+    with atomic_path(final, is_dir=True) as tmp, quiet_transformers():
         model.save_pretrained(tmp)
         tokenizer.save(tmp / "tokenizer.json")
     if trash is not None:
