@@ -52,6 +52,7 @@ class CaptionRequest:
     tags: str | None = None  # tag vocabulary: a file, or a built-in list name (presets/tags); None = all built-ins
     clip_model: str = "auto"  # open_clip model for --interrogate: alias, hub id or folder
     top_tags: int = 6  # how many tags --interrogate appends
+    adapters: tuple[str, ...] = ()  # peft adapters "PATH[:SCALE]" (studio adapt train --task caption)
 
     def __post_init__(self) -> None:
         _as_list(self, "images")
@@ -74,6 +75,7 @@ class VQARequest:
     max_tokens: int = 20  # most new tokens per answer
     beams: int = 1  # beam search width (1 = greedy)
     batch_size: int = 8  # (image, question) pairs per forward pass
+    adapters: tuple[str, ...] = ()  # peft adapters "PATH[:SCALE]" (studio adapt train --task caption)
 
     def __post_init__(self) -> None:
         _as_list(self, "images")
@@ -130,6 +132,12 @@ class _VisionLanguage:
         self.family = family
         self.spec = spec
         self.device = device
+
+    def _apply_adapters(self, adapters: Any) -> None:
+        from adapters.peft_adapters import apply_adapters
+
+        apply_adapters(self.model, tuple(adapters or ()), base_label=self.spec.alias or self.spec.name,
+                       allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
 
     @classmethod
     def load(cls, spec: models.ModelSpec, device: Any) -> "_VisionLanguage":
@@ -317,8 +325,9 @@ class Captioner(_VisionLanguage):
             raise UsageError("--tags is only used with --interrogate", "add --interrogate, or drop --tags")
 
     def run(self, request: CaptionRequest, progress: Any) -> list[Result]:
-        # 1. check inputs
+        # 1. check inputs; adapters on (or all off when none are asked for)
         self.check_inputs(request)
+        self._apply_adapters(request.adapters)
         order = list(range(len(request.images)))
 
         # 2. batches of images that share the prompt, read lazily (one batch in memory at a time)
@@ -402,8 +411,9 @@ class VQA(_VisionLanguage):
             raise UsageError("no question to ask", 'pass one or more questions, e.g. studio vqa photo.jpg "what colour is the car?"')
 
     def run(self, request: VQARequest, progress: Any) -> list[Result]:
-        # 1. check inputs
+        # 1. check inputs; adapters on (or all off when none are asked for)
         self.check_inputs(request)
+        self._apply_adapters(request.adapters)
         n_q = len(request.questions)
         total = len(request.images) * n_q
 

@@ -253,6 +253,20 @@ def test_caption_and_midi_adapters_train(tiny, tmp_path):
     cap = train(TrainConfig(base=str(tiny("blip-caption")), data=str(pics), task="caption", out=str(tmp_path / "cap"),
                             steps=4, lr=1e-2, rank=4, batch_size=2), device, quiet)
     assert cap.losses[-1] < cap.losses[0]
+    # the adapter is usable from the caption and vqa commands, and recorded there
+    import json
+
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    run = CliRunner().invoke(app, ["caption", str(pics / "0.png"), "--model", str(tiny("blip-caption")),
+                                   "--lora", str(tmp_path / "cap"), "-f", "jsonl", "-q"])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout.splitlines()[0])["path"].endswith("0.png")
+    misfit = CliRunner().invoke(app, ["caption", str(pics / "0.png"), "--model", str(tiny("blip-caption")),
+                                      "--lora", str(tmp_path / "nope"), "-q"])
+    assert misfit.exit_code == 2
 
     songs = tmp_path / "songs"
     songs.mkdir()

@@ -57,8 +57,9 @@ def caption_alone(model, path, **kw):
 def test_caption_and_vqa_accept_exactly_these_parameters():
     assert [f.name for f in fields(CaptionRequest)] == [
         "images", "model", "prompt", "max_tokens", "beams", "batch_size", "interrogate", "tags", "clip_model",
-        "top_tags"]
-    assert [f.name for f in fields(VQARequest)] == ["images", "questions", "model", "max_tokens", "beams", "batch_size"]
+        "top_tags", "adapters"]
+    assert [f.name for f in fields(VQARequest)] == ["images", "questions", "model", "max_tokens", "beams", "batch_size",
+                                                    "adapters"]
 
 
 # --------------------------------------------------------------------------- captions

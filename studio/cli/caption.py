@@ -154,6 +154,7 @@ def given(**values: Any) -> dict[str, Any]:
 def caption(
     inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders of images", show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="alias, hub id or folder (default: the caption default, blip-base)", rich_help_panel=_P)] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="peft adapter PATH\\[:SCALE] from `studio adapt train --task caption` (repeatable)", rich_help_panel=_P, show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Option(help="BLIP/GIT: text the caption starts with; chat VLMs: the instruction; Florence-2: a task token", rich_help_panel=_P)] = None,
     question: Annotated[Optional[list[str]], typer.Option("--question", help="ask this of every image instead of captioning (repeatable)", rich_help_panel=_P, show_default=False)] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="most new tokens per caption (default: 30)", rich_help_panel=_P, show_default=False)] = None,
@@ -186,7 +187,7 @@ def caption(
         if clash:
             raise UsageError(f"--question answers questions; {clash[0]} is for captions",
                              f"drop {clash[0]}, or drop --question to caption")
-        return _answer(images, list(question), model, max_tokens, beams, batch_size, fmt, out, overwrite, opts)
+        return _answer(images, list(question), model, max_tokens, beams, batch_size, fmt, out, overwrite, opts, lora)
 
     ext = "." + sidecar_ext.lstrip(".")
     if sidecar:
@@ -208,7 +209,7 @@ def caption(
                 return
     params = given(images=images, model=model, prompt=prompt, max_tokens=max_tokens, beams=beams,
                    batch_size=batch_size, interrogate=interrogate or None, tags=tags, clip_model=clip_model,
-                   top_tags=top_tags)
+                   top_tags=top_tags, adapters=tuple(lora) if lora else None)
     results = run_task("caption", params, opts)
 
     done = [r for r in results if not r.extra.get("error")]
@@ -234,9 +235,9 @@ def caption(
 # --------------------------------------------------------------------------- vqa
 def _answer(images: list[str], questions: list[str], model: Optional[str], max_tokens: Optional[int],
             beams: Optional[int], batch_size: Optional[int], fmt: str, out: Optional[Path], overwrite: bool,
-            opts: Globals) -> None:
+            opts: Globals, lora: Optional[list[str]] = None) -> None:
     params = given(images=images, questions=questions, model=model, max_tokens=max_tokens, beams=beams,
-                   batch_size=batch_size)
+                   batch_size=batch_size, adapters=tuple(lora) if lora else None)
     results = run_task("vqa", params, opts)
     rows = [{"path": r.extra["image"], "question": r.extra["question"], "answer": r.value, "model": model_name(r),
              "seconds": r.extra["seconds"]} for r in results if not r.extra.get("error")]
@@ -252,6 +253,7 @@ def vqa(
     image: Annotated[Path, typer.Argument(help="an image file (use `caption DIR --question Q` for folders)", show_default=False)],
     questions: Annotated[list[str], typer.Argument(help="one or more questions", show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="alias, hub id or folder (default: the vqa default, blip-vqa)")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="peft adapter PATH\\[:SCALE] from `studio adapt train --task caption` (repeatable)", show_default=False)] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="most new tokens per answer (default: 20)", show_default=False)] = None,
     beams: Annotated[Optional[int], typer.Option(help="beam search width, 1 = greedy", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="pairs per forward pass (default: 8)", show_default=False)] = None,
@@ -265,7 +267,7 @@ def vqa(
     Example: [cyan]studio vqa photo.jpg "what colour is the car?" "how many people are there?"[/]
     """
     fmt = pick_format(format, out, opts.json)
-    _answer(expand_images([image]), list(questions), model, max_tokens, beams, batch_size, fmt, out, overwrite, opts)
+    _answer(expand_images([image]), list(questions), model, max_tokens, beams, batch_size, fmt, out, overwrite, opts, lora)
 
 
 # --------------------------------------------------------------------------- eval caption
