@@ -73,6 +73,7 @@ class VideoRequest:
     interpolate: int = 1  # insert interpolate-1 flow-warped frames between each generated pair
     interpolate_method: str = "dis"  # dis | farneback (OpenCV optical flow)
     decode_chunk_size: int | None = None  # frames the VAE decodes at once; None: fit to free memory
+    adapters: tuple[str, ...] = ()  # LoRAs "PATH_OR_ID[:SCALE]" for the SD base / denoiser (diffusers format)
 
 
 # ----------------------------------------------------------------------------- families
@@ -494,6 +495,17 @@ class VideoPipeline:
 
         # 2. pick the diffusers pipeline for this request
         base = self._animatediff(request) if fam.name.startswith("animatediff") else self.pipe
+        # LoRAs go on the base: from_pipe variants below share its UNet, so they see them too.
+        # One LoraSet per base pipeline keeps loaded adapters between runs (exactly those asked are active).
+        from adapters.lora import LoraSet, parse_lora
+
+        loras = self.__dict__.setdefault("_loras", {})
+        if request.adapters or id(base) in loras:
+            lora_set = loras.setdefault(id(base), LoraSet(base, base_label=self.spec.alias or self.spec.name))
+            lora_records = lora_set.apply([parse_lora(a) for a in request.adapters],
+                                          allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
+        else:
+            lora_records = []
         pipe, mode = base, "text-to-video"
         if request.init_image:
             mode = "image-to-video"
@@ -557,6 +569,8 @@ class VideoPipeline:
             extra = {"video": {"family": fam.name, "pipeline": type(pipe).__name__, "mode": mode,
                                "generated_frames": generated, "frames": len(frames), "free_noise": free_noise,
                                "decode": decode, "control_keyframes": control_keys}}
+            if lora_records:
+                extra["adapters"] = lora_records
             results.append(Result(kind="video", value=frames, params=params, fmt=request.format, extra=extra))
         return results
 

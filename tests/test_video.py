@@ -172,6 +172,19 @@ def test_animatediff_mp4_read_back(cli, ad, tmp_path):
     assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(frames, read_mp4(replayed)[0])) == 0
 
 
+def test_lora_on_the_sd_base_changes_frames_and_is_recorded(cli, ad, tiny, tmp_path):
+    out = tmp_path / "o"
+    runs = []
+    for extra in (["--lora", f"{tiny('lora')}:0.8"], []):
+        r = cli("video", "a calm sea", "--model", ad, *FAST, "--seed", "3", "--out", out, "--json", *extra)
+        assert r.exit_code == 0, r
+        runs.append(Path(json.loads(r.stdout.strip().splitlines()[-1])["path"]))
+    with_lora, base = (read_mp4(p)[0] for p in runs)
+    assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(with_lora, base)) > 0
+    assert json.loads(runs[0].with_suffix(".json").read_text())["adapters"][0]["scale"] == 0.8
+    assert "adapters" not in json.loads(runs[1].with_suffix(".json").read_text())  # off again without --lora
+
+
 def test_seed_reproduces_base_plus_adapter_equals_folder_and_chunked_decode_matches(ad):
     common = {"prompt": "a calm sea", "frames": 8, "steps": 2, "guidance": 1.0}
     a, a2 = engine_run({**common, "model": str(ad), "seed": 5, "num_outputs": 2})

@@ -49,6 +49,7 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="what the clip shows (SVD takes none: give --init only)")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="alias, hub id or folder (default: animatediff-v3)", rich_help_panel=_M)] = None,
     motion_adapter: Annotated[Optional[str], typer.Option(help="AnimateDiff motion adapter over an SD base --model", rich_help_panel=_M)] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA PATH_OR_ID\\[:SCALE] for the SD base (repeatable)", rich_help_panel=_M, show_default=False)] = None,
     frames: Annotated[Optional[int], typer.Option(help="frames to generate (beyond 16 AnimateDiff slides context windows)", rich_help_panel=_C)] = None,
     fps: Annotated[Optional[float], typer.Option(help="playback frames/s (default: the model's rate x --interpolate)", rich_help_panel=_C)] = None,
     width: Annotated[Optional[int], typer.Option(help="width in pixels", rich_help_panel=_C)] = None,
@@ -75,7 +76,7 @@ def generate(
 ) -> None:
     """Generate a clip: `studio video "a boat on a calm sea" --frames 16 --format gif`."""
     params: dict[str, Any] = {
-        "prompt": prompt, "model": model, "motion_adapter": motion_adapter, "frames": frames, "fps": fps,
+        "prompt": prompt, "model": model, "motion_adapter": motion_adapter, "adapters": tuple(lora) if lora else None, "frames": frames, "fps": fps,
         "width": width, "height": height, "steps": steps, "guidance": guidance, "negative_prompt": negative,
         "num_outputs": num_outputs, "format": format.lower() if format else None,
         "init_image": str(init) if init else None, "strength": strength, "motion_bucket_id": motion_bucket_id,
