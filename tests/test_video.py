@@ -111,7 +111,7 @@ def test_request_fields_are_explicit():
         "prompt", "negative_prompt", "model", "motion_adapter", "frames", "fps", "width", "height", "steps", "guidance",
         "seed", "num_outputs", "format", "init_image", "strength", "motion_bucket_id", "noise_aug_strength", "prompt_map",
         "context_length", "context_stride", "controlnet", "control_frames", "control_scale", "interpolate",
-        "interpolate_method", "decode_chunk_size"]
+        "interpolate_method", "decode_chunk_size", "adapters"]
 
 
 def test_video_cards_resolve_and_animatediff_is_the_default():
