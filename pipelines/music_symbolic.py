@@ -98,6 +98,7 @@ class MidiRequest:
     seed: int | None = None  # random seed (the engine fills one in and records it)
     render: bool = False  # also write a WAV rendering beside each MIDI (NAME.render.wav)
     soundfont: str | None = None  # .sf2 for --render (default: pretty_midi's General MIDI soundfont)
+    adapters: tuple[str, ...] = ()  # peft adapters "PATH[:SCALE]" (studio adapt train --task midi)
 
 
 # ----------------------------------------------------------------------------- parsing helpers
@@ -578,8 +579,12 @@ class MidiGenerator:
     def run(self, request: MidiRequest, progress: Any) -> list[Result]:
         import torch
 
-        # 1. check inputs and resolve the controls
+        # 1. check inputs and resolve the controls; adapters on (or all off when none are asked for)
         ctl = self._resolve(request)
+        from adapters.peft_adapters import apply_adapters
+
+        apply_adapters(self.model, tuple(request.adapters or ()), base_label=self.spec.alias or self.spec.name,
+                       allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
         primer, primer_tempo = self._read_primer(request.primer) if request.primer else ([], None)
         primer_bars = sum(1 for t in primer if t == self.vocab.bar)
         scale = ctl["key"][2] if ctl["key"] else None

@@ -274,8 +274,10 @@ class DeviceManager:
     def _prepare_pipeline(self, pipe: Any, quantize_modules: tuple[str, ...] | None) -> Any:
         torch = self.torch
         r = self.resolved
-        # precision first: quantising fp32 weights and then casting would undo it
-        pipe.to(dtype=self._cast_dtype())
+        # precision first: quantising fp32 weights and then casting would undo it (and casting
+        # an already-fp32 pipeline makes diffusers warn about fp32-only modules for nothing)
+        if getattr(pipe, "dtype", None) != self._cast_dtype():
+            pipe.to(dtype=self._cast_dtype())
         denoisers = [m for name in ("unet", "transformer", "controlnet", "prior") if
                      isinstance(m := getattr(pipe, name, None), torch.nn.Module)]
         # attention
@@ -325,7 +327,8 @@ class DeviceManager:
     def _prepare_module(self, model: Any) -> Any:
         torch = self.torch
         r = self.resolved
-        model.to(dtype=self._cast_dtype())
+        if any(p.dtype != self._cast_dtype() for p in model.parameters() if p.is_floating_point()):
+            model.to(dtype=self._cast_dtype())
         if r.attention in ("xformers", "sliced"):
             raise BackendUnavailable(f"--attention {r.attention} applies to diffusers pipelines only",
                                      "use --attention sdpa, flash or math for this model")

@@ -112,7 +112,10 @@ class Engine:
         # an unwritable --out fails now (exit 2), not after minutes of generation
         writer = OutputWriter(opts.out_dir, task=task, template=opts.template, overwrite=opts.overwrite) if opts.write else None
 
-        # 3. load (cached) and run
+        # 3. load (cached) and run; the libraries' own tqdm bars would fight our rich bars
+        for lib in ("transformers", "diffusers"):
+            if lib in sys.modules:
+                sys.modules[lib].utils.logging.disable_progress_bar()
         device = get_device_manager(device_settings)
         t0 = time.perf_counter()
         with self.progress:

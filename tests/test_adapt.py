@@ -280,3 +280,10 @@ def test_caption_and_midi_adapters_train(tiny, tmp_path):
     assert midi.losses[-1] < midi.losses[0]
     model, _ = load_transformers(str(tiny("midi-lm")), {})
     apply_adapters(model, [str(tmp_path / "midi")])  # GPT-2 Conv1D layers take the adapter too
+    # and `studio music midi --lora` uses it: a valid MIDI file, the adapter in its sidecar
+    out = tmp_path / "midi-out"
+    run = CliRunner().invoke(app, ["music", "midi", "--model", str(tiny("midi-lm")), "--lora", str(tmp_path / "midi"),
+                                   "--bars", "2", "--seed", "1", "--out", str(out), "-q"])
+    assert run.exit_code == 0, run.output
+    [written] = list(out.glob("*.mid"))
+    assert pretty_midi.PrettyMIDI(str(written)).instruments

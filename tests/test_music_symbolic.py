@@ -51,7 +51,7 @@ def test_request_fields_are_explicit():
 
     assert [f.name for f in dataclasses.fields(MidiRequest)] == [
         "model", "bars", "seconds", "tempo", "key", "time_signature", "chords", "program", "instrument", "primer",
-        "temperature", "top_k", "top_p", "num_outputs", "seed", "render", "soundfont"]
+        "temperature", "top_k", "top_p", "num_outputs", "seed", "render", "soundfont", "adapters"]
 
 
 def test_tempo_time_signature_instrument_and_bars_are_written(cli, lm, tmp_path):

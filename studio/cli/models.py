@@ -89,7 +89,7 @@ def pull(
 
 @models_app.command("make-tiny")
 def make_tiny(
-    kind: Annotated[str, typer.Argument(help="sd, sdxl, controlnet, lora, blip-caption, blip-vqa, vlm, clip, midi-lm, musicgen, animatediff, t2v, code-lm")],
+    kind: Annotated[str, typer.Argument(help="sd, sdxl, controlnet, lora, blip-caption, blip-vqa, vlm, git, clip, midi-lm, musicgen, musicgen-melody, animatediff, t2v, svd, ltx, wan, code-lm")],
     out: Annotated[Path, typer.Argument(help="new folder to write the model into")],
     seed: Annotated[int, typer.Option(help="seed for the random weights")] = 0,
 ) -> None:

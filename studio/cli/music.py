@@ -59,13 +59,15 @@ def midi(
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="how many pieces (seeds seed, seed+1, ...)")] = None,
     render: Annotated[Optional[bool], typer.Option("--render/--no-render", help="also write NAME.render.wav (fluidsynth, or plain synthesis)", show_default=False)] = None,
     soundfont: Annotated[Optional[Path], typer.Option(help=".sf2 soundfont for --render (default: pretty_midi's General MIDI font)")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="peft adapter PATH\\[:SCALE] from `studio adapt train --task midi` (repeatable)", show_default=False)] = None,
     opts: Globals = None,
 ) -> None:
     """Generate MIDI with a transformer over REMI tokens; every control is enforced while decoding."""
     params = {"model": model if model != "auto" else None, "bars": bars, "seconds": seconds, "tempo": tempo, "key": key,
               "time_signature": time_signature, "chords": chords, "program": program, "instrument": instrument,
               "primer": str(primer) if primer else None, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-              "num_outputs": num, "render": render, "soundfont": str(soundfont) if soundfont else None}
+              "num_outputs": num, "render": render, "soundfont": str(soundfont) if soundfont else None,
+              "adapters": tuple(lora) if lora else None}
     run_command("music-midi", params, opts)
 
 
