@@ -36,6 +36,7 @@ from studio.errors import InputFileError, UsageError
 from studio.models import ModelSpec, loading
 from studio.outputs import Result
 from studio.pipeline import seeds_for
+from studio.progress import quiet_transformers
 
 AUDIO_FORMATS = ("wav", "flac")
 MAX_WINDOW_SECONDS = 30.0  # what the released MusicGen models were trained on (audiocraft's max_duration)
@@ -128,20 +129,6 @@ class ChromaExtractor:
         return one_hot[None]  # (1, frames, 12)
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' per-tensor loading bar and config warnings while loading: studio
-    shows its own progress, and the bar would print even under --quiet."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
-        hf_logging.set_verbosity(verbosity)
 
 
 # ----------------------------------------------------------------------------- token capture

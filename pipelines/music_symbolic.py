@@ -49,6 +49,7 @@ from studio.errors import InputFileError, UsageError
 from studio.models import ModelSpec, loading
 from studio.outputs import Result
 from studio.pipeline import seeds_for
+from studio.progress import quiet_transformers
 
 DEFAULT_BARS = 8
 MAX_BARS = 512
@@ -215,20 +216,6 @@ def score_to_pretty_midi(score: Any) -> Any:
     return pretty_midi.PrettyMIDI(io.BytesIO(score.dumps_midi()))
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' per-tensor loading bar and config warnings while loading: studio
-    shows its own progress, and the bar would print even under --quiet."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
-        hf_logging.set_verbosity(verbosity)
 
 
 # ----------------------------------------------------------------------------- constrained decoding

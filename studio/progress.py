@@ -9,6 +9,22 @@ import sys
 from typing import Any, Callable, Iterator
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' per-tensor loading bar and config warnings while loading: studio
+    shows its own progress, and the bar would print even under --quiet."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+
+
 class TaskHandle:
     """One bar. `advance()` per step; `update(**fields)` for extra columns (loss, lr, ...)."""
 
