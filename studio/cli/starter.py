@@ -1,5 +1,121 @@
-"""Placeholder: filled in by the starter work."""
+"""`studio data shapes`, `studio train starter NAME`, `studio eval image`: the starter models'
+data, training and image evaluation (pipelines/training/shapes.py and starter.py do the work)."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from studio.cli.common import Globals, generating, new_app
+
+data_app = new_app("Generate training data: `studio data shapes` (the synthetic shapes world).")
+train_app = new_app("Train models: `studio train starter NAME` reproduces a shipped starter model.")
+
+STARTER_NAMES = "image, caption, vqa, clip, midi, code"
+
+
+@data_app.command("shapes")
+def shapes(
+    n: Annotated[int, typer.Option("--n", help="number of samples")] = 1000,
+    size: Annotated[int, typer.Option(help="image side in pixels")] = 64,
+    seed: Annotated[int, typer.Option(help="split seed (0 = the starters' training split, 1 = their held-out split)")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="dataset folder")] = Path("shapes"),
+    two_shapes: Annotated[float, typer.Option("--two-shapes", help="share of images with two shapes")] = 0.25,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Write a deterministic shapes-world dataset: images/ (with a .txt caption beside each),
+    masks/, edges/, metadata.jsonl (attributes), vqa.jsonl and pairs.csv (for `studio clip train`)."""
+    from studio.errors import UsageError
+
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}", "pass --n 1000")
+    if not 16 <= size <= 1024:
+        raise UsageError(f"--size {size} is outside 16..1024", "pass --size 64")
+    if not 0.0 <= two_shapes <= 1.0:
+        raise UsageError(f"--two-shapes {two_shapes} is not a share between 0 and 1", "pass --two-shapes 0.25")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} already exists and is not empty", "pass a new --out folder")
+    from pipelines.training.shapes import write_dataset
+    from studio.progress import Progress
+
+    with Progress(enabled=not quiet) as progress:
+        report = write_dataset(out, n=n, size=size, seed=seed, two_shapes=two_shapes, progress=progress)
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+@train_app.command("starter")
+def train_starter(
+    name: Annotated[str, typer.Argument(help=f"which starter: {STARTER_NAMES}")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="model folder (default ./starter-NAME)", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="steps of the main stage (default: the recipe's)", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint in the work folder")] = False,
+    work: Annotated[Optional[Path], typer.Option(help="checkpoints and log (default OUT.train)", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="data and initialisation seed")] = 0,
+    smoke: Annotated[bool, typer.Option("--smoke", help="a few steps on a tiny data set (checks the recipe runs)")] = False,
+    checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="seconds between checkpoints")] = 180.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Train a starter model from its data and seed (progress, checkpoints, --resume). The
+    shipped weights in presets/starter/NAME came from this command; its model card says how long it took."""
+    from studio.errors import UsageError
+
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}", "pass --steps 100")
+    from pipelines.training.starter import train_starter as train
+    from studio.progress import Progress
+
+    out = out or Path(f"starter-{name}")
+    with Progress(enabled=not quiet) as progress:
+        report = train(name, out, steps=steps, resume=resume, smoke=smoke, work=work, seed=seed, progress=progress,
+                       checkpoint_every_s=checkpoint_every)
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+def eval_image(
+    model: Annotated[str, typer.Option(help="image model: alias, folder or hub id")] = "starter-image",
+    n: Annotated[int, typer.Option("--n", help="held-out prompts to generate")] = 100,
+    data_seed: Annotated[int, typer.Option("--data-seed", help="shapes-world split the prompts come from (1 = held out)")] = 1,
+    steps: Annotated[Optional[int], typer.Option(help="denoising steps (default: the model card's)", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="guidance scale (default: the model card's)", show_default=False)] = None,
+    report_out: Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this file", show_default=False)] = None,
+    samples: Annotated[bool, typer.Option("--samples", help="include each prompt's verdict in the report")] = False,
+    opts: Globals = None,
+) -> None:
+    """Prompt-following of a text-to-image model on held-out shapes-world prompts, judged by the
+    deterministic pixel checker (colour and shape of the largest shape), as JSON. With --out the
+    generated images are written too."""
+    from studio.engine import Engine
+    from studio.errors import UsageError
+
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}", "pass --n 100")
+    from pipelines.training import shapes as S
+
+    targets = list(S.samples(data_seed, n, two_shapes=0.0))
+    engine = Engine(opts.run_options("image", write=opts.out is not None))
+    images = []
+    base_seed = opts.seed if opts.seed is not None else 0
+    for i, target in enumerate(targets):
+        params = {"prompt": target.caption, "model": model, "seed": base_seed + i, "steps": steps, "guidance": guidance}
+        results = engine.run("image", {k: v for k, v in params.items() if v is not None})
+        images.append(results[0].value)
+    report = {"task": "image", "model": model, "data_seed": data_seed, "checker": "shapes pixel checker",
+              **S.prompt_following(images, targets)}
+    if not samples:
+        report.pop("samples")
+    text = json.dumps(report, indent=2)
+    if report_out is not None:
+        from studio.outputs import write_text_file
+
+        write_text_file(report_out, text + "\n")
+    sys.stdout.write(text + "\n")
 
 
 def register(root) -> None:
-    pass
+    from studio.cli.eval import eval_app
+
+    root.add_typer(data_app, name="data")
+    root.add_typer(train_app, name="train")
+    eval_app.command("image")(generating(eval_image))

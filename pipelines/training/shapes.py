@@ -1,0 +1,280 @@
+"""Shapes world: a deterministic synthetic dataset, and the deterministic pixel checker that
+judges generated images against it.
+
+Every starter model is trained on this world, so every sample is a pure function of
+(seed, index): sample i of seed S is the same whether you ask for 10 samples or 10 000, on any
+machine (numpy's PCG64 seeded with [S, i]; PIL draws without antialiasing so the pixels are
+exact). Held-out splits are other seeds (training uses seed 0, evaluation seed 1 unless told).
+
+A sample is one or two flat-coloured shapes (circle, square, triangle) on a flat background,
+with
+  - a caption:      "a small red circle on the left, blue background"
+                    "a red circle and a large green square, white background" (two shapes)
+  - the attributes:  shape, colour, size (small/large), position, background (as a dict)
+  - control maps:    a mask (white inside any shape) and Canny edges (OpenCV, the same edge
+                     detector the canny ControlNets are trained with)
+  - VQA pairs:       ("what colour is the circle?", "red"), ("what shape is it?", "circle"), ...
+
+The pixel checker (`judge`) finds the shape without any learned model: background = the median
+border colour, foreground = pixels far from it, the largest connected component is the shape,
+its colour is the nearest palette colour of its median pixel, its shape is the template
+(circle / square / upward triangle fitted to its bounding box) with the highest IoU. On real
+shapes-world images it is right every time (tests/test_starter.py checks 100% on 200 samples),
+so whatever it scores on a generator's output is the generator's error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+# Colours far apart in RGB so the checker's nearest-colour rule has wide margins.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 190),
+    "orange": (245, 135, 20),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+    **COLOURS,
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.13, "large": 0.24}  # half-extent as a fraction of the image side
+POSITIONS = {  # centre as (x, y) fractions of the image side
+    "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5),
+}
+NUMBERS = {1: "one", 2: "two"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    shape: str  # circle | square | triangle
+    colour: str  # a COLOURS name
+    size: str  # small | large
+    position: str  # a POSITIONS name
+    cx: float  # centre x, fraction of the image side (position + jitter)
+    cy: float  # centre y
+    r: float  # half extent, fraction of the image side
+
+
+@dataclass(frozen=True)
+class Sample:
+    seed: int  # the split's seed
+    index: int  # index inside the split
+    background: str  # a BACKGROUNDS name
+    shapes: tuple[Shape, ...]  # one or two
+    caption: str  # the text a generator is asked for / a captioner should say
+    vqa: tuple[tuple[str, str], ...] = field(default=())  # (question, answer) pairs
+
+    def attributes(self) -> dict[str, Any]:
+        return {"background": self.background, "shapes": [asdict(s) for s in self.shapes]}
+
+
+def caption_for(shapes: tuple[Shape, ...], background: str) -> str:
+    """One shape: 'a small red circle on the left, blue background'; two: 'a red circle and a
+    green square, white background' (positions/sizes left out so captions stay learnable)."""
+    if len(shapes) == 1:
+        s = shapes[0]
+        where = {"center": "in the center", "top": "at the top", "bottom": "at the bottom"}.get(s.position, f"on the {s.position}")
+        return f"a {s.size} {s.colour} {s.shape} {where}, {background} background"
+    parts = " and ".join(f"a {s.colour} {s.shape}" for s in shapes)
+    return f"{parts}, {background} background"
+
+
+def vqa_for(shapes: tuple[Shape, ...], background: str) -> tuple[tuple[str, str], ...]:
+    pairs = [("what colour is the background?", background), ("how many shapes are there?", NUMBERS[len(shapes)])]
+    for s in shapes:
+        pairs.append((f"what colour is the {s.shape}?", s.colour))
+        pairs.append((f"what shape is {s.colour}?", s.shape))
+    if len(shapes) == 1:
+        s = shapes[0]
+        pairs += [("what shape is it?", s.shape), ("what colour is the shape?", s.colour),
+                  (f"is the {s.shape} small or large?", s.size), (f"where is the {s.shape}?", s.position)]
+    return tuple(pairs)
+
+
+def sample(seed: int, index: int, *, two_shapes: float = 0.25) -> Sample:
+    """Sample `index` of split `seed` (pure function of both). `two_shapes` is the share of
+    two-shape samples (0 for the image starter, whose prompts name one shape)."""
+    rng = np.random.default_rng([seed, index])
+    n = 2 if rng.random() < two_shapes else 1
+    background = str(rng.choice(list(BACKGROUNDS)))
+    colours = [c for c in COLOURS if c != background]
+    picked_colours = rng.choice(colours, size=n, replace=False)
+    picked_shapes = rng.choice(SHAPES, size=n, replace=False)
+    # two shapes sit on opposite sides so they never overlap
+    positions = [str(rng.choice(list(POSITIONS)))] if n == 1 else list(
+        [("left", "right"), ("top", "bottom")][int(rng.integers(2))][:: 1 if rng.random() < 0.5 else -1])
+    shapes = []
+    for i in range(n):
+        size = str(rng.choice(list(SIZES))) if n == 1 else "small"
+        px, py = POSITIONS[positions[i]]
+        jitter = 0.05 if n == 1 else 0.03
+        r = SIZES[size] * float(rng.uniform(0.9, 1.1))
+        cx = float(np.clip(px + rng.uniform(-jitter, jitter), r + 0.02, 1 - r - 0.02))
+        cy = float(np.clip(py + rng.uniform(-jitter, jitter), r + 0.02, 1 - r - 0.02))
+        shapes.append(Shape(str(picked_shapes[i]), str(picked_colours[i]), size, positions[i], cx, cy, r))
+    # reading order (left before right, top before bottom) so a two-shape caption has one right answer
+    shapes_t = tuple(sorted(shapes, key=lambda s: ("left", "top", "center", "right", "bottom").index(s.position)))
+    return Sample(seed, index, background, shapes_t, caption_for(shapes_t, background), vqa_for(shapes_t, background))
+
+
+def samples(seed: int, n: int, *, start: int = 0, two_shapes: float = 0.25) -> Iterator[Sample]:
+    for i in range(start, start + n):
+        yield sample(seed, i, two_shapes=two_shapes)
+
+
+def _polygon(s: Shape, size: int) -> list[tuple[float, float]] | tuple[float, float, float, float]:
+    cx, cy, r = s.cx * size, s.cy * size, s.r * size
+    if s.shape == "triangle":  # upward isosceles triangle filling its bounding box
+        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    return (cx - r, cy - r, cx + r, cy + r)
+
+
+def render(s: Sample, size: int = 64) -> tuple[Any, Any]:
+    """(RGB image, mask) as PIL images; no antialiasing, so pixels are exact."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), BACKGROUNDS[s.background])
+    mask = Image.new("L", (size, size), 0)
+    draw, mdraw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+    for shape in s.shapes:
+        geom = _polygon(shape, size)
+        for d, fill in ((draw, COLOURS[shape.colour]), (mdraw, 255)):
+            if shape.shape == "circle":
+                d.ellipse(geom, fill=fill)
+            elif shape.shape == "square":
+                d.rectangle(geom, fill=fill)
+            else:
+                d.polygon(geom, fill=fill)
+    return image, mask
+
+
+def edges(image: Any) -> Any:
+    """Canny edges (white on black) as a PIL 'L' image."""
+    import cv2
+    from PIL import Image
+
+    grey = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2GRAY)
+    return Image.fromarray(cv2.Canny(grey, 50, 150))
+
+
+def write_dataset(out: Path, *, n: int, size: int = 64, seed: int = 0, two_shapes: float = 0.25,
+                  progress: Any = None) -> dict[str, Any]:
+    """Write images/ (each PNG with its caption beside it as .txt), masks/, edges/, metadata.jsonl (Hugging Face imagefolder layout: one JSON
+    line per image with file_name and text), pairs.csv (filepath,caption for `studio clip
+    train`) and vqa.jsonl. Every file goes through atomic_path: a stopped run leaves no half file."""
+    import csv
+    import io
+
+    from studio.outputs import atomic_path
+
+    out = Path(out)
+    for sub in ("images", "masks", "edges"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    meta_lines, vqa_lines = [], []
+    csv_buf = io.StringIO()
+    writer = csv.writer(csv_buf)
+    writer.writerow(["filepath", "caption"])
+    handle = progress.task("shapes", total=n) if progress is not None else None
+    for s in samples(seed, n, two_shapes=two_shapes):
+        name = f"{s.index:06d}.png"
+        image, mask = render(s, size)
+        for sub, img in (("images", image), ("masks", mask), ("edges", edges(image))):
+            with atomic_path(out / sub / name) as tmp:
+                img.save(tmp, format="PNG")
+        with atomic_path(out / "images" / f"{s.index:06d}.txt") as tmp:  # what `studio eval caption` reads
+            Path(tmp).write_text(s.caption + "\n")
+        meta_lines.append(json.dumps({"file_name": f"images/{name}", "text": s.caption,
+                                      "mask": f"masks/{name}", "edges": f"edges/{name}",
+                                      "seed": s.seed, "index": s.index, **s.attributes()}))
+        for q, a in s.vqa:
+            vqa_lines.append(json.dumps({"file_name": f"images/{name}", "question": q, "answer": a}))
+        writer.writerow([f"images/{name}", s.caption])
+        if handle is not None:
+            handle.advance()
+    for fname, text in (("metadata.jsonl", "\n".join(meta_lines) + "\n"),
+                        ("vqa.jsonl", "\n".join(vqa_lines) + "\n"), ("pairs.csv", csv_buf.getvalue())):
+        with atomic_path(out / fname) as tmp:
+            Path(tmp).write_text(text)
+    return {"out": str(out), "n": n, "size": size, "seed": seed, "vqa_pairs": len(vqa_lines)}
+
+
+# ----------------------------------------------------------------------------- the pixel checker
+def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+    names = list(palette)
+    d = ((np.asarray([palette[c] for c in names], dtype=np.float32) - rgb[None]) ** 2).sum(1)
+    return names[int(d.argmin())]
+
+
+def _template(shape: str, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u, v = (xx + 0.5) / w, (yy + 0.5) / h  # 0..1 inside the bounding box
+    if shape == "circle":
+        return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    if shape == "square":
+        return np.ones((h, w), bool)
+    return np.abs(u - 0.5) <= v / 2  # apex at the top centre, base along the bottom
+
+
+@dataclass(frozen=True)
+class Judgement:
+    colour: str | None  # detected colour of the largest shape (None: no shape found)
+    shape: str | None  # detected shape
+    background: str  # detected background colour
+    area: float  # shape area as a fraction of the image
+    scores: dict[str, float]  # template IoU per shape
+
+
+def judge(image: Any) -> Judgement:
+    """Detect the largest shape of an image (PIL or HxWx3 uint8) without any learned model."""
+    import cv2
+
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image).astype(np.float32)
+    h, w, _ = arr.shape
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    bg_rgb = np.median(border, axis=0)
+    background = _nearest(bg_rgb, BACKGROUNDS)
+    # foreground: far from the background colour (a generator's background is not perfectly flat)
+    fg = (np.sqrt(((arr - bg_rgb) ** 2).sum(-1)) > 60).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=4)
+    if count <= 1:
+        return Judgement(None, None, background, 0.0, {})
+    best = 1 + int(stats[1:, cv2.CC_STAT_AREA].argmax())
+    x, y, bw, bh, area = (int(v) for v in stats[best][:5])
+    if area < 0.005 * h * w:
+        return Judgement(None, None, background, area / (h * w), {})
+    comp = labels[y:y + bh, x:x + bw] == best
+    colour = _nearest(np.median(arr[labels == best], axis=0), COLOURS)
+    scores = {}
+    for name in SHAPES:
+        t = _template(name, bh, bw)
+        scores[name] = float((t & comp).sum() / max(1, (t | comp).sum()))
+    shape = max(scores, key=scores.get)
+    return Judgement(colour, shape, background, area / (h * w), scores)
+
+
+def prompt_following(images: list[Any], targets: list[Sample]) -> dict[str, Any]:
+    """Share of images whose detected colour and shape equal the prompt's (first) shape."""
+    colour_ok = shape_ok = both = 0
+    rows = []
+    for image, s in zip(images, targets):
+        j = judge(image)
+        want = s.shapes[0]
+        c, sh = j.colour == want.colour, j.shape == want.shape
+        colour_ok += c
+        shape_ok += sh
+        both += c and sh
+        rows.append({"prompt": s.caption, "colour": j.colour, "shape": j.shape, "ok": bool(c and sh)})
+    n = max(1, len(targets))
+    return {"n": len(targets), "prompt_following": both / n, "colour_accuracy": colour_ok / n,
+            "shape_accuracy": shape_ok / n, "samples": rows}

@@ -1,0 +1,247 @@
+"""Starter models: shapes-world data, the pixel checker, the training recipes (smoke runs of a
+few steps through `studio train starter`), exact resume, and the shipped starters loading and
+running through the normal CLI paths. Full training stays out of CI (it takes tens of minutes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "presets" / "starter"
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- shapes world
+def test_samples_are_a_pure_function_of_seed_and_index():
+    from pipelines.training import shapes as S
+
+    a = [S.sample(0, i) for i in range(20)]
+    assert [S.sample(0, i) for i in range(20)] == a
+    assert list(S.samples(0, 5, start=10)) == a[10:15]  # sample i does not depend on how many are asked for
+    assert [s.caption for s in S.samples(1, 20)] != [s.caption for s in a]  # another seed, another split
+    one = next(s for s in a if len(s.shapes) == 1)
+    first = one.shapes[0]
+    assert one.caption.startswith(f"a {first.size} {first.colour} {first.shape} ")
+    assert one.caption.endswith(f", {one.background} background")
+    assert (f"what colour is the {first.shape}?", first.colour) in one.vqa
+    two = next(s for s in S.samples(0, 50) if len(s.shapes) == 2)
+    assert [s.position for s in two.shapes] in (["left", "right"], ["top", "bottom"])  # reading order
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_pixel_checker_is_right_on_real_renders(size):
+    from pipelines.training import shapes as S
+
+    items = list(S.samples(7, 200, two_shapes=0.0))
+    report = S.prompt_following([S.render(s, size)[0] for s in items], items)
+    assert report["prompt_following"] == 1.0, [r for r in report["samples"] if not r["ok"]][:3]
+
+
+def test_pixel_checker_rejects_wrong_images():
+    from PIL import Image
+
+    from pipelines.training import shapes as S
+
+    blank = Image.new("RGB", (64, 64), (40, 80, 200))
+    assert S.judge(blank).shape is None
+    s = S.sample(3, 0, two_shapes=0.0)
+    swapped = S.Sample(s.seed, s.index, s.background, (S.Shape(
+        next(x for x in S.SHAPES if x != s.shapes[0].shape), s.shapes[0].colour, "large", "center", 0.5, 0.5, 0.24),), "")
+    assert S.prompt_following([S.render(swapped, 64)[0]], [s])["prompt_following"] == 0.0
+
+
+def test_data_shapes_cli_writes_the_same_dataset_twice(cli, tmp_path):
+    r = cli("data", "shapes", "--n", "6", "--size", "32", "--seed", "1", "--out", tmp_path / "a", "--quiet")
+    assert r.exit_code == 0, r
+    assert json.loads(r.stdout)["n"] == 6
+    assert cli("data", "shapes", "--n", "6", "--size", "32", "--seed", "1", "--out", tmp_path / "b", "-q").exit_code == 0
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    meta = [json.loads(line) for line in (tmp_path / "a" / "metadata.jsonl").read_text().splitlines()]
+    assert len(meta) == 6 and all((tmp_path / "a" / m["file_name"]).exists() for m in meta)
+    assert (tmp_path / "a" / "images" / "000000.txt").read_text().strip() == meta[0]["text"]
+    from PIL import Image
+
+    mask = Image.open(tmp_path / "a" / meta[0]["mask"])
+    assert mask.size == (32, 32) and mask.getextrema() == (0, 255)
+    assert (tmp_path / "a" / "pairs.csv").read_text().startswith("filepath,caption\n")
+    assert "question" in (tmp_path / "a" / "vqa.jsonl").read_text()
+
+
+def test_data_shapes_bad_input_exits_2_and_writes_nothing(cli, tmp_path):
+    r = cli("data", "shapes", "--n", "0", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--n" in r.stderr
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    r = cli("data", "shapes", "--n", "2", "--out", tmp_path / "full")
+    assert r.exit_code == 2 and "not empty" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["keep.txt"]
+
+
+# ----------------------------------------------------------------------------- training machinery
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
+    import torch
+
+    from pipelines.training.starter import Run, train_loop
+
+    def run_once(work: Path, stop_at: int | None, resume: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        run = Run("t", tmp_path / "out", work, resume=resume, checkpoint_every_s=0.0)
+
+        def loss_fn(step, g):
+            if stop_at is not None and step == stop_at:
+                raise KeyboardInterrupt  # a killed run
+            x = torch.randn(8, 4, generator=g)
+            return ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+
+        train_loop(run, "s", steps=6, params=list(model.parameters()), lr=1e-2, modules={"m": model},
+                   loss_fn=loss_fn, warmup=2)
+        return model
+
+    straight = run_once(tmp_path / "a", None, False)
+    with pytest.raises(KeyboardInterrupt):
+        run_once(tmp_path / "b", 3, False)
+    resumed = run_once(tmp_path / "b", None, True)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_train_unknown_starter_is_a_usage_error(cli, tmp_path):
+    r = cli("train", "starter", "nonsense", "--out", tmp_path / "x", "--smoke", "-q")
+    assert r.exit_code == 2 and "unknown starter" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def smoke_image(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    out = tmp_path_factory.mktemp("smoke") / "image"
+    r = CliRunner().invoke(app, ["train", "starter", "image", "--smoke", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_smoke_image_is_a_standard_stable_diffusion_folder(smoke_image):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(smoke_image)  # plain diffusers, no dtype argument
+    assert pipe.tokenizer.tokenize("a small red circle")[2] == "red</w>"  # one token per shapes word
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    sizes = [p.stat().st_size for p in smoke_image.rglob("*.safetensors")]
+    assert sizes and max(sizes) < 5_000_000
+
+
+def test_smoke_image_runs_through_studio_image(cli, smoke_image, tmp_path):
+    r = cli("image", "a small red circle on the left, blue background", "--model", smoke_image, "--steps", "2",
+            "--seed", "3", "--out", tmp_path / "o", "--json", "-q")
+    assert r.exit_code == 0, r
+    path = Path(json.loads(r.stdout.splitlines()[0])["path"])
+    from PIL import Image
+
+    assert Image.open(path).size == (32, 32)
+
+
+def test_smoke_image_resume_reaches_the_same_weights(tmp_path, smoke_image):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    out = tmp_path / "again"
+    r = CliRunner().invoke(app, ["train", "starter", "image", "--smoke", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert _digest(out) == _digest(smoke_image)  # same seed, same bytes
+    r = CliRunner().invoke(app, ["train", "starter", "image", "--smoke", "--out", str(out), "--resume", "-q"])
+    assert r.exit_code == 0, r.output  # every stage is done: resume republishes the same model
+    assert _digest(out) == _digest(smoke_image)
+
+
+@pytest.mark.parametrize("name", ["caption", "vqa", "clip"])
+def test_smoke_training_of_each_starter(cli, tmp_path, name):
+    r = cli("train", "starter", name, "--smoke", "--out", tmp_path / name, "-q")
+    assert r.exit_code == 0, r
+    report = json.loads(r.stdout.splitlines()[-1])
+    assert report["starter"] == name and report["eval"]["data_seed"] == 1
+    assert any((tmp_path / name).glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the shipped starters
+def _shipped(name: str) -> Path:
+    folder = SHIPPED / name
+    assert folder.is_dir(), f"starter {name} is not shipped: run `studio train starter {name} --out {folder}`"
+    return folder
+
+
+def test_shipped_weights_stay_small():
+    files = [p for p in SHIPPED.rglob("*") if p.is_file()]
+    assert files
+    assert max(p.stat().st_size for p in files) < 5_000_000
+    assert sum(p.stat().st_size for p in files) < 40_000_000
+
+
+def test_starter_image_follows_prompts_through_the_cli(cli, tmp_path):
+    _shipped("image")
+    r = cli("image", "a large red circle in the center, white background", "--model", "starter-image",
+            "--seed", "0", "--out", tmp_path, "--json", "-q")
+    assert r.exit_code == 0, r
+    from PIL import Image
+
+    from pipelines.training import shapes as S
+
+    judged = S.judge(Image.open(json.loads(r.stdout.splitlines()[0])["path"]))
+    assert judged.background == "white" and judged.colour == "red"
+
+
+def test_auto_falls_back_to_starter_image_offline(cli, tmp_path):
+    _shipped("image")
+    r = cli("image", "a small blue square on the left, yellow background", "--steps", "4", "--offline",
+            "--out", tmp_path, "--json")
+    assert r.exit_code == 0, r
+    assert "starter-image" in r.stderr and "sd-turbo" in r.stderr
+
+
+def test_eval_image_reports_json(cli):
+    _shipped("image")
+    r = cli("eval", "image", "--model", "starter-image", "--n", "2", "--steps", "4", "-q")
+    assert r.exit_code == 0, r
+    report = json.loads(r.stdout)
+    assert report["n"] == 2 and 0.0 <= report["prompt_following"] <= 1.0
+
+
+def test_starter_caption_and_vqa_through_the_cli(cli, tmp_path):
+    _shipped("caption")
+    _shipped("vqa")
+    from pipelines.training import shapes as S
+
+    s = S.sample(1, 0, two_shapes=0.0)
+    S.render(s, 64)[0].save(tmp_path / "shape.png")
+    r = cli("caption", tmp_path / "shape.png", "--model", "starter-caption", "--json", "-q")
+    assert r.exit_code == 0, r
+    assert s.shapes[0].shape in r.stdout
+    r = cli("vqa", tmp_path / "shape.png", f"what colour is the {s.shapes[0].shape}?", "--model", "starter-vqa",
+            "--json", "-q")
+    assert r.exit_code == 0, r
+    assert s.shapes[0].colour in r.stdout
+
+
+def test_starter_clip_loads_with_open_clip():
+    folder = _shipped("clip")
+    from pipelines.clip import load_clip
+    from pipelines.training import shapes as S
+    from pipelines.training.starter import clip_zero_shot
+
+    model, preprocess, tokenizer = load_clip(str(folder))
+    metrics = clip_zero_shot(model.float().eval(), preprocess, tokenizer, list(S.samples(1, 36, two_shapes=0.0)), 64)
+    assert metrics["zero_shot_top1"] >= 0.9
