@@ -194,24 +194,38 @@ def shapes_vocabulary_corpus() -> list[str]:
 
 
 def clip_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-format BPE (vocab + merges, '</w>' word ends, byte-to-unicode alphabet) trained with
-    the `tokenizers` library on `words`, so that each of them is a single token while any other
-    text still tokenizes (character by character) instead of failing."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """A CLIP-format BPE (vocab + merges, '</w>' word ends, byte-to-unicode alphabet) in which
+    each of `words` is one token, while any other text still tokenizes (character by character)
+    instead of failing. This is the textbook BPE training loop (merge the most frequent adjacent
+    pair until every word is one symbol) with ties broken alphabetically; the `tokenizers`
+    trainer breaks ties differently from run to run (two runs gave different merges), and a
+    starter must retrain to the same bytes."""
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # CLIP's byte-to-unicode characters
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=100000, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  end_of_word_suffix="</w>", initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator(words, trainer)
-    data = json.loads(tok.to_str())
-    tokens = set(data["model"]["vocab"]) | {ch + "</w>" for ch in alphabet}  # CLIP also needs every character as a word end
-    # the trainer numbers tokens in an order that varies between runs (ties); sorted ids make the
-    # tokenizer, and so a retrained model, the same every time
+    split = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in sorted(set(words))}
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs = Counter(p for syms in split.values() for p in zip(syms, syms[1:]))
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for w, syms in split.items():
+            out, i = [], 0
+            while i < len(syms):
+                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == best:
+                    out.append(syms[i] + syms[i + 1])
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            split[w] = out
     specials = ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(tokens - set(specials), key=lambda t: (len(t), t)))}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+    tokens = set(alphabet) | {ch + "</w>" for ch in alphabet} | {a + b for a, b in merges}
+    vocab = {t: i for i, t in enumerate(specials + sorted(tokens, key=lambda t: (len(t), t)))}
     return vocab, merges
 
 
@@ -327,11 +341,9 @@ def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
     # the tokenizer is kept in WORK: a resumed run must reuse the ids the text encoder learned
     from transformers import CLIPTokenizer
 
-    if (run.work / "tokenizer").is_dir():
-        tokenizer = CLIPTokenizer.from_pretrained(run.work / "tokenizer")
-    else:
-        tokenizer = clip_tokenizer(32)
-        tokenizer.save_pretrained(run.work / "tokenizer")
+    if not (run.work / "tokenizer").is_dir():
+        clip_tokenizer(32).save_pretrained(run.work / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(run.work / "tokenizer")  # loaded either way: same saved bytes
     vocab = tokenizer.get_vocab()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=recipe.text_width, intermediate_size=2 * recipe.text_width,
@@ -402,6 +414,10 @@ RECIPES: dict[str, tuple[type, Callable]] = {
 }
 
 
+# the step counts the shipped weights reached (caption and vqa share BlipRecipe)
+DEFAULT_STEPS = {"caption": 6000, "vqa": 4200, "clip": 3200}
+
+
 def train_starter(name: str, out: Path, *, steps: int | None = None, resume: bool = False, smoke: bool = False,
                   work: Path | None = None, seed: int = 0, progress: Any = None,
                   checkpoint_every_s: float = 180.0) -> dict[str, Any]:
@@ -413,8 +429,10 @@ def train_starter(name: str, out: Path, *, steps: int | None = None, resume: boo
     recipe = recipe_cls(seed=seed)
     if smoke:
         recipe = replace(recipe, **SMOKE[name])
+    main = {"image": "unet_steps"}.get(name, "steps")
+    if steps is None and not smoke and name in DEFAULT_STEPS:
+        steps = DEFAULT_STEPS[name]
     if steps is not None:
-        main = {"image": "unet_steps"}.get(name, "steps")
         recipe = replace(recipe, **{main: steps})
     run = Run(name, out, work, resume=resume, progress=progress, checkpoint_every_s=checkpoint_every_s)
     run.log(stage="start", recipe=asdict(recipe), resume=resume)
