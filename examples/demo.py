@@ -53,11 +53,17 @@ def main() -> None:
         images.append(path)
         written.append(path)
 
-    # 2. caption and question the first image with the shapes-world captioner and VQA model
+    # 2. a few held-out shapes-world images (seed 1), captioned and questioned by the starters
+    shapes = out / "shapes"
+    if not shapes.exists():
+        studio("data", "shapes", "--n", "4", "--seed", "1", "--out", str(shapes), "--quiet")
+    first = str(shapes / "images" / "000000.png")
+    written.append(first)
+    print("reference caption: " + (shapes / "images" / "000000.txt").read_text().strip())
     if shipped("caption"):
-        print(studio("caption", images[0], "--model", "starter-caption", "--quiet").strip())
+        print(studio("caption", first, "--model", "starter-caption", "--quiet").strip())
     if shipped("vqa"):
-        print(studio("vqa", images[1], "what colour is the triangle?", "what colour is the background?",
+        print(studio("vqa", first, "what shape is it?", "what colour is the background?",
                      "--model", "starter-vqa", "--quiet").strip())
 
     # 3. a short Bach-like chorale in C major from the symbolic music starter
