@@ -249,8 +249,12 @@ def test_default_model_is_a_card_and_offline_says_how_to_get_it(cli, shapes):
 
     defaults = [c for c in load_cards().values() if "clip-embed" in (c.get("default_for") or [])]
     assert [(c["name"], c["source"]) for c in defaults] == [("clip-vit-b-32", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K")]
-    r = cli("clip", "embed", "a cat", "--out", "idx", "--offline")
+    # the default named explicitly, offline and not cached: one error naming the fix
+    r = cli("clip", "embed", "a cat", "--model", "clip-vit-b-32", "--out", "idx", "--offline")
     assert r.exit_code == 2 and "clip-vit-b-32" in r.stderr and "models pull" in r.stderr
+    # `auto` offline falls back to the shipped starter instead of failing
+    r = cli("clip", "embed", "a cat", "--out", "idx2", "--offline")
+    assert r.exit_code == 0 and "starter-clip" in r.stderr
 
 
 def test_clip_embed_task_through_the_engine(tiny, shapes):
