@@ -79,6 +79,11 @@ class CodeRequest:
     stream: bool = False  # stream tokens to stdout as they come (the CLI sets it for one sample)
     seed: int | None = None  # sampling seed (recorded in the output)
     adapters: tuple[str, ...] = ()  # peft adapters, "PATH[:SCALE]" each (`studio adapt train --task code`)
+    # syntax-guided decoding (Python completion and infill): each line is sampled again, up to
+    # `syntax_tries` times, until the code so far still parses (codeop); None = the model card's
+    # default (on for starter-code, whose 0.9M weights alone write valid Python half the time)
+    syntax_check: bool | None = None
+    syntax_tries: int = 8
 
 
 # ----------------------------------------------------------------------------- FIM styles
@@ -371,7 +376,28 @@ def select_candidate(candidates: Sequence[str], tests: str, limits: Any = None,
 class Generation:
     text: str  # what the model wrote, cut at the first stop string
     tokens: int  # new tokens generated
-    finish: str  # "stop" (stop string or end token) or "length" (max_tokens reached)
+    finish: str  # "stop" (stop string or end token), "length" (max_tokens reached) or "syntax"
+    # (syntax-guided decoding found no line that parses in its tries: the text ends at the last good line)
+    rejected: int = 0  # lines resampled by syntax-guided decoding
+
+
+def python_prefix_ok(text: str, *, complete: bool = False) -> bool:
+    """True when `text` is Python source or the beginning of some: codeop says complete (a code
+    object) or incomplete (None), not wrong (SyntaxError). Unless `complete`, the last line may
+    be cut off mid-token, so it is left out of the check."""
+    import codeop
+    import warnings
+
+    if not complete:
+        lines = text.split("\n")
+        text = "\n".join(lines[:-1]) if len(lines) > 1 else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escape sequences and the like are warnings, not errors
+            codeop.compile_command(text + "\n", "<completion>", "exec")
+        return True
+    except (SyntaxError, ValueError, OverflowError):
+        return False
 
 
 class CodeGenerator:
@@ -527,10 +553,19 @@ class CodeGenerator:
 
         # 5. generate (streamed to stdout when asked and there is one candidate)
         end_tokens = self.fim.stops if mode == "infill" and self.fim else ()
+        check = None
+        if request.syntax_check and request.lang == "python" and mode != "chat":
+            head = prefix if mode == "infill" else (request.prompt if not request.instruction else "")
+            if python_prefix_ok(head):
+                def check(generated: str, complete: bool, head: str = head) -> bool:
+                    return python_prefix_ok(head + generated, complete=complete)
+            else:
+                progress.note("syntax check off: the code before the new text does not parse by itself")
         generations = self.generate(ids, n=request.samples, max_tokens=request.max_tokens,
                                     temperature=request.temperature, top_p=request.top_p, stop=stops,
                                     seed=request.seed, end_tokens=end_tokens, progress=progress,
-                                    stream=request.stream and request.samples == 1)
+                                    stream=request.stream and request.samples == 1, check=check,
+                                    tries=request.syntax_tries)
         codes = [self._code(request, mode, g.text, prefix, suffix) for g in generations]
 
         # 6. test-driven selection in the sandbox
@@ -558,6 +593,8 @@ class CodeGenerator:
                                      "tokens": {"prompt": len(ids), "new": g.tokens}}
             if len(codes) > 1:
                 extra["sample"] = i
+            if check is not None:
+                extra["syntax"] = {"resampled_lines": g.rejected, "tries": request.syntax_tries}
             if mode == "infill" and self.fim:
                 extra["fim"] = self.fim.name
             if request.context is not None:
@@ -618,18 +655,25 @@ class CodeGenerator:
     # ------------------------------------------------------------------ generation
     def sample(self, prompt: str, *, n: int = 1, max_tokens: int = 256, temperature: float = 0.2,
                top_p: float = 0.95, stop: Sequence[str] = (), seed: int = 0, raw: bool = False,
-               system: str | None = None, lang: str = "python", progress: Any = None) -> tuple[str, list[Generation]]:
+               system: str | None = None, lang: str = "python", progress: Any = None,
+               syntax_check: bool = False, syntax_tries: int = 8) -> tuple[str, list[Generation]]:
         """Generate n continuations of `prompt` (the eval's entry point): returns the mode used
         ("chat" or "completion") and the generations."""
         mode = "chat" if (self.chat and not raw) else "completion"
         request = CodeRequest(prompt=prompt, system=system, lang=lang, raw=raw)
         ids = self._prompt_ids(request, mode, "", "", "")
+        check = None
+        if syntax_check and lang == "python" and mode == "completion" and python_prefix_ok(prompt):
+            def check(generated: str, complete: bool) -> bool:
+                return python_prefix_ok(prompt + generated, complete=complete)
         return mode, self.generate(ids, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                   stop=stop if mode == "completion" else (), seed=seed, progress=progress)
+                                   stop=stop if mode == "completion" else (), seed=seed, progress=progress,
+                                   check=check, tries=syntax_tries)
 
     def generate(self, ids: list[int], *, n: int, max_tokens: int, temperature: float, top_p: float,
                  stop: Sequence[str], seed: int | None, end_tokens: Sequence[str] = (), progress: Any = None,
-                 stream: bool = False) -> list[Generation]:
+                 stream: bool = False, check: Callable[[str, bool], bool] | None = None,
+                 tries: int = 8) -> list[Generation]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -676,6 +720,30 @@ class CodeGenerator:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         if seed is not None:
             torch.manual_seed(int(seed))  # generate samples with torch's global RNG
+        if check is not None:
+            kwargs.pop("streamer", None)
+            kwargs.pop("stopping_criteria", None)
+            kwargs.pop("num_return_sequences")
+            kwargs.pop("stop_strings", None)
+            kwargs.pop("tokenizer", None)
+            emit = None
+            if stream:
+                def emit(text: str) -> None:
+                    out = stop_filter.feed(text)
+                    if out:
+                        sink(out)
+            try:
+                gens = [self._generate_guided(ids, kwargs, max_tokens=max_tokens, temperature=temperature,
+                                              stop=stop, eos_ids=eos_ids, check=check, tries=tries, emit=emit,
+                                              handle=handle) for _ in range(n)]
+            except torch.OutOfMemoryError as exc:
+                raise RuntimeFailure("out of memory while generating",
+                                     "lower --max-tokens or --samples, or pass --quantize int8") from exc
+            if stop_filter is not None and not stop_filter.done and stop_filter.pending:
+                sink(stop_filter.feed("", final=True))
+            if handle is not None:
+                handle.finish()
+            return gens
         try:
             with self.device.inference():
                 out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
@@ -696,6 +764,67 @@ class CodeGenerator:
             text, stopped = cut_at_stop(tok.decode(row, skip_special_tokens=True), stop)
             generations.append(Generation(text, len(row), "stop" if (ended or stopped) else "length"))
         return generations
+
+    def _generate_guided(self, ids: list[int], kwargs: dict[str, Any], *, max_tokens: int, temperature: float,
+                         stop: Sequence[str], eos_ids: set[int], check: Callable[[str, bool], bool], tries: int,
+                         emit: Callable[[str], None] | None, handle: Any) -> Generation:
+        """Syntax-guided decoding, one line at a time: sample up to the next newline, keep the line
+        when check(text so far) holds, else sample it again (up to `tries` times; the retries at
+        temperature >= 0.8, since a greedy retry would repeat the same line). transformers has no
+        grammar-constrained sampling for a whole language (its LogitsProcessors see one token, and a
+        line of Python can only be judged once it is complete), hence this loop around generate()."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tok = self.tokenizer
+
+        class _LineEnd(StoppingCriteria):  # stops once the new tokens contain a newline
+            def __init__(self, start: int):
+                self.start = start
+
+            def __call__(self, input_ids, scores, **kw):
+                if handle is not None:
+                    handle.advance(1)
+                done = "\n" in tok.decode(input_ids[0, self.start:])
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+        accepted: list[int] = []
+        shown = ""
+        finish, rejected = "length", 0
+        while len(accepted) < max_tokens:
+            cur = ids + accepted
+            for attempt in range(tries):
+                temp = temperature if attempt == 0 else max(temperature, 0.8)
+                step_kwargs = {**kwargs, "max_new_tokens": max_tokens - len(accepted), "do_sample": temp > 0,
+                               "stopping_criteria": StoppingCriteriaList([_LineEnd(len(cur))])}
+                if temp > 0:
+                    step_kwargs.update(temperature=temp, top_p=kwargs.get("top_p") or 0.95, top_k=None)
+                input_ids = torch.tensor([cur], dtype=torch.long, device=self.model.device)
+                with self.device.inference():
+                    out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **step_kwargs)
+                chunk = out[0, len(cur):].tolist()
+                ended = any(t in eos_ids for t in chunk)
+                if ended:
+                    chunk = chunk[: next(i for i, t in enumerate(chunk) if t in eos_ids)]
+                text, stopped = cut_at_stop(tok.decode(accepted + chunk, skip_special_tokens=True), stop)
+                final = ended or stopped
+                if check(text, final):
+                    break
+                rejected += 1
+            else:  # no line parsed: end at the last good line
+                finish = "syntax"
+                break
+            accepted += chunk
+            if emit is not None and len(text) > len(shown):
+                emit(text[len(shown):])
+                shown = text
+            if final:
+                finish = "stop"
+                break
+        text, _ = cut_at_stop(tok.decode(accepted, skip_special_tokens=True), stop)
+        if finish == "syntax":  # drop the cut-off start of the line that never parsed
+            text = text[: text.rfind("\n") + 1]
+        return Generation(text, len(accepted), finish, rejected)
 
 
 # ----------------------------------------------------------------------------- tiny model

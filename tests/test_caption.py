@@ -16,16 +16,7 @@ from studio import Studio
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 40), (250, 250, 250)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the spinning
-    threads make each tiny matmul ~20x slower; restored for the other test modules."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture

@@ -29,13 +29,7 @@ def shapes(tmp_path_factory):
     return make_shapes(tmp_path_factory.mktemp("shapes") / "data")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two cores shared by the whole suite: one intra-op thread is faster than two fighting
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def weights(folder: Path) -> dict:

@@ -14,15 +14,7 @@ import pytest
 from studio.progress import Progress
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a ~100K-parameter model: thread hand-offs cost more than the matmuls on a shared CPU
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")
@@ -340,4 +332,51 @@ def test_code_request_parameters_are_explicit():
     assert [f.name for f in dataclasses.fields(CodeRequest)] == [
         "prompt", "instruction", "model", "max_tokens", "temperature", "top_p", "stop", "system", "lang", "raw",
         "infill", "at", "prefix", "suffix", "context", "context_tokens", "samples", "tests", "timeout", "memory_mb",
-        "stream", "seed", "adapters"]
+        "stream", "seed", "adapters", "syntax_check", "syntax_tries"]
+
+
+# ------------------------------------------------------------------------- syntax-guided decoding
+def test_python_prefix_check():
+    from pipelines.code import python_prefix_ok
+
+    assert python_prefix_ok("def f(x):\n    return (x +\n")  # incomplete but valid so far
+    assert python_prefix_ok("x = 1\ny = (")  # the cut-off last line is not judged
+    assert not python_prefix_ok("def f(x):\n    return )\n")
+    assert python_prefix_ok("x = (1,\n", complete=True)  # incomplete: still a prefix
+    assert not python_prefix_ok("x = 1 +\n", complete=True)
+
+
+def test_syntax_check_keeps_only_lines_that_parse(generator):
+    # the tiny model has random weights: at temperature 1 it writes invalid Python almost every line
+    from pipelines.code import CodeRequest, python_prefix_ok
+
+    plain, guided = [], []
+    for seed in range(4):
+        base = dict(prompt="def add(a, b):\n", max_tokens=40, temperature=1.0, seed=seed)
+        plain.append(generator.run(CodeRequest(**base), Progress(enabled=False))[0])
+        guided.append(generator.run(CodeRequest(**base, syntax_check=True, syntax_tries=4), Progress(enabled=False))[0])
+    assert not all(python_prefix_ok(r.value) for r in plain), "the random model wrote valid Python unguided"
+    for r in guided:
+        assert python_prefix_ok(r.value), r.value
+        assert r.value.startswith("def add(a, b):\n")
+        assert r.extra["syntax"]["tries"] == 4
+    assert sum(r.extra["syntax"]["resampled_lines"] for r in guided) > 0
+    again = generator.run(CodeRequest(prompt="def add(a, b):\n", max_tokens=40, temperature=1.0, seed=0,
+                                      syntax_check=True, syntax_tries=4), Progress(enabled=False))[0]
+    assert again.value == guided[0].value  # same seed, same code
+
+
+def test_syntax_check_streams_what_it_keeps(cli, lm):
+    r = cli("code", "x = 1\n", "--model", lm, "--max-tokens", "30", "-t", "1.0", "--seed", "3", "--syntax-check")
+    assert r.exit_code == 0, r
+    j = cli("code", "x = 1\n", "--model", lm, "--max-tokens", "30", "-t", "1.0", "--seed", "3", "--syntax-check",
+            "--json", "-q")
+    row = json.loads(j.stdout)
+    assert "x = 1\n" + r.stdout.rstrip("\n") == row["text"].rstrip("\n")  # streamed = kept
+    assert row["syntax"]["tries"] == 8  # the default
+
+
+def test_the_starter_code_card_turns_the_syntax_check_on():
+    from studio import models
+
+    assert models.resolve("starter-code").card["defaults"]["syntax_check"] is True

@@ -13,14 +13,7 @@ import pytest
 from pipelines import code_eval, sandbox
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def test_pass_at_k_is_the_unbiased_estimator():

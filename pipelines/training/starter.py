@@ -123,7 +123,7 @@ def step_generator(seed: int, stage: str, step: int) -> Any:
 
 def train_loop(run: Run, stage: str, *, steps: int, params: list, lr: float, modules: dict[str, Any],
                loss_fn: Callable[[int, Any], Any], log_every: int = 25, warmup: int = 50,
-               weight_decay: float = 0.0) -> None:
+               weight_decay: float = 0.0, after_step: Callable[[int], None] | None = None) -> None:
     """AdamW with linear warmup and cosine decay; checkpoints modules + optimiser + step."""
     import torch
 
@@ -165,6 +165,8 @@ def train_loop(run: Run, stage: str, *, steps: int, params: list, lr: float, mod
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if after_step is not None:
+            after_step(step)
         value = float(loss.detach())
         running = value if running is None else 0.95 * running + 0.05 * value
         handle.advance()
@@ -242,16 +244,18 @@ class ImageRecipe:
     seed: int = 0  # data seed of the training split (evaluation uses seed 1)
     size: int = 32  # image side in pixels
     n_train: int = 8000  # training images (single shape each)
-    vae_steps: int = 400  # autoencoder steps (batch vae_batch)
-    vae_batch: int = 16
-    vae_channels: tuple[int, ...] = (24, 24, 24)  # 3 levels (latents are size/4 a side); TAESD needs one width
-    unet_steps: int = 1200  # denoiser steps (batch unet_batch)
-    decoder_steps: int = 2000  # decoder-only steps after the UNet (encoder frozen)
-    unet_batch: int = 16
-    unet_channels: tuple[int, ...] = (32, 64)
+    vae_steps: int = 1200  # autoencoder steps (batch vae_batch)
+    vae_batch: int = 32
+    vae_channels: tuple[int, ...] = (32, 32)  # 2 levels: latents are size/2 a side; TAESD needs one width
+    unet_steps: int = 5000  # denoiser steps (batch unet_batch)
+    decoder_steps: int = 800  # decoder-only steps after the UNet (encoder frozen)
+    unet_batch: int = 32
+    unet_channels: tuple[int, ...] = (32, 64, 96)  # attention only below the full latent resolution
     text_width: int = 64  # CLIP text encoder width (2 layers)
     lr_vae: float = 2e-3
     lr_unet: float = 2e-3
+    prediction_type: str = "v_prediction"  # well posed at every noise level, unlike epsilon (see train_image)
+    ema_decay: float = 0.999  # the shipped UNet and text encoder are the EMA of the trained ones
     drop_caption: float = 0.1  # share of empty captions, so classifier-free guidance works
 
 
@@ -282,6 +286,23 @@ def cached_split(work: Path, seed: int, n: int, size: int) -> tuple[Any, list]:
     return images, items
 
 
+def autoencoder_ceiling(vae: Any, size: int, n: int = 100, seed: int = 1) -> dict[str, float]:
+    """The pixel checker on the autoencoder's reconstructions of held-out images: what a perfect
+    denoiser could score at best through this VAE."""
+    import numpy as np
+    import torch
+
+    from pipelines.training import shapes as S
+
+    images_u8, items = _render_split(seed, n, size)
+    x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latents).sample
+    rec_u8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    report = S.prompt_following([np.ascontiguousarray(r) for r in rec_u8], items)
+    return {k: report[k] for k in ("prompt_following", "colour_accuracy", "shape_accuracy")}
+
+
 def finetune_decoder(run: Run, recipe: ImageRecipe, vae: Any, images: Any) -> None:
     import torch
 
@@ -300,6 +321,8 @@ def finetune_decoder(run: Run, recipe: ImageRecipe, vae: Any, images: Any) -> No
 
 
 def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
+    import copy
+
     import torch
     from diffusers import AutoencoderTiny, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -315,7 +338,9 @@ def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
     # 2. the autoencoder: diffusers' AutoencoderTiny (the TAESD architecture; StableDiffusionPipeline
     # takes it as its vae). Measured here: a GroupNorm AutoencoderKL of this size still returned
     # washed-out mean colours after 190 and 380 steps (MSE 0.20), because per-image normalisation makes it
-    # learn absolute colours slowly; TAESD's plain conv+ReLU blocks have no such normalisation.
+    # learn absolute colours slowly; TAESD's plain conv+ReLU blocks have no such normalisation. Two
+    # levels (16x16x4 latents for 32 px): with three (8x8x4) the checker scored only 0.50 on the
+    # VAE's own reconstructions (blurred squares read as circles), a ceiling no denoiser can pass.
     levels = len(recipe.vae_channels)
     vae = AutoencoderTiny(in_channels=3, out_channels=3, encoder_block_out_channels=recipe.vae_channels,
                           decoder_block_out_channels=recipe.vae_channels,
@@ -328,6 +353,7 @@ def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
 
     train_loop(run, "vae", steps=recipe.vae_steps, params=list(vae.parameters()), lr=recipe.lr_vae,
                modules={"vae": vae}, loss_fn=vae_loss)
+    run.log(stage="vae", ceiling=autoencoder_ceiling(vae, recipe.size))
 
     # 3. encode the training set once (posterior means); scale latents to unit variance as SD does
     with torch.no_grad():
@@ -350,18 +376,34 @@ def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32, projection_dim=recipe.text_width,
         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
     latent_side = recipe.size // 2 ** (levels - 1)
+    depth = len(recipe.unet_channels)
+    # self/cross attention at the full 16x16 latent resolution cost 2x the step time and the
+    # prompt's attributes are global (colour, shape, place): attention only on the coarser levels
     unet = UNet2DConditionModel(
         sample_size=latent_side, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=recipe.unet_channels, norm_num_groups=16,
-        down_block_types=("CrossAttnDownBlock2D",) * len(recipe.unet_channels),
-        up_block_types=("CrossAttnUpBlock2D",) * len(recipe.unet_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
         cross_attention_dim=recipe.text_width, attention_head_dim=8)
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
-                                clip_sample=False)
+    # v-prediction: with the cosine schedule alpha reaches ~0 at the last timesteps, where an epsilon
+    # model cannot say anything about the image (the first session's epsilon UNet sampled latents
+    # at 4-5x the data's std); v = alpha*eps - sigma*x0 is well posed at every noise level
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                prediction_type=recipe.prediction_type, clip_sample=False)
     # tokenize every caption once, exactly as StableDiffusionPipeline will at inference
     ids = tokenizer(captions, padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=32, return_tensors="pt").input_ids
     alphas = noise_sched.alphas_cumprod
+    # exponential moving average of the weights, the standard for diffusion models: it samples far
+    # cleaner than the last iterate of a short, high learning rate run
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    live = list(unet.parameters()) + list(text_encoder.parameters())
+    shadow = list(ema_unet.parameters()) + list(ema_text.parameters())
+
+    def ema_update(step: int) -> None:
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))  # warm-up: early steps average less
+        with torch.no_grad():
+            torch._foreach_lerp_(shadow, live, 1 - decay)
 
     def unet_loss(step: int, g: Any) -> Any:
         idx = torch.randint(0, len(latents), (recipe.unet_batch,), generator=g)
@@ -375,11 +417,17 @@ def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
         pred = unet(zt, t, text_encoder(tok).last_hidden_state).sample
         # min-SNR-5 weighting (Hang et al. 2023): converges several times faster than plain MSE
         snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=5.0) / snr
-        return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        if recipe.prediction_type == "v_prediction":
+            target, weight = noise_sched.get_velocity(z0, noise, t), torch.clamp(snr, max=5.0) / (snr + 1)
+        else:
+            target, weight = noise, torch.clamp(snr, max=5.0) / snr
+        return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
-    train_loop(run, "unet", steps=recipe.unet_steps, params=list(unet.parameters()) + list(text_encoder.parameters()),
-               lr=recipe.lr_unet, modules={"unet": unet, "text_encoder": text_encoder}, loss_fn=unet_loss)
+    train_loop(run, "unet", steps=recipe.unet_steps, params=live, lr=recipe.lr_unet,
+               modules={"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text},
+               loss_fn=unet_loss, after_step=ema_update if recipe.ema_decay else None)
+    if recipe.ema_decay:
+        unet, text_encoder = ema_unet, ema_text
 
     # 5. sharpen the decoder with the encoder frozen: the latents (and so the UNet) stay valid,
     # and the decoder, which draws the edges, gets the steps the joint stage could not afford
@@ -414,26 +462,28 @@ RECIPES: dict[str, tuple[type, Callable]] = {
 }
 
 
-# the step counts the shipped weights reached (caption and vqa share BlipRecipe)
-DEFAULT_STEPS = {"caption": 6000, "vqa": 4200, "clip": 3200}
+# per-starter recipe defaults beyond the dataclass's (caption and vqa share BlipRecipe)
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {"vqa": {"init": "starter-caption", "steps": 6000}}
 
 
 def train_starter(name: str, out: Path, *, steps: int | None = None, resume: bool = False, smoke: bool = False,
                   work: Path | None = None, seed: int = 0, progress: Any = None,
-                  checkpoint_every_s: float = 180.0) -> dict[str, Any]:
+                  checkpoint_every_s: float = 180.0, init: str | None = None) -> dict[str, Any]:
     """Train starter NAME into OUT. steps overrides the main stage's steps; smoke: a few steps
     on a tiny data set (what CI runs)."""
     if name not in RECIPES:
         raise UsageError(f"unknown starter {name!r}", f"pick one of: {', '.join(RECIPES)}")
     recipe_cls, fn = RECIPES[name]
-    recipe = recipe_cls(seed=seed)
+    recipe = recipe_cls(seed=seed, **RECIPE_DEFAULTS.get(name, {}))
     if smoke:
         recipe = replace(recipe, **SMOKE[name])
     main = {"image": "unet_steps"}.get(name, "steps")
-    if steps is None and not smoke and name in DEFAULT_STEPS:
-        steps = DEFAULT_STEPS[name]
     if steps is not None:
         recipe = replace(recipe, **{main: steps})
+    if init is not None:
+        if not hasattr(recipe, "init"):
+            raise UsageError(f"starter {name} cannot start from another model's weights", "leave out --init")
+        recipe = replace(recipe, init=init)
     run = Run(name, out, work, resume=resume, progress=progress, checkpoint_every_s=checkpoint_every_s)
     run.log(stage="start", recipe=asdict(recipe), resume=resume)
     t0 = time.time()
@@ -448,16 +498,21 @@ def train_starter(name: str, out: Path, *, steps: int | None = None, resume: boo
 @dataclass(frozen=True)
 class BlipRecipe:
     seed: int = 0  # data seed of the training split (evaluation uses seed 1)
-    n_train: int = 6000  # training images (a quarter with two shapes, as `studio data shapes` makes)
+    # training images (a quarter with two shapes, as `studio data shapes` makes). Data is free in
+    # shapes world: with 6000 the first session's caption model plateaued at 0.91 held-out exact match
+    n_train: int = 20000
     render_size: int = 64  # images are drawn at this size and resized by the BLIP processor, as a user's are
     image_size: int = 32  # what the vision tower sees
     patch: int = 4
-    width: int = 64  # vision and text hidden size
+    width: int = 96  # vision and text hidden size (96 trains as fast as 64 on one CPU thread: overheads dominate)
     layers: int = 2
-    steps: int = 700
+    steps: int = 8000
     batch: int = 32
     lr: float = 2e-3
     n_eval: int = 200
+    # start from another starter's weights (a model alias or folder), as BLIP's VQA model starts from
+    # its pretrained captioner: the vision tower already knows shapes and places, the decoder the words
+    init: str | None = None
 
 
 def _bert_tokenizer() -> Any:
@@ -491,6 +546,32 @@ def _blip(recipe: BlipRecipe, vqa: bool) -> tuple[Any, Any]:
     return model, processor
 
 
+def _init_blip(model: Any, source: str) -> dict[str, Any]:
+    """Copy the matching weights of a BLIP captioner or VQA model (alias or folder) into `model`:
+    vision tower and answer/caption decoder by name; a VQA question encoder takes the captioner's
+    decoder layers (BLIP initialises its encoder and decoder from the same text model)."""
+    import torch
+    from transformers import AutoConfig, BlipForConditionalGeneration, BlipForQuestionAnswering
+
+    from studio.models import resolve
+
+    folder = Path(source) if Path(source).is_dir() else Path(resolve(source).source)
+    arch = (AutoConfig.from_pretrained(folder).architectures or [""])[0]
+    src = (BlipForQuestionAnswering if "Question" in arch else BlipForConditionalGeneration).from_pretrained(
+        folder, dtype=torch.float32)
+    state = src.state_dict()
+    if hasattr(model, "text_encoder") and not hasattr(src, "text_encoder"):
+        state.update({"text_encoder." + k[len("text_decoder.bert."):]: v for k, v in state.items()
+                      if k.startswith("text_decoder.bert.")})
+    own = model.state_dict()
+    fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(fit) < len(own) // 2:
+        raise UsageError(f"init {source}: only {len(fit)} of {len(own)} weights fit this model",
+                         "train the source with the same width, layers and patch size")
+    model.load_state_dict(fit, strict=False)
+    return {"init": str(source), "copied": len(fit), "of": len(own)}
+
+
 def _pixels(processor: Any, items: list, size: int) -> Any:
     from pipelines.training import shapes as S
 
@@ -506,6 +587,8 @@ def train_blip(run: Run, recipe: BlipRecipe, vqa: bool) -> dict[str, Any]:
     torch.manual_seed(recipe.seed)
     # 1. data: images through the BLIP processor, captions or (question, answer) pairs
     model, processor = _blip(recipe, vqa)
+    if recipe.init:
+        run.log(stage="init", **_init_blip(model, recipe.init))
     tok = processor.tokenizer
     items = list(S.samples(recipe.seed, recipe.n_train))
     pixels = _pixels(processor, items, recipe.render_size)
@@ -824,38 +907,37 @@ RECIPES.update({"midi": (MidiRecipe, train_midi), "code": (CodeRecipe, train_cod
 def valid_prefix(text: str) -> bool:
     """True when `text` is Python source or the beginning of some (codeop: complete -> a code
     object, incomplete -> None, wrong -> SyntaxError). The last, maybe cut-off line is dropped."""
-    import codeop
-    import warnings
+    from pipelines.code import python_prefix_ok
 
-    lines = text.split("\n")
-    body = "\n".join(lines[:-1]) if len(lines) > 1 else text
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            codeop.compile_command(body + "\n", "<completion>", "exec")
-        return True
-    except (SyntaxError, ValueError, OverflowError):
-        return False
+    return python_prefix_ok(text)
 
 
-def code_completion_validity(folder: Path, *, n: int = 20, lines: int = 10, seed: int = 1) -> dict[str, Any]:
+def code_completion_validity(model: str | Path, *, n: int = 20, lines: int = 10, seed: int = 1,
+                             syntax_check: bool = False, max_tokens: int = 100) -> dict[str, Any]:
     """Share of sampled `lines`-line completions of held-out stdlib prompts that are valid Python
-    prefixes (the issue's bar for starter-code); real stdlib text scores 1.0 by construction."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    prefixes (the issue's bar for starter-code; real stdlib text scores 1.0 by construction),
+    sampled through studio's own code pipeline, with or without syntax-guided decoding."""
+    from studio import models, registry
+    from studio.device import DeviceManager, DeviceSettings
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    spec = models.resolve(str(model), task="code")
+    generator = registry.load_pipeline("code", spec, DeviceManager(DeviceSettings()), None)
     files = stdlib_sources(100000)[-n:]  # the end of the sorted list: never in the training slice
-    ok, rows = 0, []
+    ok = full = resampled = 0
     for i, path in enumerate(files):
-        prompt = "\n".join(path.read_text(encoding="utf-8", errors="replace").split("\n")[:3]) + "\n"
-        ids = tok(prompt, return_tensors="pt").input_ids[:, -24:]  # + 100 new tokens fit the 128-token context
-        torch.manual_seed(seed + i)
-        out = model.generate(ids, do_sample=True, top_k=20, temperature=0.8, max_new_tokens=100,
-                             pad_token_id=tok.eos_token_id)
-        completion = "\n".join(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[:lines])
-        good = valid_prefix(prompt + completion)
-        ok += good
-        rows.append(good)
-    return {"valid_prefix_rate": ok / len(files), "completions": len(files), "lines": lines}
+        # up to the first 3 lines of the file, fewer where they pass 28 tokens (+ the new ones must
+        # fit the 128-token window)
+        head = path.read_text(encoding="utf-8", errors="replace").split("\n")[:3]
+        while len(head) > 1 and generator._count_tokens("\n".join(head) + "\n") > 28:
+            head.pop()
+        prompt = "\n".join(head) + "\n"
+        room = (generator._window() or 10**9) - generator._count_tokens(prompt)
+        _, (g,) = generator.sample(prompt, max_tokens=min(max_tokens, room), temperature=0.8, top_p=0.95, seed=seed + i,
+                                   raw=True, syntax_check=syntax_check)
+        completion = "\n".join(g.text.split("\n")[:lines])
+        ok += valid_prefix(prompt + completion)
+        full += completion.count("\n") >= lines - 1  # reached the 10 lines (did not end early)
+        resampled += g.rejected
+    return {"valid_prefix_rate": ok / len(files), "completions": len(files), "lines": lines,
+            "reached_all_lines": full / len(files), "syntax_check": syntax_check, "resampled_lines": resampled,
+            "max_tokens": max_tokens, "temperature": 0.8}

@@ -72,6 +72,7 @@ def code(
     system: Annotated[Optional[str], typer.Option(help="system message for chat models", rich_help_panel=_GEN, show_default=False)] = None,
     lang: Annotated[Optional[str], typer.Option(help="language: python, javascript, rust, go, ... (default python)", rich_help_panel=_GEN, show_default=False)] = None,
     raw: Annotated[Optional[bool], typer.Option("--raw/--chat", help="--raw: plain completion even if the model has a chat template; --chat: use the template where the card says raw (base models)", rich_help_panel=_GEN, show_default=False)] = None,
+    syntax_check: Annotated[Optional[bool], typer.Option("--syntax-check/--no-syntax-check", help="Python: resample each line until the code so far parses (default: the model card's; on for starter-code)", rich_help_panel=_GEN, show_default=False)] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="print the code when done instead of token by token", rich_help_panel=_GEN)] = False,
     infill: Annotated[Optional[Path], typer.Option(help="fill in the middle of this file (with --at)", rich_help_panel=_INF, show_default=False)] = None,
     at: Annotated[Optional[int], typer.Option(help="1-based line of --infill before which the code goes", rich_help_panel=_INF, show_default=False)] = None,
@@ -116,6 +117,7 @@ def code(
         "context": str(context) if context is not None else None, "context_tokens": context_tokens,
         "samples": samples, "tests": str(tests) if tests is not None else None, "timeout": timeout,
         "memory_mb": memory, "stream": stream, "seed": opts.seed, "adapters": tuple(lora) if lora else None,
+        "syntax_check": syntax_check,
     }
     options = opts.run_options("code", write=opts.out is not None and out_file is None, overwrite=overwrite)
     quiet = opts.quiet or opts.json
@@ -127,7 +129,7 @@ def code(
         if out_file is not None:
             result.path = write_text_file(out_file, str(result.value), overwrite=overwrite)
         summary = {**Engine.summary(result), "task": "code"}
-        for key in ("mode", "fim", "finish", "tokens", "sample", "context", "selection", "sandbox"):
+        for key in ("mode", "fim", "finish", "tokens", "syntax", "sample", "context", "selection", "sandbox"):
             if key in result.extra:
                 summary[key] = result.extra[key]
         if opts.json:

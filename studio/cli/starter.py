@@ -55,6 +55,7 @@ def train_starter(
     seed: Annotated[int, typer.Option(help="data and initialisation seed")] = 0,
     smoke: Annotated[bool, typer.Option("--smoke", help="a few steps on a tiny data set (checks the recipe runs)")] = False,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="seconds between checkpoints")] = 180.0,
+    init: Annotated[Optional[str], typer.Option("--init", help="start from this model's weights (alias or folder; vqa: default starter-caption)", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Train a starter model from its data and seed (progress, checkpoints, --resume). The
@@ -68,7 +69,7 @@ def train_starter(
 
     out = out or Path(f"starter-{name}")
     with Progress(enabled=not quiet) as progress:
-        report = train(name, out, steps=steps, resume=resume, smoke=smoke, work=work, seed=seed, progress=progress,
+        report = train(name, out, steps=steps, resume=resume, smoke=smoke, work=work, seed=seed, progress=progress, init=init,
                        checkpoint_every_s=checkpoint_every)
     sys.stdout.write(json.dumps(report) + "\n")
 
