@@ -168,6 +168,49 @@ def test_smoke_image_resume_reaches_the_same_weights(tmp_path, smoke_image):
     assert _digest(out) == _digest(smoke_image)
 
 
+def test_smoke_control_steers_studio_image(cli, smoke_image, tmp_path):
+    # the ControlNet recipe on the smoke image model, then through the normal --control path
+    r = cli("train", "starter", "control", "--smoke", "--init", smoke_image, "--out", tmp_path / "control", "-q")
+    assert r.exit_code == 0, r
+    report = json.loads(r.stdout.splitlines()[-1])
+    assert report["recipe"]["init"] == str(smoke_image) and "mask_iou" in report["eval"]
+    from diffusers import ControlNetModel
+
+    assert list(ControlNetModel.from_pretrained(tmp_path / "control").config.conditioning_embedding_out_channels) == [16, 32]
+    from pipelines.training import shapes as S
+
+    s = S.sample(1, 0, two_shapes=0.0)
+    S.render(s, 32)[1].save(tmp_path / "mask.png")
+    r = cli("image", s.caption, "--model", smoke_image, "--control", f"raw:{tmp_path / 'mask.png'}",
+            "--control-model", tmp_path / "control", "--steps", "2", "--seed", "0", "--out", tmp_path / "o",
+            "--json", "-q")
+    assert r.exit_code == 0, r
+    row = json.loads(r.stdout.splitlines()[0])
+    from PIL import Image
+
+    assert Image.open(row["path"]).size == (32, 32)
+    r = cli("eval", "control", "--model", tmp_path / "control", "--base", smoke_image, "--n", "1", "--steps", "2", "-q")
+    assert r.exit_code == 0, r
+    assert 0.0 <= json.loads(r.stdout)["mask_iou"] <= 1.0
+
+
+def test_init_on_a_starter_without_one_is_a_usage_error(cli, tmp_path):
+    r = cli("train", "starter", "code", "--smoke", "--init", "starter-caption", "--out", tmp_path / "c", "-q")
+    assert r.exit_code == 2 and "cannot start from" in r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_mask_iou_of_the_checker():
+    from pipelines.training import shapes as S
+    from pipelines.training.starter import mask_iou
+
+    s = S.sample(1, 3, two_shapes=0.0)
+    image, mask = S.render(s, 32)
+    assert mask_iou(image, mask) == 1.0  # the real image's shape is exactly its mask
+    other = S.render(S.sample(1, 4, two_shapes=0.0), 32)[1]
+    assert mask_iou(image, other) < 0.8
+
+
 @pytest.mark.parametrize("name", ["caption", "vqa", "clip"])
 def test_smoke_training_of_each_starter(cli, tmp_path, name):
     r = cli("train", "starter", name, "--smoke", "--out", tmp_path / name, "-q")

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from studio.errors import UsageError
 
-STARTERS = ("image", "caption", "vqa", "clip", "midi", "code")
+STARTERS = ("image", "control", "caption", "vqa", "clip", "midi", "code")
 
 
 # ----------------------------------------------------------------------------- shared training machinery
@@ -665,14 +665,20 @@ class ClipRecipe:
     seed: int = 0
     n_train: int = 6000
     render_size: int = 64
-    steps: int = 600
+    steps: int = 4000
     batch: int = 64
     lr: float = 2e-3
     n_eval: int = 300
     short_captions: bool = True  # also train on "a red circle"-style captions (see train_clip)
+    # each caption also appears with its (first) shape's name swapped, as a negative for its own
+    # image: shape is what the first session's model confused (colour 1.00, shape 0.84 zero-shot),
+    # because few pairs in a random batch differ only in shape
+    hard_negatives: bool = True
     model_cfg: dict = field(default_factory=lambda: {
         "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 4},
+        # the 64 px image itself in 8 px patches: as many tokens as 32 px in 4 px patches, but
+        # the patch embedding sees the shapes' edges unblurred
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8},
         # open_clip's own BPE (49408 tokens, shipped in its wheel); width 32 keeps the token table at 3 MB in fp16
         "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
     })
@@ -722,16 +728,34 @@ def train_clip(run: Run, recipe: ClipRecipe) -> dict[str, Any]:
     variants = [[s.caption, f"a {s.shapes[0].colour} {s.shapes[0].shape}",
                  f"a {s.shapes[0].colour} {s.shapes[0].shape}, {s.background} background"] for s in items]
     texts = torch.stack([tokenizer(v) for v in variants])  # (N, 3, context)
+    rng = torch.Generator().manual_seed(recipe.seed)
+    swapped = []
+    for s, v in zip(items, variants):
+        shape = s.shapes[0].shape
+        others = [o for o in S.SHAPES if o != shape]
+        other = others[int(torch.randint(0, len(others), (1,), generator=rng))]
+        swapped.append([c.replace(f" {shape}", f" {other}", 1) for c in v])
+    negatives = torch.stack([tokenizer(v) for v in swapped])  # (N, 3, context): the wrong shape
     run.log(stage="data", n=len(items))
 
-    # 2. the symmetric InfoNCE loss of CLIP (open_clip's ClipLoss)
+    # 2. the symmetric InfoNCE loss of CLIP (open_clip's ClipLoss), with the shape-swapped captions
+    # as extra negatives on the image-to-text side (open_clip's loss has no slot for them)
     loss_mod = open_clip.ClipLoss()
 
     def loss_fn(step: int, g: Any) -> Any:
         idx = torch.randperm(len(items), generator=g)[: recipe.batch]
         which = torch.randint(0, 3, (recipe.batch,), generator=g) if recipe.short_captions else torch.zeros(recipe.batch, dtype=torch.long)
-        image_features, text_features, logit_scale = model(images[idx], texts[idx, which])
-        return loss_mod(image_features, text_features, logit_scale)
+        if not recipe.hard_negatives:
+            image_features, text_features, logit_scale = model(images[idx], texts[idx, which])
+            return loss_mod(image_features, text_features, logit_scale)
+        n = len(idx)
+        image_features, text_all, logit_scale = model(images[idx], torch.cat([texts[idx, which], negatives[idx, which]]))
+        text_features = text_all[:n]
+        labels = torch.arange(n)
+        i2t = logit_scale * image_features @ text_all.T  # (n, 2n): the batch's captions + the swapped ones
+        t2i = logit_scale * text_features @ image_features.T
+        ce = torch.nn.functional.cross_entropy
+        return (ce(i2t, labels) + ce(t2i, labels)) / 2
 
     train_loop(run, "clip", steps=recipe.steps, params=list(model.parameters()), lr=recipe.lr, modules={"model": model},
                loss_fn=loss_fn, weight_decay=0.1)
@@ -902,6 +926,142 @@ SMOKE.update({
     "code": dict(max_files=3, vocab=300, width=32, layers=1, context=64, steps=2, batch=2),
 })
 RECIPES.update({"midi": (MidiRecipe, train_midi), "code": (CodeRecipe, train_code)})
+
+
+# ----------------------------------------------------------------------------- starter-control (ControlNet on masks)
+@dataclass(frozen=True)
+class ControlRecipe:
+    seed: int = 0
+    # the text-to-image model it steers (alias or folder): frozen, and the ControlNet starts as a
+    # copy of its UNet's encoder
+    init: str = "starter-image"
+    n_train: int = 8000
+    steps: int = 1500
+    batch: int = 16
+    lr: float = 1e-3
+    cond_channels: tuple[int, ...] = (16, 32)  # conditioning stem: one stride-2 conv per extra width
+    drop_caption: float = 0.1
+    n_eval: int = 50
+    guidance: float = 4.0
+    eval_steps: int = 20
+
+
+def _base_pipeline(base: str) -> Any:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from studio.models import resolve
+
+    folder = Path(base) if Path(base).is_dir() else Path(resolve(base, task="image").source)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def mask_iou(image: Any, mask: Any) -> float:
+    """IoU of a generated image's foreground (pixels far from its median border colour, as the
+    pixel checker finds shapes) with the control mask (PIL 'L' or RGB, white = shape)."""
+    import numpy as np
+
+    arr = np.asarray(image.convert("RGB")).astype(np.float32)
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    fg = np.sqrt(((arr - np.median(border, axis=0)) ** 2).sum(-1)) > 60
+    want = np.asarray(mask.convert("L").resize(image.size)) > 127
+    return float((fg & want).sum() / max(1, (fg | want).sum()))
+
+
+def control_eval(pipe: Any, controlnet: Any, *, n: int, size: int, steps: int, guidance: float,
+                 seed: int = 1) -> dict[str, Any]:
+    """Held-out masks (split `seed`) through StableDiffusionControlNetPipeline: mean mask IoU, and
+    the pixel checker's colour + shape verdict on the same images."""
+    import torch
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from pipelines.training import shapes as S
+
+    cpipe = StableDiffusionControlNetPipeline(**{k: v for k, v in pipe.components.items() if k != "image_encoder"},
+                                              controlnet=controlnet)
+    cpipe.set_progress_bar_config(disable=True)
+    items = list(S.samples(seed, n, two_shapes=0.0))
+    ious, images = [], []
+    for i, s in enumerate(items):
+        mask = S.render(s, size)[1].convert("RGB")
+        image = cpipe(s.caption, image=mask, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                      generator=torch.Generator().manual_seed(i)).images[0]
+        ious.append(mask_iou(image, mask))
+        images.append(image)
+    following = S.prompt_following(images, items)
+    return {"mask_iou": sum(ious) / len(ious), "iou_at_least_0.8": sum(v >= 0.8 for v in ious) / len(ious),
+            "prompt_following": following["prompt_following"], "images": len(items)}
+
+
+def train_control(run: Run, recipe: ControlRecipe) -> dict[str, Any]:
+    import torch
+    from diffusers import ControlNetModel, DDPMScheduler
+
+    from pipelines.training import shapes as S
+
+    torch.manual_seed(recipe.seed)
+    # 1. the frozen base: its VAE latents, its text features, its UNet
+    pipe = _base_pipeline(recipe.init)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False).eval()
+    size = unet.config.sample_size * pipe.vae_scale_factor
+    images_u8, items = cached_split(run.work, recipe.seed, recipe.n_train, size)
+    masks = torch.from_numpy(__import__("numpy").stack([__import__("numpy").asarray(S.render(s, size)[1]) for s in items]))
+    cond = (masks.float() / 255).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (N, 3, H, W) in [0, 1], as the pipeline feeds it
+    images = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256]).latents for i in range(0, len(images), 256)])
+        latents = latents * vae.config.scaling_factor
+        ids = tokenizer([s.caption for s in items], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        feats = torch.cat([text_encoder(ids[i:i + 512]).last_hidden_state for i in range(0, len(ids), 512)])
+        empty = text_encoder(tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                                       return_tensors="pt").input_ids).last_hidden_state
+    run.log(stage="data", n=len(items), size=size)
+
+    # 2. the ControlNet: the base UNet's encoder copied (diffusers' from_unet), zero-initialised outputs
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=recipe.cond_channels)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas = noise_sched.alphas_cumprod
+    v_pred = noise_sched.config.prediction_type == "v_prediction"
+
+    def loss_fn(step: int, g: Any) -> Any:
+        idx = torch.randint(0, len(latents), (recipe.batch,), generator=g)
+        z0, text = latents[idx], feats[idx].clone()
+        drop = torch.rand(recipe.batch, generator=g) < recipe.drop_caption
+        text[drop] = empty[0]
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (recipe.batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        zt = noise_sched.add_noise(z0, noise, t)
+        down, mid = controlnet(zt, t, encoder_hidden_states=text, controlnet_cond=cond[idx], return_dict=False)
+        pred = unet(zt, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        snr = alphas[t] / (1 - alphas[t])
+        if v_pred:
+            target, weight = noise_sched.get_velocity(z0, noise, t), torch.clamp(snr, max=5.0) / (snr + 1)
+        else:
+            target, weight = noise, torch.clamp(snr, max=5.0) / snr
+        return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    train_loop(run, "controlnet", steps=recipe.steps, params=list(controlnet.parameters()), lr=recipe.lr,
+               modules={"controlnet": controlnet}, loss_fn=loss_fn)
+
+    # 3. held-out masks (seed 1): IoU of what it draws with the mask it was given
+    metrics = control_eval(pipe, controlnet, n=recipe.n_eval, size=size, steps=recipe.eval_steps,
+                           guidance=recipe.guidance)
+    run.log(stage="eval", **metrics)
+
+    def save(folder: Path) -> None:
+        controlnet.half().save_pretrained(folder, safe_serialization=True)
+
+    run.publish(save)
+    return {"params": sum(p.numel() for p in controlnet.parameters()), "eval": {"data_seed": 1, **metrics}}
+
+
+SMOKE["control"] = dict(n_train=16, steps=2, batch=4, n_eval=2, eval_steps=2)
+RECIPES["control"] = (ControlRecipe, train_control)
 
 
 def valid_prefix(text: str) -> bool:

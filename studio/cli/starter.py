@@ -13,7 +13,7 @@ from studio.cli.common import Globals, generating, new_app
 data_app = new_app("Generate training data: `studio data shapes` (the synthetic shapes world).")
 train_app = new_app("Train models: `studio train starter NAME` reproduces a shipped starter model.")
 
-STARTER_NAMES = "image, caption, vqa, clip, midi, code"
+STARTER_NAMES = "image, control, caption, vqa, clip, midi, code"
 
 
 @data_app.command("shapes")
@@ -55,7 +55,7 @@ def train_starter(
     seed: Annotated[int, typer.Option(help="data and initialisation seed")] = 0,
     smoke: Annotated[bool, typer.Option("--smoke", help="a few steps on a tiny data set (checks the recipe runs)")] = False,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="seconds between checkpoints")] = 180.0,
-    init: Annotated[Optional[str], typer.Option("--init", help="start from this model's weights (alias or folder; vqa: default starter-caption)", show_default=False)] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="start from this model's weights (alias or folder): vqa from starter-caption, control from starter-image by default", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Train a starter model from its data and seed (progress, checkpoints, --resume). The
@@ -114,9 +114,39 @@ def eval_image(
     sys.stdout.write(text + "\n")
 
 
+def eval_control(
+    model: Annotated[str, typer.Option(help="mask ControlNet: alias or folder")] = "starter-control",
+    base: Annotated[str, typer.Option(help="text-to-image model it steers")] = "starter-image",
+    n: Annotated[int, typer.Option("--n", help="held-out masks to generate from")] = 50,
+    data_seed: Annotated[int, typer.Option("--data-seed", help="shapes-world split the masks come from (1 = held out)")] = 1,
+    steps: Annotated[int, typer.Option(help="denoising steps")] = 20,
+    guidance: Annotated[float, typer.Option(help="guidance scale")] = 4.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress")] = False,
+) -> None:
+    """Mask-following of a mask ControlNet on held-out shapes-world masks, as JSON: mean IoU of each
+    generated shape (the pixel checker's foreground) with the mask it was given, and prompt-following."""
+    from studio.errors import UsageError
+
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}", "pass --n 50")
+    from pipelines.control import load_controlnet
+    from pipelines.training.starter import _base_pipeline, control_eval
+    from studio.device import DeviceManager, DeviceSettings
+    from studio.progress import Progress
+
+    with Progress(enabled=not quiet).status(f"generating {n} images"):
+        pipe = _base_pipeline(base)
+        controlnet, _ = load_controlnet(model, DeviceManager(DeviceSettings()))
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        report = control_eval(pipe, controlnet.float(), n=n, size=size, steps=steps, guidance=guidance, seed=data_seed)
+    sys.stdout.write(json.dumps({"task": "control", "model": model, "base": base, "data_seed": data_seed,
+                                 "steps": steps, "guidance": guidance, **report}, indent=2) + "\n")
+
+
 def register(root) -> None:
     from studio.cli.eval import eval_app
 
     root.add_typer(data_app, name="data")
     root.add_typer(train_app, name="train")
     eval_app.command("image")(generating(eval_image))
+    eval_app.command("control")(eval_control)
