@@ -663,9 +663,9 @@ def train_blip(run: Run, recipe: BlipRecipe, vqa: bool) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ClipRecipe:
     seed: int = 0
-    n_train: int = 6000
+    n_train: int = 20000  # 6000 (43 epochs in 4000 steps) reached 0.93 zero-shot; data is free here
     render_size: int = 64
-    steps: int = 4000
+    steps: int = 6000
     batch: int = 64
     lr: float = 2e-3
     n_eval: int = 300
@@ -1083,7 +1083,7 @@ def code_completion_validity(model: str | Path, *, n: int = 20, lines: int = 10,
     spec = models.resolve(str(model), task="code")
     generator = registry.load_pipeline("code", spec, DeviceManager(DeviceSettings()), None)
     files = stdlib_sources(100000)[-n:]  # the end of the sorted list: never in the training slice
-    ok = full = resampled = 0
+    ok = full = resampled = gave_up = 0
     for i, path in enumerate(files):
         # up to the first 3 lines of the file, fewer where they pass 28 tokens (+ the new ones must
         # fit the 128-token window)
@@ -1098,6 +1098,7 @@ def code_completion_validity(model: str | Path, *, n: int = 20, lines: int = 10,
         ok += valid_prefix(prompt + completion)
         full += completion.count("\n") >= lines - 1  # reached the 10 lines (did not end early)
         resampled += g.rejected
-    return {"valid_prefix_rate": ok / len(files), "completions": len(files), "lines": lines,
+        gave_up += g.finish == "syntax"
+    return {"ended_early_no_line_parsed": gave_up,"valid_prefix_rate": ok / len(files), "completions": len(files), "lines": lines,
             "reached_all_lines": full / len(files), "syntax_check": syntax_check, "resampled_lines": resampled,
             "max_tokens": max_tokens, "temperature": 0.8}
