@@ -720,33 +720,18 @@ class CodeGenerator:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         if seed is not None:
             torch.manual_seed(int(seed))  # generate samples with torch's global RNG
-        if check is not None:
-            kwargs.pop("streamer", None)
-            kwargs.pop("stopping_criteria", None)
-            kwargs.pop("num_return_sequences")
-            kwargs.pop("stop_strings", None)
-            kwargs.pop("tokenizer", None)
-            emit = None
-            if stream:
-                def emit(text: str) -> None:
-                    out = stop_filter.feed(text)
-                    if out:
-                        sink(out)
-            try:
-                gens = [self._generate_guided(ids, kwargs, max_tokens=max_tokens, temperature=temperature,
-                                              stop=stop, eos_ids=eos_ids, check=check, tries=tries, emit=emit,
-                                              handle=handle) for _ in range(n)]
-            except torch.OutOfMemoryError as exc:
-                raise RuntimeFailure("out of memory while generating",
-                                     "lower --max-tokens or --samples, or pass --quantize int8") from exc
-            if stop_filter is not None and not stop_filter.done and stop_filter.pending:
-                sink(stop_filter.feed("", final=True))
-            if handle is not None:
-                handle.finish()
-            return gens
+        guided = None
+        if check is not None:  # line by line (see _generate_guided): no streamer or stop strings inside generate
+            for key in ("streamer", "stopping_criteria", "num_return_sequences", "stop_strings", "tokenizer"):
+                kwargs.pop(key, None)
         try:
-            with self.device.inference():
-                out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            if check is not None:
+                guided = [self._generate_guided(ids, kwargs, max_tokens=max_tokens, temperature=temperature,
+                                                stop=stop, eos_ids=eos_ids, check=check, tries=tries,
+                                                emit=on_text if stream else None, handle=handle) for _ in range(n)]
+            else:
+                with self.device.inference():
+                    out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
         except torch.OutOfMemoryError as exc:
             raise RuntimeFailure("out of memory while generating",
                                  "lower --max-tokens or --samples, or pass --quantize int8") from exc
@@ -754,6 +739,8 @@ class CodeGenerator:
             sink(stop_filter.feed("", final=True))
         if handle is not None:
             handle.finish()
+        if guided is not None:
+            return guided
 
         generations = []
         for row in out[:, len(ids):]:

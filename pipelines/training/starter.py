@@ -996,6 +996,7 @@ def control_eval(pipe: Any, controlnet: Any, *, n: int, size: int, steps: int, g
 
 
 def train_control(run: Run, recipe: ControlRecipe) -> dict[str, Any]:
+    import numpy as np
     import torch
     from diffusers import ControlNetModel, DDPMScheduler
 
@@ -1009,7 +1010,7 @@ def train_control(run: Run, recipe: ControlRecipe) -> dict[str, Any]:
         m.requires_grad_(False).eval()
     size = unet.config.sample_size * pipe.vae_scale_factor
     images_u8, items = cached_split(run.work, recipe.seed, recipe.n_train, size)
-    masks = torch.from_numpy(__import__("numpy").stack([__import__("numpy").asarray(S.render(s, size)[1]) for s in items]))
+    masks = torch.from_numpy(np.stack([np.asarray(S.render(s, size)[1]) for s in items]))  # (N, H, W) 0/255
     cond = (masks.float() / 255).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (N, 3, H, W) in [0, 1], as the pipeline feeds it
     images = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     with torch.no_grad():
