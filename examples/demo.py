@@ -66,6 +66,15 @@ def main() -> None:
         print(studio("vqa", first, "what shape is it?", "what colour is the background?",
                      "--model", "starter-vqa", "--quiet").strip())
 
+    # 2b. the mask ControlNet: the same prompt drawn inside a held-out mask (shape and place from the mask)
+    if shipped("control"):
+        mask = shapes / "masks" / "000000.png"
+        target = (shapes / "images" / "000000.txt").read_text().strip()
+        line = studio("image", target, "--model", "starter-image", "--control", f"raw:{mask}",
+                      "--control-model", "starter-control", "--seed", "0", "--out", str(out / "control"),
+                      "--json", "--quiet")
+        written.append(json.loads(line.splitlines()[0])["path"])
+
     # 3. a short Bach-like chorale in C major from the symbolic music starter
     if shipped("midi"):
         line = studio("music", "midi", "--model", "starter-midi", "--bars", "4", "--key", "C:major", "--seed", "1",

@@ -260,10 +260,11 @@ def test_auto_falls_back_to_starter_image_offline(cli, tmp_path):
 
 def test_eval_image_reports_json(cli):
     _shipped("image")
-    r = cli("eval", "image", "--model", "starter-image", "--n", "2", "--steps", "4", "-q")
+    r = cli("eval", "image", "--model", "starter-image", "--n", "6", "-q")
     assert r.exit_code == 0, r
     report = json.loads(r.stdout)
-    assert report["n"] == 2 and 0.0 <= report["prompt_following"] <= 1.0
+    # the shipped starter draws what it is asked (the card: 0.98 on 100 held-out prompts; chance 0.06)
+    assert report["n"] == 6 and report["prompt_following"] >= 0.8
 
 
 def test_starter_caption_and_vqa_through_the_cli(cli, tmp_path):
@@ -290,7 +291,7 @@ def test_starter_clip_loads_with_open_clip():
 
     model, preprocess, tokenizer = load_clip(str(folder))
     metrics = clip_zero_shot(model.float().eval(), preprocess, tokenizer, list(S.samples(1, 36, two_shapes=0.0)), 64)
-    assert metrics["zero_shot_top1"] >= 0.75  # chance is 1/18; the card records 0.84 on 300 images
+    assert metrics["zero_shot_top1"] >= 0.75  # chance is 1/18; the card records the 300-image number
 
 
 def test_smoke_training_of_the_code_starter_loads_in_studio_code(cli, tmp_path):

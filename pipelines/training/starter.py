@@ -445,7 +445,7 @@ def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
         pipe = StableDiffusionPipeline(vae=vae.half(), text_encoder=text_encoder.float(), tokenizer=tokenizer,
                                        unet=unet.half(), scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
-        pipe.save_pretrained(folder, safe_serialization=True)
+        pipe.save_pretrained(folder, safe_serialization=True, max_shard_size="4MB")  # every file < 5 MB
 
     run.publish(save)
     return {"params": {"unet": sum(p.numel() for p in unet.parameters()),
