@@ -3,7 +3,7 @@
 Each step is a plain `studio ...` command (printed before it runs), so every line here can be
 copied into a shell. The starters are small models studio trained itself on its synthetic
 shapes world (`studio data shapes`) and on data that ships in installed packages; their model
-cards (`studio models show starter-image`) say how, and how well they do.
+cards (`studio models info starter-image`) say how, and how well they do.
 
     HF_HUB_OFFLINE=1 python examples/demo.py [--out outputs/demo]
 """
