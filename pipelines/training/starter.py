@@ -247,7 +247,7 @@ class ImageRecipe:
     vae_steps: int = 1200  # autoencoder steps (batch vae_batch)
     vae_batch: int = 32
     vae_channels: tuple[int, ...] = (32, 32)  # 2 levels: latents are size/2 a side; TAESD needs one width
-    unet_steps: int = 5000  # denoiser steps (batch unet_batch)
+    unet_steps: int = 4000  # denoiser steps (batch unet_batch)
     decoder_steps: int = 800  # decoder-only steps after the UNet (encoder frozen)
     unet_batch: int = 32
     unet_channels: tuple[int, ...] = (32, 64, 96)  # attention only below the full latent resolution
