@@ -400,6 +400,18 @@ def python_prefix_ok(text: str, *, complete: bool = False) -> bool:
         return False
 
 
+def syntax_check_after(head: str) -> Callable[[str, bool], bool] | None:
+    """The check syntax-guided decoding applies to text generated after `head` (the code before
+    the new text), or None when `head` does not parse by itself (no continuation could)."""
+    if not python_prefix_ok(head):
+        return None
+
+    def check(generated: str, complete: bool) -> bool:
+        return python_prefix_ok(head + generated, complete=complete)
+
+    return check
+
+
 class CodeGenerator:
     task = "code"
     request_type = CodeRequest
@@ -555,11 +567,8 @@ class CodeGenerator:
         end_tokens = self.fim.stops if mode == "infill" and self.fim else ()
         check = None
         if request.syntax_check and request.lang == "python" and mode != "chat":
-            head = prefix if mode == "infill" else (request.prompt if not request.instruction else "")
-            if python_prefix_ok(head):
-                def check(generated: str, complete: bool, head: str = head) -> bool:
-                    return python_prefix_ok(head + generated, complete=complete)
-            else:
+            check = syntax_check_after(prefix if mode == "infill" else (request.prompt if not request.instruction else ""))
+            if check is None:
                 progress.note("syntax check off: the code before the new text does not parse by itself")
         generations = self.generate(ids, n=request.samples, max_tokens=request.max_tokens,
                                     temperature=request.temperature, top_p=request.top_p, stop=stops,
@@ -662,10 +671,7 @@ class CodeGenerator:
         mode = "chat" if (self.chat and not raw) else "completion"
         request = CodeRequest(prompt=prompt, system=system, lang=lang, raw=raw)
         ids = self._prompt_ids(request, mode, "", "", "")
-        check = None
-        if syntax_check and lang == "python" and mode == "completion" and python_prefix_ok(prompt):
-            def check(generated: str, complete: bool) -> bool:
-                return python_prefix_ok(prompt + generated, complete=complete)
+        check = syntax_check_after(prompt) if syntax_check and lang == "python" and mode == "completion" else None
         return mode, self.generate(ids, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                    stop=stop if mode == "completion" else (), seed=seed, progress=progress,
                                    check=check, tries=syntax_tries)
@@ -772,7 +778,7 @@ class CodeGenerator:
             def __call__(self, input_ids, scores, **kw):
                 if handle is not None:
                     handle.advance(1)
-                done = "\n" in tok.decode(input_ids[0, self.start:])
+                done = input_ids.shape[1] > self.start and "\n" in tok.decode(input_ids[0, -1:])  # the newest token
                 return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
         accepted: list[int] = []

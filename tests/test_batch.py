@@ -39,6 +39,15 @@ def _load_weights(spec) -> dict:
     return json.loads(path.read_text())
 
 
+class _Toy:
+    """A toy pipeline whose load only checks that its 'weights' are there."""
+
+    @classmethod
+    def load(cls, spec, device):
+        _load_weights(spec)
+        return cls()
+
+
 @dataclass(frozen=True)
 class PaintRequest:
     prompt: str  # picks the palette (crc32)
@@ -94,16 +103,11 @@ class DescribeRequest:
     model: str = "auto"  # folder holding toy.json
 
 
-class Describe:
+class Describe(_Toy):
     task = "toy-caption"
     request_type = DescribeRequest
     output_kinds = ("text",)
     seedless = True
-
-    @classmethod
-    def load(cls, spec, device):
-        _load_weights(spec)
-        return cls()
 
     def run(self, request, progress):
         out = []
@@ -123,15 +127,10 @@ class ToneRequest:
     sample_rate: int = 16000  # Hz
 
 
-class Tone:
+class Tone(_Toy):
     task = "toy-audio"
     request_type = ToneRequest
     output_kinds = ("audio",)
-
-    @classmethod
-    def load(cls, spec, device):
-        _load_weights(spec)
-        return cls()
 
     def run(self, request, progress):
         freq = 200 + zlib.crc32(request.prompt.encode()) % 600
@@ -149,15 +148,10 @@ class AnimateRequest:
     fps: int = 4  # frames per second
 
 
-class Animate:
+class Animate(_Toy):
     task = "toy-video"
     request_type = AnimateRequest
     output_kinds = ("video",)
-
-    @classmethod
-    def load(cls, spec, device):
-        _load_weights(spec)
-        return cls()
 
     def run(self, request, progress):
         first = np.asarray(load_image(request.init_image).resize((32, 32)))

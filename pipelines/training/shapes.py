@@ -235,17 +235,24 @@ class Judgement:
     scores: dict[str, float]  # template IoU per shape
 
 
+def foreground(image: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixels as float HxWx3, background RGB = the median border colour, boolean mask of the
+    pixels far from it): how the checker separates a shape from its background (a generator's
+    background is not perfectly flat)."""
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image).astype(np.float32)
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    bg_rgb = np.median(border, axis=0)
+    return arr, bg_rgb, np.sqrt(((arr - bg_rgb) ** 2).sum(-1)) > 60
+
+
 def judge(image: Any) -> Judgement:
     """Detect the largest shape of an image (PIL or HxWx3 uint8) without any learned model."""
     import cv2
 
-    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image).astype(np.float32)
+    arr, bg_rgb, fg_bool = foreground(image)
     h, w, _ = arr.shape
-    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    bg_rgb = np.median(border, axis=0)
     background = _nearest(bg_rgb, BACKGROUNDS)
-    # foreground: far from the background colour (a generator's background is not perfectly flat)
-    fg = (np.sqrt(((arr - bg_rgb) ** 2).sum(-1)) > 60).astype(np.uint8)
+    fg = fg_bool.astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=4)
     if count <= 1:
         return Judgement(None, None, background, 0.0, {})

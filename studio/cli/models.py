@@ -22,9 +22,7 @@ def list_models(
     """List model aliases (shipped cards and $STUDIO_HOME/models) and whether their weights are here."""
     import json
 
-    from studio.models import _card_source, is_available, resolve
-
-    from studio.models import load_cards
+    from studio.models import _card_source, is_available, load_cards, resolve
 
     rows = []
     for name, card in sorted(load_cards().items()):
