@@ -4,7 +4,7 @@ transformers and diffusers bases.
 
 Using adapters on a transformers model is one call:
 
-    from adapters.peft_adapters import apply_adapters
+    from studio.adapters.peft_adapters import apply_adapters
     model = apply_adapters(model, ["runs/my-lora:0.8", "other-lora"], base_label="code-small")
 
 peft injects the adapter layers into `model` in place (PeftModel wraps the same modules), so
@@ -205,7 +205,7 @@ class AdapterSet:
 
     def apply(self, texts: Iterable[str], *, allow_pickle: bool = False, offline: bool | None = None) -> list[dict[str, Any]]:
         """Make exactly these `PATH[:SCALE]` adapters active; returns what to record per adapter."""
-        from adapters.lora import parse_lora
+        from studio.adapters.lora import parse_lora
 
         specs = [parse_lora(t) for t in texts]
         wanted: list[tuple[str, float, str, dict[str, Any]]] = []
@@ -376,7 +376,7 @@ def merge(base: str, adapters: Sequence[str], out: Path, *, allow_pickle: bool =
         if is_diffusers_folder(location):
             from diffusers import DiffusionPipeline
 
-            from adapters.lora import LoraSet, parse_lora
+            from studio.adapters.lora import LoraSet, parse_lora
 
             with models.loading(spec, "base model"):
                 pipe = DiffusionPipeline.from_pretrained(location, **spec.load_kwargs(library="diffusers"))

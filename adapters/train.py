@@ -73,7 +73,7 @@ class TrainConfig:
     def check(self) -> None:
         if self.task not in TASKS:
             raise UsageError(f"unknown --task {self.task!r}", f"use one of {'|'.join(TASKS)}")
-        from adapters.peft_adapters import METHODS
+        from studio.adapters.peft_adapters import METHODS
 
         if self.method not in METHODS:
             raise UsageError(f"unknown --method {self.method!r}", f"use one of {'|'.join(METHODS)}")
@@ -183,7 +183,7 @@ def image_caption_pairs(data: str, default_prompt: str | None, *, need_caption: 
 def text_examples(data: str, tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) windows for a causal LM: JSONL prompt/completion (labels -100 on the
     prompt), JSONL text, or a folder of source files cut into max_length windows."""
-    from pipelines.code import CONTEXT_SUFFIXES, SKIP_DIRS
+    from studio.pipelines.code import CONTEXT_SUFFIXES, SKIP_DIRS
 
     path = Path(data).expanduser()
     if not path.exists():
@@ -227,8 +227,8 @@ def _windows(stream: list[int], max_length: int) -> list[tuple[list[int], list[i
 
 def midi_examples(data: str, location: str, max_length: int, progress: Any) -> list[tuple[list[int], list[int]]]:
     """MIDI files tokenised by the MIDI model's own miditok tokenizer, cut into windows."""
-    from pipelines.music_symbolic import load_midi_tokenizer
-    from pipelines.training.midi_train import midi_files, tokenize_files
+    from studio.pipelines.music_symbolic import load_midi_tokenizer
+    from studio.pipelines.training.midi_train import midi_files, tokenize_files
 
     tokenizer = load_midi_tokenizer(location)
     sequences = tokenize_files(midi_files(data), tokenizer, progress)
@@ -283,7 +283,7 @@ class _TransformersJob(_Job):
         import torch
         from peft import get_peft_model
 
-        from adapters import peft_adapters as pa
+        from studio.adapters import peft_adapters as pa
         from studio import models
 
         self.config, self.spec, self.device = config, spec, device
@@ -404,7 +404,7 @@ class _ImageJob(_Job):
         from diffusers import DDPMScheduler, StableDiffusionPipeline
         from peft import LoraConfig, inject_adapter_in_model
 
-        from adapters import peft_adapters as pa
+        from studio.adapters import peft_adapters as pa
         from studio import models
 
         self.config, self.spec, self.device = config, spec, device
@@ -574,7 +574,7 @@ def train(config: TrainConfig, device: Any, progress: Any, *, allow_pickle: bool
     """Train an adapter per `config`; returns what happened. Writes only under config.out."""
     import torch
 
-    from adapters import peft_adapters as pa
+    from studio.adapters import peft_adapters as pa
     from studio import models
 
     # 1. check settings and the output folder

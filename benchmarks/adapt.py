@@ -55,7 +55,7 @@ def run_variant(kind: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     if kind == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from adapters.peft_adapters import default_targets
+        from studio.adapters.peft_adapters import default_targets
 
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=default_targets(model),
                                                  task_type="CAUSAL_LM"))

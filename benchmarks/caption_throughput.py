@@ -24,7 +24,7 @@ def small_blip(out: Path) -> None:
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    from pipelines.caption import _tiny_bert_tokenizer
+    from studio.pipelines.caption import _tiny_bert_tokenizer
 
     tok = _tiny_bert_tokenizer()
     v = tok.get_vocab()

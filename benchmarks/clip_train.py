@@ -88,7 +88,7 @@ def plain_open_clip(model_dir: Path, csv_path: Path, batch: int, steps: int, war
 
 def studio_train(model_dir: Path, csv_path: Path, out: Path, batch: int, steps: int, warmup: int, lr: float,
                  **extra) -> float:
-    from pipelines.training.clip_train import TrainConfig, train
+    from studio.pipelines.training.clip_train import TrainConfig, train
 
     marks: dict[int, tuple[float, float]] = {}
     cfg = TrainConfig(data=str(csv_path), out=str(out), model=str(model_dir), steps=warmup + steps, batch_size=batch,
@@ -102,7 +102,7 @@ def without_fused(run):
     """Ablation: studio's loop with torch's default (foreach) AdamW instead of the fused kernel."""
     import torch
 
-    from pipelines.training import clip_train
+    from studio.pipelines.training import clip_train
 
     original = clip_train.make_optimizer
 

@@ -30,9 +30,9 @@ def main() -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList
 
-    from pipelines.music_symbolic import (Controls, RemiConstraint, RemiVocab, default_tokenizer, parse_chords,
+    from studio.pipelines.music_symbolic import (Controls, RemiConstraint, RemiVocab, default_tokenizer, parse_chords,
                                           parse_key)
-    from pipelines.training.midi_train import SIZES
+    from studio.pipelines.training.midi_train import SIZES
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,7 @@ import json, sys, time
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[1])); MINUTES = float(sys.argv[2])
 from diffusers import MotionAdapter, UNetMotionModel, DDPMScheduler, AnimateDiffPipeline, StableDiffusionPipeline
-from pipelines.training import shapes as S
+from studio.pipelines.training import shapes as S
 F, SIZE, DIRS = 8, 32, {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 
 def clip(seed, i):

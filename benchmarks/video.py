@@ -51,7 +51,7 @@ def scene(t: float, *, speed: float, size: tuple[int, int] = (128, 160), turn: b
 def interpolation_quality() -> None:
     import numpy as np
 
-    from pipelines.interpolate import METHODS, middle_frame
+    from studio.pipelines.interpolate import METHODS, middle_frame
 
     print("1. interpolation quality: mean |error| of re-made middle frames (0-255 scale), lower is better")
     print(f"   {'clip':<22}{'repeat':>8}{'blend':>8}" + "".join(f"{m:>11}" for m in METHODS)
@@ -82,7 +82,7 @@ def interpolation_quality() -> None:
 def interpolation_speed() -> None:
     from PIL import Image
 
-    from pipelines.interpolate import METHODS, interpolate_frames
+    from studio.pipelines.interpolate import METHODS, interpolate_frames
 
     print("2. interpolation speed (factor 2: one new frame per pair)")
     for size in ((256, 256), (512, 512)):

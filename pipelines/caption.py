@@ -31,13 +31,14 @@ from typing import Any, Callable, Iterable, Sequence
 from studio import models
 from studio.errors import BackendUnavailable, InputFileError, UsageError
 from studio.outputs import Result
+from studio.paths import PACKAGE_PRESETS
 from studio.pipeline import load_image
 
 # What a chat VLM is asked when the user gives no --prompt: one sentence is what training-set
 # captions and prompts want; a VLM's own default would be a paragraph.
 CHAT_CAPTION_PROMPT = "Describe this image in one sentence."
 FLORENCE_CAPTION_PROMPT = "<CAPTION>"
-TAGS_DIR = Path(__file__).resolve().parent.parent / "presets" / "tags"
+TAGS_DIR = PACKAGE_PRESETS / "tags"
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class _VisionLanguage:
         self.device = device
 
     def _apply_adapters(self, adapters: Any) -> None:
-        from adapters.peft_adapters import apply_adapters
+        from studio.adapters.peft_adapters import apply_adapters
 
         apply_adapters(self.model, tuple(adapters or ()), base_label=self.spec.alias or self.spec.name,
                        allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
@@ -476,9 +477,9 @@ def load_tags(source: str | None) -> list[str]:
 
 
 def resolve_clip(name: str | None, like: models.ModelSpec) -> Any:
-    """--clip-model as pipelines.clip's ClipSource (hashable): an alias (task clip-embed),
+    """--clip-model as studio.pipelines.clip's ClipSource (hashable): an alias (task clip-embed),
     `hf-hub:org/name`, org/name, an open_clip folder, or ARCH@TAG; pickle rules follow the caption model's."""
-    from pipelines.clip import resolve_clip as clip_source
+    from studio.pipelines.clip import resolve_clip as clip_source
 
     name = (name or "auto").strip()
     try:
@@ -505,7 +506,7 @@ class Interrogator:
 
     @classmethod
     def load(cls, source: Any, device: Any) -> "Interrogator":
-        from pipelines.clip import load_clip
+        from studio.pipelines.clip import load_clip
 
         model, preprocess, tokenizer = load_clip(source, device)
         return cls(model, preprocess, tokenizer, device, source)

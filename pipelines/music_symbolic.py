@@ -568,7 +568,7 @@ class MidiGenerator:
 
         # 1. check inputs and resolve the controls; adapters on (or all off when none are asked for)
         ctl = self._resolve(request)
-        from adapters.peft_adapters import apply_adapters
+        from studio.adapters.peft_adapters import apply_adapters
 
         apply_adapters(self.model, tuple(request.adapters or ()), base_label=self.spec.alias or self.spec.name,
                        allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
@@ -606,7 +606,7 @@ class MidiGenerator:
             result = Result(kind="midi", value=midi, params=params, fmt="mid", extra=extra)
             # 4. optional rendering beside the MIDI (NAME.render.wav)
             if request.render:
-                from pipelines.music_render import render
+                from studio.pipelines.music_render import render
 
                 samples, rate, info = render(midi, soundfont=request.soundfont, note=progress.note)
                 result.companions["render"] = (samples, rate)

@@ -415,7 +415,7 @@ class VideoPipeline:
                 raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= {low}, not {value!r}", "pass a positive number")
         if request.fps is not None and not (0 < float(request.fps) <= 240):
             raise UsageError(f"--fps must be in (0, 240], not {request.fps}", "8 to 30 is usual")
-        from pipelines.interpolate import check_factor
+        from studio.pipelines.interpolate import check_factor
 
         check_factor(request.interpolate, request.interpolate_method)
         if request.interpolate > 1 and request.frames < 2:
@@ -486,7 +486,7 @@ class VideoPipeline:
     def run(self, request: VideoRequest, progress: Any) -> list[Result]:
         import torch
 
-        from pipelines.interpolate import interpolate_frames
+        from studio.pipelines.interpolate import interpolate_frames
 
         # 1. check inputs
         self.check_inputs(request)
@@ -497,7 +497,7 @@ class VideoPipeline:
         base = self._animatediff(request) if fam.name.startswith("animatediff") else self.pipe
         # LoRAs go on the base: from_pipe variants below share its UNet, so they see them too.
         # One LoraSet per base pipeline keeps loaded adapters between runs (exactly those asked are active).
-        from adapters.lora import LoraSet, parse_lora
+        from studio.adapters.lora import LoraSet, parse_lora
 
         loras = self.__dict__.setdefault("_loras", {})
         if request.adapters or id(base) in loras:

@@ -1,0 +1,1 @@
+"""Shipped data, installed as `studio.builtin`: presets, model cards, tag lists, starter weights."""

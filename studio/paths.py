@@ -6,7 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PACKAGE_PRESETS = Path(__file__).resolve().parent.parent / "presets"
+import studio.builtin
+
+# The repository's presets/ folder, installed as the data package `studio.builtin` (pyproject.toml):
+# shipped presets (*.yaml), model cards (models/), tag lists (tags/) and starter weights (starter/).
+PACKAGE_PRESETS = Path(studio.builtin.__file__).resolve().parent
 
 
 def studio_home() -> Path:

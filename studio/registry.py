@@ -15,14 +15,14 @@ from typing import Any
 from studio.errors import UsageError
 
 BUILTIN_TASKS: dict[str, str] = {
-    "image": "pipelines.image:ImagePipeline",
-    "caption": "pipelines.caption:Captioner",
-    "vqa": "pipelines.caption:VQA",
-    "clip-embed": "pipelines.clip:ClipEmbedder",
-    "music-midi": "pipelines.music_symbolic:MidiGenerator",
-    "music-audio": "pipelines.music_audio:MusicGenerator",
-    "video": "pipelines.video:VideoPipeline",
-    "code": "pipelines.code:CodeGenerator",
+    "image": "studio.pipelines.image:ImagePipeline",
+    "caption": "studio.pipelines.caption:Captioner",
+    "vqa": "studio.pipelines.caption:VQA",
+    "clip-embed": "studio.pipelines.clip:ClipEmbedder",
+    "music-midi": "studio.pipelines.music_symbolic:MidiGenerator",
+    "music-audio": "studio.pipelines.music_audio:MusicGenerator",
+    "video": "studio.pipelines.video:VideoPipeline",
+    "code": "studio.pipelines.code:CodeGenerator",
 }
 
 

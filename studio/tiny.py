@@ -15,29 +15,29 @@ from studio.registry import import_string
 
 KINDS: dict[str, str] = {
     # images (pipelines/image.py)
-    "sd": "pipelines.image:make_tiny_sd",
-    "sdxl": "pipelines.image:make_tiny_sdxl",
-    "controlnet": "pipelines.image:make_tiny_controlnet",
-    "lora": "pipelines.image:make_tiny_lora",
+    "sd": "studio.pipelines.image:make_tiny_sd",
+    "sdxl": "studio.pipelines.image:make_tiny_sdxl",
+    "controlnet": "studio.pipelines.image:make_tiny_controlnet",
+    "lora": "studio.pipelines.image:make_tiny_lora",
     # seeing (pipelines/caption.py)
-    "blip-caption": "pipelines.caption:make_tiny_blip_caption",
-    "blip-vqa": "pipelines.caption:make_tiny_blip_vqa",
-    "vlm": "pipelines.caption:make_tiny_vlm",
-    "git": "pipelines.caption:make_tiny_git",
+    "blip-caption": "studio.pipelines.caption:make_tiny_blip_caption",
+    "blip-vqa": "studio.pipelines.caption:make_tiny_blip_vqa",
+    "vlm": "studio.pipelines.caption:make_tiny_vlm",
+    "git": "studio.pipelines.caption:make_tiny_git",
     # clip (pipelines/clip.py)
-    "clip": "pipelines.clip:make_tiny_clip",
+    "clip": "studio.pipelines.clip:make_tiny_clip",
     # music
-    "midi-lm": "pipelines.music_symbolic:make_tiny_midi_lm",
-    "musicgen": "pipelines.music_audio:make_tiny_musicgen",
-    "musicgen-melody": "pipelines.music_audio:make_tiny_musicgen_melody",
+    "midi-lm": "studio.pipelines.music_symbolic:make_tiny_midi_lm",
+    "musicgen": "studio.pipelines.music_audio:make_tiny_musicgen",
+    "musicgen-melody": "studio.pipelines.music_audio:make_tiny_musicgen_melody",
     # video
-    "animatediff": "pipelines.video:make_tiny_animatediff",
-    "t2v": "pipelines.video:make_tiny_t2v",
-    "svd": "pipelines.video:make_tiny_svd",
-    "ltx": "pipelines.video:make_tiny_ltx",
-    "wan": "pipelines.video:make_tiny_wan",
+    "animatediff": "studio.pipelines.video:make_tiny_animatediff",
+    "t2v": "studio.pipelines.video:make_tiny_t2v",
+    "svd": "studio.pipelines.video:make_tiny_svd",
+    "ltx": "studio.pipelines.video:make_tiny_ltx",
+    "wan": "studio.pipelines.video:make_tiny_wan",
     # code
-    "code-lm": "pipelines.code:make_tiny_code_lm",
+    "code-lm": "studio.pipelines.code:make_tiny_code_lm",
 }
 
 

@@ -55,7 +55,7 @@ def test_code_lora_loss_falls_and_the_model_prefers_the_training_text(tiny, code
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.peft_adapters import adapter_records, apply_adapters
+    from studio.adapters.peft_adapters import adapter_records, apply_adapters
 
     out, report = code_adapter
     assert report["last_loss"] < report["first_loss"] * 0.9
@@ -95,7 +95,7 @@ def test_code_command_takes_the_lora(cli, tiny, code_adapter):
 def test_resume_continues_exactly(tiny, code_data, tmp_path):
     from safetensors.torch import load_file
 
-    from adapters.train import TrainConfig, train
+    from studio.adapters.train import TrainConfig, train
     from studio.device import DeviceManager
     from studio.progress import Progress
 
@@ -115,7 +115,7 @@ def test_merge_writes_a_model_equal_to_base_plus_adapter(cli, tiny, code_adapter
     import torch
     from transformers import AutoModelForCausalLM
 
-    from adapters.peft_adapters import apply_adapters
+    from studio.adapters.peft_adapters import apply_adapters
 
     out, _ = code_adapter
     r = cli("adapt", "merge", "--base", tiny("code-lm"), "--lora", f"{out}:0.7", "--out", tmp_path / "merged")
@@ -219,8 +219,8 @@ def test_image_prior_preservation_and_merge(cli, tiny, tmp_path):
 def test_other_peft_methods_train_and_load(tiny, code_data, tmp_path, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.peft_adapters import apply_adapters, read_metadata
-    from adapters.train import TrainConfig, train
+    from studio.adapters.peft_adapters import apply_adapters, read_metadata
+    from studio.adapters.train import TrainConfig, train
     from studio.device import DeviceManager
     from studio.progress import Progress
 
@@ -239,8 +239,8 @@ def test_caption_and_midi_adapters_train(tiny, tmp_path):
     import pretty_midi
     from PIL import Image
 
-    from adapters.peft_adapters import apply_adapters, load_transformers
-    from adapters.train import TrainConfig, train
+    from studio.adapters.peft_adapters import apply_adapters, load_transformers
+    from studio.adapters.train import TrainConfig, train
     from studio.device import DeviceManager
     from studio.progress import Progress
 

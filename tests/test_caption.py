@@ -10,7 +10,7 @@ from dataclasses import fields
 import pytest
 from PIL import Image
 
-from pipelines.caption import CaptionRequest, VQARequest, caption_scores, load_tags
+from studio.pipelines.caption import CaptionRequest, VQARequest, caption_scores, load_tags
 from studio import Studio
 
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 40), (250, 250, 250)]
@@ -263,7 +263,7 @@ def test_eval_caption_scores_a_folder_against_its_sidecars(cli, tiny, photos):
 
 # --------------------------------------------------------------------------- prompt styles
 def test_prefix_models_continue_the_prompt_and_vqa_answers_leave_the_question_out(tiny, photos, tmp_path):
-    from pipelines.caption import make_tiny_git
+    from studio.pipelines.caption import make_tiny_git
 
     _, paths = photos
     images = [str(p) for p in paths[:3]]

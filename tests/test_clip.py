@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.clip import (ClipEmbedRequest, load_clip, load_index, resolve_clip, retrieval_metrics, search_index,
+from studio.pipelines.clip import (ClipEmbedRequest, load_clip, load_index, resolve_clip, retrieval_metrics, search_index,
                             zero_shot_metrics)
 from studio import Studio
 
@@ -124,7 +124,7 @@ def test_embed_images_and_texts_then_search_by_text_and_by_image(cli, tiny, shap
 def test_embeddings_match_a_direct_open_clip_forward(tiny, shapes):
     import torch
 
-    from pipelines.clip import ClipEmbedder
+    from studio.pipelines.clip import ClipEmbedder
 
     model, preprocess, tokenizer = load_clip(tiny("clip"))
     embedder = ClipEmbedder.load(tiny("clip"), "cpu")
@@ -152,7 +152,7 @@ def test_embed_refuses_an_existing_index_and_missing_images_without_writing(cli,
 
 
 def test_search_ranks_by_cosine_and_filters_by_kind(tmp_path):
-    from pipelines.clip import Item, save_index
+    from studio.pipelines.clip import Item, save_index
 
     vectors = np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 0, 1], [0.8, 0.6, 0]], np.float32)
     items = [Item("image", "a", "a"), Item("image", "b", "b"), Item("text", "c", "c"), Item("text", "d", "d")]

@@ -24,7 +24,7 @@ def lm(tiny):
 
 @pytest.fixture(scope="module")
 def generator(lm):
-    from pipelines.code import CodeGenerator
+    from studio.pipelines.code import CodeGenerator
     from studio import models
     from studio.device import DeviceManager
 
@@ -74,7 +74,7 @@ def test_make_tiny_code_lm_has_fim_tokens_and_no_chat_template(lm, generator):
 
 
 def test_cli_streams_tokens_to_stdout_as_they_come(cli, lm, generator):
-    from pipelines.code import CodeRequest
+    from studio.pipelines.code import CodeRequest
 
     progress = RecordingProgress()
     result = generator.run(CodeRequest(prompt="def add(a, b):", max_tokens=24, temperature=0.8, seed=1, stream=True),
@@ -161,7 +161,7 @@ def test_bad_inputs_exit_2_with_a_hint(cli, lm):
 
 # ------------------------------------------------------------------------- infill
 def test_fim_layout_on_the_tiny_tokenizer(generator):
-    from pipelines.code import fim_ids
+    from studio.pipelines.code import fim_ids
 
     tok = generator.tokenizer
     prefix, suffix = "def add(a, b):\n", "\nprint(add(1, 2))\n"
@@ -180,7 +180,7 @@ def test_fim_layout_on_the_tiny_tokenizer(generator):
     ("codellama", ["<s>", "</s>", "▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"], {"bos_token": "<s>", "eos_token": "</s>"}, True),
 ])
 def test_fim_layouts_of_other_families(style, specials, named, metaspace):
-    from pipelines.code import FIM_STYLES, fim_ids, fim_style
+    from studio.pipelines.code import FIM_STYLES, fim_ids, fim_style
 
     tok = _bpe_tokenizer(specials, metaspace=metaspace, **named)
     found = fim_style(tok)
@@ -238,7 +238,7 @@ def test_a_chat_template_makes_it_a_chat_model(cli, lm, tmp_path, isolated_home)
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     tok.save_pretrained(chat)
 
-    from pipelines.code import CodeGenerator, CodeRequest
+    from studio.pipelines.code import CodeGenerator, CodeRequest
     from studio import models
     from studio.device import DeviceManager
 
@@ -264,7 +264,7 @@ def test_a_chat_template_makes_it_a_chat_model(cli, lm, tmp_path, isolated_home)
 
 
 def test_extract_code_and_stop_filter():
-    from pipelines.code import StopFilter, extract_code
+    from studio.pipelines.code import StopFilter, extract_code
 
     reply = "Sure!\n```text\nnot this\n```\n```python\ndef f():\n    return 1\n```\nDone."
     assert extract_code(reply) == "def f():\n    return 1\n"
@@ -327,7 +327,7 @@ def test_int8_quantisation_applies(cli, lm):
 def test_code_request_parameters_are_explicit():
     import dataclasses
 
-    from pipelines.code import CodeRequest
+    from studio.pipelines.code import CodeRequest
 
     assert [f.name for f in dataclasses.fields(CodeRequest)] == [
         "prompt", "instruction", "model", "max_tokens", "temperature", "top_p", "stop", "system", "lang", "raw",
@@ -337,7 +337,7 @@ def test_code_request_parameters_are_explicit():
 
 # ------------------------------------------------------------------------- syntax-guided decoding
 def test_python_prefix_check():
-    from pipelines.code import python_prefix_ok
+    from studio.pipelines.code import python_prefix_ok
 
     assert python_prefix_ok("def f(x):\n    return (x +\n")  # incomplete but valid so far
     assert python_prefix_ok("x = 1\ny = (")  # the cut-off last line is not judged
@@ -348,7 +348,7 @@ def test_python_prefix_check():
 
 def test_syntax_check_keeps_only_lines_that_parse(generator):
     # the tiny model has random weights: at temperature 1 it writes invalid Python almost every line
-    from pipelines.code import CodeRequest, python_prefix_ok
+    from studio.pipelines.code import CodeRequest, python_prefix_ok
 
     plain, guided = [], []
     for seed in range(4):

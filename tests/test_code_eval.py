@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import code_eval, sandbox
+from studio.pipelines import code_eval, sandbox
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread

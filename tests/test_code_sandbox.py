@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
-from pipelines import sandbox
-from pipelines.code import select_candidate
+from studio.pipelines import sandbox
+from studio.pipelines.code import select_candidate
 
 ADD_TESTS = "def test_small():\n    assert add(1, 2) == 3\n\ndef test_negative():\n    assert add(-1, 1) == 0\n"
 PASSING = "def add(a, b):\n    return a + b\n"

@@ -76,7 +76,7 @@ def test_int8_replaces_linear_weights_with_quantised_tensors_and_still_runs():
 
 
 def test_sliced_attention_swaps_the_processors_of_a_diffusers_pipeline(tiny):
-    pytest.importorskip("pipelines.image")
+    pytest.importorskip("studio.pipelines.image")
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny("sd")))

@@ -146,7 +146,7 @@ def test_list_schedulers(cli):
 def test_every_scheduler_builds_from_the_model_config(tiny):
     from diffusers import StableDiffusionPipeline
 
-    from pipelines.image import SCHEDULERS, make_scheduler, scheduler_family
+    from studio.pipelines.image import SCHEDULERS, make_scheduler, scheduler_family
     from studio.device import module_available
     from studio.errors import BackendUnavailable, UsageError
 
@@ -236,7 +236,7 @@ def test_outpaint_grows_the_canvas(cli, tiny, photo):
 
 
 def test_outpaint_canvas_and_mask():
-    from pipelines.image import outpaint_canvas
+    from studio.pipelines.image import outpaint_canvas
 
     image = Image.new("RGB", (32, 16), (200, 10, 10))
     canvas, m = outpaint_canvas(image, {"left": 8, "right": 0, "top": 0, "bottom": 8}, overlap=4)
@@ -307,7 +307,7 @@ def test_control_preprocessor_without_controlnet_aux_is_a_clear_error(cli, photo
 
 
 def test_parse_control_spec():
-    from pipelines.control import parse_control
+    from studio.pipelines.control import parse_control
 
     assert parse_control("canny:a.png").scale == 1.0
     spec = parse_control("openpose:dir:with:colons/p.png:0.7:0.1:0.9")
@@ -360,7 +360,7 @@ def test_lora_that_does_not_fit_the_base(cli, tiny):
 
 
 def test_parse_lora_spec():
-    from adapters.lora import parse_lora
+    from studio.adapters.lora import parse_lora
 
     assert parse_lora("org/style-lora").scale == 1.0
     assert parse_lora("c:/x/style.safetensors:0.6").source == "c:/x/style.safetensors"
@@ -369,7 +369,7 @@ def test_parse_lora_spec():
 
 # ----------------------------------------------------------------------------- prompt weighting
 def test_parse_weighted_a1111_syntax():
-    from pipelines.image import is_weighted, parse_weighted, plain_text
+    from studio.pipelines.image import is_weighted, parse_weighted, plain_text
 
     assert parse_weighted("a (red:1.5) cat") == [("a ", 1.0), ("red", 1.5), (" cat", 1.0)]
     assert parse_weighted("((big)) [small]") == [("big", 1.21), (" ", 1.0), ("small", round(1 / 1.1, 6))]
@@ -423,7 +423,7 @@ def test_replay_reproduces_img2img_control_lora_bit_for_bit(cli, tiny, photo):
 
 # ----------------------------------------------------------------------------- CLI import cost
 def test_image_cli_imports_nothing_heavy():
-    code = ("import sys, studio.cli.image, pipelines.image, pipelines.control, adapters.lora; "
+    code = ("import sys, studio.cli.image, studio.pipelines.image, studio.pipelines.control, studio.adapters.lora; "
             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'cv2', 'compel') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -439,7 +439,7 @@ def tiny_sd3(tmp_path_factory) -> Path:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from pipelines.image import _tiny_text_encoder, tiny_tokenizer
+    from studio.pipelines.image import _tiny_text_encoder, tiny_tokenizer
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,

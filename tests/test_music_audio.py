@@ -42,7 +42,7 @@ def outputs(folder: Path, suffix: str) -> list[Path]:
 
 
 def pipeline(path):
-    from pipelines.music_audio import MusicGenerator
+    from studio.pipelines.music_audio import MusicGenerator
     from studio.device import DeviceManager
     from studio.models import resolve
 
@@ -50,7 +50,7 @@ def pipeline(path):
 
 
 def test_request_fields_are_explicit():
-    from pipelines.music_audio import AudioRequest
+    from studio.pipelines.music_audio import AudioRequest
 
     assert [f.name for f in dataclasses.fields(AudioRequest)] == [
         "prompt", "model", "duration", "melody", "guidance", "temperature", "top_k", "top_p", "num_outputs", "seed",
@@ -82,7 +82,7 @@ def test_tokens_read_off_generate_decode_to_its_waveform(mg):
     import torch
     from transformers import AutoTokenizer, MusicgenForConditionalGeneration
 
-    from pipelines.music_audio import AudioRequest
+    from studio.pipelines.music_audio import AudioRequest
     from studio.progress import Progress
 
     ours = pipeline(mg).run(AudioRequest(prompt="warm jazz", duration=1.0, seed=11), Progress(enabled=False))[0]
@@ -139,7 +139,7 @@ def test_progress_counts_seconds_of_audio(mg):
 
     from rich.console import Console
 
-    from pipelines.music_audio import AudioRequest
+    from studio.pipelines.music_audio import AudioRequest
     from studio.progress import Progress
 
     buffer = io.StringIO()
@@ -151,11 +151,11 @@ def test_progress_counts_seconds_of_audio(mg):
 
 
 def test_melody_conditions_the_music(melody_model, melody_wav):
-    from pipelines.music_audio import AudioRequest
+    from studio.pipelines.music_audio import AudioRequest
     from studio.progress import Progress
 
     pipe = pipeline(melody_model)
-    chroma = pipe.chroma(*__import__("pipelines.music_audio", fromlist=["load_audio"]).load_audio(melody_wav))
+    chroma = pipe.chroma(*__import__("studio.pipelines.music_audio", fromlist=["load_audio"]).load_audio(melody_wav))
     assert chroma.shape[-1] == 12 and int(chroma[0, 0].argmax()) == 9  # A
     run = lambda **kw: pipe.run(AudioRequest(prompt="piano", duration=1.0, seed=4, **kw), Progress(enabled=False))[0]  # noqa: E731
     with_melody = run(melody=str(melody_wav))

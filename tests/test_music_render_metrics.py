@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import music_metrics as mm
-from pipelines import music_render
+from studio.pipelines import music_metrics as mm
+from studio.pipelines import music_render
 
 
 def write_midi(path: Path, chords: list[list[int]], *, tempo: float = 120.0, program: int = 0,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import music_metrics as mm
+from studio.pipelines import music_metrics as mm
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +39,7 @@ def generate(cli, lm, out, *args):
 
 
 def test_request_fields_are_explicit():
-    from pipelines.music_symbolic import MidiRequest
+    from studio.pipelines.music_symbolic import MidiRequest
 
     assert [f.name for f in dataclasses.fields(MidiRequest)] == [
         "model", "bars", "seconds", "tempo", "key", "time_signature", "chords", "program", "instrument", "primer",

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def bach_home(tmp_path_factory):
     """A STUDIO_HOME whose chorale cache holds the first 3 chorales, converted by the same
     function `--data bach` calls (music21 corpus -> music21 MIDI translation)."""
-    from pipelines.training.midi_train import bach_chorales_midi
+    from studio.pipelines.training.midi_train import bach_chorales_midi
 
     home = tmp_path_factory.mktemp("bach-home")
     files = bach_chorales_midi(home / "cache" / "bach-chorales", limit=3)
@@ -71,7 +71,7 @@ def test_resume_is_exact(bach_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from pipelines.training.midi_train import MidiTrainConfig, train
+    from studio.pipelines.training.midi_train import MidiTrainConfig, train
     from studio.device import DeviceManager
     from studio.progress import Progress
 

@@ -21,7 +21,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- shapes world
 def test_samples_are_a_pure_function_of_seed_and_index():
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     a = [S.sample(0, i) for i in range(20)]
     assert [S.sample(0, i) for i in range(20)] == a
@@ -38,7 +38,7 @@ def test_samples_are_a_pure_function_of_seed_and_index():
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_pixel_checker_is_right_on_real_renders(size):
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     items = list(S.samples(7, 200, two_shapes=0.0))
     report = S.prompt_following([S.render(s, size)[0] for s in items], items)
@@ -48,7 +48,7 @@ def test_pixel_checker_is_right_on_real_renders(size):
 def test_pixel_checker_rejects_wrong_images():
     from PIL import Image
 
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     blank = Image.new("RGB", (64, 64), (40, 80, 200))
     assert S.judge(blank).shape is None
@@ -90,7 +90,7 @@ def test_data_shapes_bad_input_exits_2_and_writes_nothing(cli, tmp_path):
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     import torch
 
-    from pipelines.training.starter import Run, train_loop
+    from studio.pipelines.training.starter import Run, train_loop
 
     def run_once(work: Path, stop_at: int | None, resume: bool) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -177,7 +177,7 @@ def test_smoke_control_steers_studio_image(cli, smoke_image, tmp_path):
     from diffusers import ControlNetModel
 
     assert list(ControlNetModel.from_pretrained(tmp_path / "control").config.conditioning_embedding_out_channels) == [16, 32]
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     s = S.sample(1, 0, two_shapes=0.0)
     S.render(s, 32)[1].save(tmp_path / "mask.png")
@@ -201,8 +201,8 @@ def test_init_on_a_starter_without_one_is_a_usage_error(cli, tmp_path):
 
 
 def test_mask_iou_of_the_checker():
-    from pipelines.training import shapes as S
-    from pipelines.training.starter import mask_iou
+    from studio.pipelines.training import shapes as S
+    from studio.pipelines.training.starter import mask_iou
 
     s = S.sample(1, 3, two_shapes=0.0)
     image, mask = S.render(s, 32)
@@ -272,8 +272,8 @@ def test_starter_control_draws_inside_the_mask(cli, tmp_path):
     _shipped("control")
     from PIL import Image
 
-    from pipelines.training import shapes as S
-    from pipelines.training.starter import mask_iou
+    from studio.pipelines.training import shapes as S
+    from studio.pipelines.training.starter import mask_iou
 
     s = S.sample(1, 0, two_shapes=0.0)
     S.render(s, 32)[1].save(tmp_path / "mask.png")
@@ -287,7 +287,7 @@ def test_starter_control_draws_inside_the_mask(cli, tmp_path):
 def test_starter_caption_and_vqa_through_the_cli(cli, tmp_path):
     _shipped("caption")
     _shipped("vqa")
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     s = S.sample(1, 0, two_shapes=0.0)
     S.render(s, 64)[0].save(tmp_path / "shape.png")
@@ -302,9 +302,9 @@ def test_starter_caption_and_vqa_through_the_cli(cli, tmp_path):
 
 def test_starter_clip_loads_with_open_clip():
     folder = _shipped("clip")
-    from pipelines.clip import load_clip
-    from pipelines.training import shapes as S
-    from pipelines.training.starter import clip_zero_shot
+    from studio.pipelines.clip import load_clip
+    from studio.pipelines.training import shapes as S
+    from studio.pipelines.training.starter import clip_zero_shot
 
     model, preprocess, tokenizer = load_clip(str(folder))
     metrics = clip_zero_shot(model.float().eval(), preprocess, tokenizer, list(S.samples(1, 36, two_shapes=0.0)), 64)
@@ -329,7 +329,7 @@ def test_smoke_training_of_the_midi_starter_loads_in_studio_music(cli, tmp_path)
 
 
 def test_valid_prefix_check():
-    from pipelines.training.starter import valid_prefix
+    from studio.pipelines.training.starter import valid_prefix
 
     assert valid_prefix("def f(x):\n    return (x +\n")  # incomplete but valid so far
     assert not valid_prefix("def f(x):\n    return )\n")

@@ -79,7 +79,7 @@ def t2v(tiny):
 
 @pytest.fixture(scope="session")
 def svd(tmp_path_factory):
-    from pipelines.video import make_tiny_svd
+    from studio.pipelines.video import make_tiny_svd
 
     out = tmp_path_factory.mktemp("tiny-svd") / "model"
     make_tiny_svd(out)
@@ -88,7 +88,7 @@ def svd(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def transformer_models(tmp_path_factory):
-    from pipelines.video import make_tiny_ltx, make_tiny_wan
+    from studio.pipelines.video import make_tiny_ltx, make_tiny_wan
 
     root = tmp_path_factory.mktemp("tiny-dit")
     make_tiny_ltx(root / "ltx")
@@ -105,7 +105,7 @@ def init_png(tmp_path):
 
 # ----------------------------------------------------------------------------- contract
 def test_request_fields_are_explicit():
-    from pipelines.video import VideoRequest
+    from studio.pipelines.video import VideoRequest
 
     assert [f.name for f in dataclasses.fields(VideoRequest)] == [
         "prompt", "negative_prompt", "model", "motion_adapter", "frames", "fps", "width", "height", "steps", "guidance",
@@ -138,7 +138,7 @@ def test_offline_default_model_is_a_clear_error(cli, tmp_path):
 
 
 def test_prompt_map_parsing():
-    from pipelines.video import parse_prompt_map
+    from studio.pipelines.video import parse_prompt_map
     from studio.errors import UsageError
 
     assert parse_prompt_map("0:a calm sea, blue sky,16:a stormy sea") == {0: "a calm sea, blue sky", 16: "a stormy sea"}
@@ -216,7 +216,7 @@ def test_saved_animatediff_pipeline_folder_loads(ad, tmp_path):
     from studio.device import DeviceManager
     from studio.models import resolve
 
-    from pipelines.video import VideoPipeline, VideoRequest
+    from studio.pipelines.video import VideoPipeline, VideoRequest
 
     vp = VideoPipeline.load(resolve(str(ad), task="video"), DeviceManager())
     pipe = vp._animatediff(VideoRequest(prompt="x"))
@@ -338,7 +338,7 @@ def test_wan_text_to_video_and_no_init_on_t2v_weights(transformer_models, init_p
 
 # ----------------------------------------------------------------------------- interpolation
 def test_flow_interpolation_beats_repetition_and_blending():
-    from pipelines.interpolate import middle_frame
+    from studio.pipelines.interpolate import middle_frame
 
     for method in ("farneback", "dis"):
         errors = {"flow": 0.0, "repeat": 0.0, "blend": 0.0}

@@ -617,7 +617,7 @@ def save_checkpoint(folder: Path, *, model: Any, model_cfg: dict, optimizer: Any
     import torch
     from safetensors.torch import save_file
 
-    from pipelines.clip import save_clip_folder
+    from studio.pipelines.clip import save_clip_folder
 
     with atomic_path(folder, is_dir=True) as tmp:
         save_clip_folder(model, model_cfg, tmp, extra={"studio": {"step": position["step"], "train_config": CONFIG_JSON}})
@@ -685,7 +685,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 def _check_out(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: fresh start). Never trains over another run."""
-    from pipelines.clip import latest_checkpoint
+    from studio.pipelines.clip import latest_checkpoint
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file", "pass a folder for the run")
@@ -704,8 +704,8 @@ def train(cfg: TrainConfig, progress: Any = None, *, on_step: Callable[[int, dic
 
     import torch
 
-    from pipelines.clip import CONFIG_NAME, WEIGHTS_NAME, ClipEmbedder, create, get_tokenizer, load_templates
-    from pipelines.clip import model_config, resolve_clip
+    from studio.pipelines.clip import CONFIG_NAME, WEIGHTS_NAME, ClipEmbedder, create, get_tokenizer, load_templates
+    from studio.pipelines.clip import model_config, resolve_clip
     from studio.progress import Progress
 
     # 1. check the config and find the process group, device and run folder
@@ -841,7 +841,7 @@ def train(cfg: TrainConfig, progress: Any = None, *, on_step: Callable[[int, dic
             if on_step is not None:
                 on_step(step, last)
     except KeyboardInterrupt:
-        from pipelines.clip import latest_checkpoint
+        from studio.pipelines.clip import latest_checkpoint
 
         ckpt = latest_checkpoint(out)
         progress.note(f"interrupted at step {step}; " + (f"`--resume` continues from {ckpt.name}" if ckpt
@@ -937,7 +937,7 @@ def _restore(folder: Path, cfg: TrainConfig, global_batch: int, fingerprint: dic
     import torch
     from safetensors.torch import load_file
 
-    from pipelines.clip import WEIGHTS_NAME
+    from studio.pipelines.clip import WEIGHTS_NAME
 
     state, tensors = load_checkpoint_state(folder)
     saved = state.get("config", {})

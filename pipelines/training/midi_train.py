@@ -204,7 +204,7 @@ def save_checkpoint(path: Path, *, model: Any, tokenizer: Any, optimizer: Any, s
     import torch
     from safetensors.torch import save_file
 
-    from pipelines.music_symbolic import quiet_transformers
+    from studio.pipelines.music_symbolic import quiet_transformers
 
     with atomic_path(path, is_dir=True) as tmp:
         with quiet_transformers():  # no per-shard bar under the training bar
@@ -254,7 +254,7 @@ def _new_model(config: MidiTrainConfig) -> tuple[Any, Any]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipelines.music_symbolic import default_tokenizer
+    from studio.pipelines.music_symbolic import default_tokenizer
 
     tokenizer = default_tokenizer()
     torch.manual_seed(config.seed)
@@ -266,7 +266,7 @@ def _new_model(config: MidiTrainConfig) -> tuple[Any, Any]:
 def _load_model(location: str, load_kwargs: dict[str, Any], spec: Any = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    from pipelines.music_symbolic import load_midi_tokenizer, quiet_transformers
+    from studio.pipelines.music_symbolic import load_midi_tokenizer, quiet_transformers
     from studio.models import loading
 
     with loading(spec, "MIDI model") if spec is not None else contextlib.nullcontext(), quiet_transformers():
@@ -430,7 +430,7 @@ def train(config: MidiTrainConfig, device: Any, progress: Any, *, spec: Any = No
     if final.exists():
         trash = final.with_name(f".final-old-{int(time.time())}")
         final.rename(trash)
-    from pipelines.music_symbolic import quiet_transformers
+    from studio.pipelines.music_symbolic import quiet_transformers
 
     with atomic_path(final, is_dir=True) as tmp, quiet_transformers():
         model.save_pretrained(tmp)

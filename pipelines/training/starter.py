@@ -184,7 +184,7 @@ def train_loop(run: Run, stage: str, *, steps: int, params: list, lr: float, mod
 def shapes_vocabulary_corpus() -> list[str]:
     """Every word shapes-world captions, questions and answers use (the tokenizer is trained on
     these, so each word is one token)."""
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     words = set()
     for s in S.samples(12345, 3000, two_shapes=0.5):
@@ -278,7 +278,7 @@ class ImageRecipe:
 def _render_split(seed: int, n: int, size: int, two_shapes: float = 0.0) -> tuple[Any, list]:
     import numpy as np
 
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     items = list(S.samples(seed, n, two_shapes=two_shapes))
     images = np.stack([np.asarray(S.render(s, size)[0]) for s in items])  # (N, H, W, 3) uint8
@@ -288,7 +288,7 @@ def _render_split(seed: int, n: int, size: int, two_shapes: float = 0.0) -> tupl
 def cached_split(work: Path, seed: int, n: int, size: int) -> tuple[Any, list]:
     import numpy as np
 
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
     from studio.outputs import atomic_path
 
     path = Path(work) / f"shapes-{seed}-{n}-{size}.npy"
@@ -307,7 +307,7 @@ def autoencoder_ceiling(vae: Any, size: int, n: int = 100, seed: int = 1) -> dic
     import numpy as np
     import torch
 
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     images_u8, items = _render_split(seed, n, size)
     x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
@@ -580,7 +580,7 @@ def _init_blip(model: Any, source: str) -> dict[str, Any]:
 
 
 def _pixels(processor: Any, items: list, size: int) -> Any:
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     images = [S.render(s, size)[0] for s in items]
     return processor.image_processor(images, return_tensors="pt").pixel_values  # (N, 3, h, w)
@@ -589,7 +589,7 @@ def _pixels(processor: Any, items: list, size: int) -> Any:
 def train_blip(run: Run, recipe: BlipRecipe, vqa: bool) -> dict[str, Any]:
     import torch
 
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     torch.manual_seed(recipe.seed)
     # 1. data: images through the BLIP processor, captions or (question, answer) pairs
@@ -631,7 +631,7 @@ def train_blip(run: Run, recipe: BlipRecipe, vqa: bool) -> dict[str, Any]:
                loss_fn=loss_fn, weight_decay=0.01)
 
     # 3. held-out check (seed 1) with greedy decoding, scored as `studio eval caption` does
-    from pipelines.caption import normalise_caption
+    from studio.pipelines.caption import normalise_caption
 
     model.eval()
     held = list(S.samples(1, recipe.n_eval))
@@ -697,7 +697,7 @@ def clip_zero_shot(model: Any, preprocess: Any, tokenizer: Any, items: list, siz
     background), the prompt ensembling of the CLIP paper with this world's own templates."""
     import torch
 
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     classes = [(c, s) for c in S.COLOURS for s in S.SHAPES]
     with torch.no_grad():
@@ -720,8 +720,8 @@ def train_clip(run: Run, recipe: ClipRecipe) -> dict[str, Any]:
     import open_clip
     import torch
 
-    from pipelines.clip import CONFIG_NAME, WEIGHTS_NAME, save_clip_folder
-    from pipelines.training import shapes as S
+    from studio.pipelines.clip import CONFIG_NAME, WEIGHTS_NAME, save_clip_folder
+    from studio.pipelines.training import shapes as S
 
     torch.manual_seed(recipe.seed)
     # 1. model from the config (open_clip registers a config dict under a name), data through its transforms
@@ -812,7 +812,7 @@ class MidiRecipe:
 def train_midi(run: Run, recipe: MidiRecipe) -> dict[str, Any]:
     """The symbolic-music trainer itself (pipelines/training/midi_train.py, `studio music train`)
     on the Bach chorales that ship in music21; the starter is its final/ folder in fp16."""
-    from pipelines.training.midi_train import MidiTrainConfig, checkpoints, train
+    from studio.pipelines.training.midi_train import MidiTrainConfig, checkpoints, train
     from studio.device import DeviceSettings, get_device_manager
 
     inner = run.work / "midi-run"
@@ -970,7 +970,7 @@ def mask_iou(image: Any, mask: Any) -> float:
     pixel checker finds shapes) with the control mask (PIL 'L' or RGB, white = shape)."""
     import numpy as np
 
-    from pipelines.training.shapes import foreground
+    from studio.pipelines.training.shapes import foreground
 
     fg = foreground(image)[2]
     want = np.asarray(mask.convert("L").resize(image.size)) > 127
@@ -984,7 +984,7 @@ def control_eval(pipe: Any, controlnet: Any, *, n: int, size: int, steps: int, g
     import torch
     from diffusers import StableDiffusionControlNetPipeline
 
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     cpipe = StableDiffusionControlNetPipeline(**{k: v for k, v in pipe.components.items() if k != "image_encoder"},
                                               controlnet=controlnet)
@@ -1007,7 +1007,7 @@ def train_control(run: Run, recipe: ControlRecipe) -> dict[str, Any]:
     import torch
     from diffusers import ControlNetModel, DDPMScheduler
 
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     torch.manual_seed(recipe.seed)
     # 1. the frozen base: its VAE latents, its text features, its UNet
@@ -1070,7 +1070,7 @@ RECIPES["control"] = (ControlRecipe, train_control)
 def valid_prefix(text: str) -> bool:
     """True when `text` is Python source or the beginning of some (codeop: complete -> a code
     object, incomplete -> None, wrong -> SyntaxError). The last, maybe cut-off line is dropped."""
-    from pipelines.code import python_prefix_ok
+    from studio.pipelines.code import python_prefix_ok
 
     return python_prefix_ok(text)
 

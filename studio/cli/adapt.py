@@ -76,7 +76,7 @@ def train(
     studio image "a photo of sks dog on the moon" --lora sks-lora:0.9[/dim]
     """
     _common(debug, offline)
-    from adapters.train import config_from, train as run_train
+    from studio.adapters.train import config_from, train as run_train
     from studio.device import DeviceSettings, get_device_manager
     from studio.progress import Progress
 
@@ -118,7 +118,7 @@ def merge(
     studio adapt merge --base qwen2.5-coder-0.5b --lora repo-lora -o coder-repo[/dim]
     """
     _common(debug, offline)
-    from adapters.peft_adapters import merge as run_merge
+    from studio.adapters.peft_adapters import merge as run_merge
 
     report = run_merge(base, lora, out, allow_pickle=allow_pickle, offline=offline or None)
     summary = {"out": str(report.out), "kind": report.kind, "adapters": report.adapters}
@@ -136,7 +136,7 @@ def info(
 ) -> None:
     """Show an adapter's method, rank, targets, base model and training settings."""
     _common(debug, False)
-    from adapters.peft_adapters import format_info, read_metadata
+    from studio.adapters.peft_adapters import format_info, read_metadata
 
     meta = read_metadata(adapter)
     typer.echo(json.dumps(meta, indent=None if json_out else 2, default=str) if json_out else format_info(meta))

@@ -315,7 +315,7 @@ def eval_caption(
                    batch_size=batch_size)
     results = run_task("caption", params, opts)
 
-    from pipelines.caption import caption_scores
+    from studio.pipelines.caption import caption_scores
 
     predictions = {r.extra["image"]: r.value for r in results if not r.extra.get("error")}
     failed = [r.extra["image"] for r in results if r.extra.get("error")]

@@ -51,7 +51,7 @@ def _progress(quiet: bool, json_out: bool):
 def _embedder(model: str, pretrained: Optional[str], device: str, precision: Optional[str], allow_pickle: bool,
               offline: bool, progress: Any):
     """Load (cached per process) the clip-embed pipeline for a model name."""
-    from pipelines.clip import ClipEmbedder, resolve_clip
+    from studio.pipelines.clip import ClipEmbedder, resolve_clip
     from studio.device import DeviceSettings, get_device_manager
     from studio.registry import _LOADED
 
@@ -110,8 +110,8 @@ def train(
     `accelerate launch --multi_gpu --num_processes N -m studio clip train ...`; --batch-size is per process.
     """
     _setup(debug, offline)
-    from pipelines.training.clip_train import TrainConfig
-    from pipelines.training.clip_train import train as run_training
+    from studio.pipelines.training.clip_train import TrainConfig
+    from studio.pipelines.training.clip_train import train as run_training
 
     cfg = TrainConfig(data=data, out=str(out), model=model, pretrained=pretrained, val=val, img_key=img_key,
                       caption_key=caption_key, epochs=epochs, steps=steps, batch_size=batch_size, accum=accum, lr=lr,
@@ -156,8 +156,8 @@ def evaluate(
 ) -> None:
     """Zero-shot top-1/5 (with prompt templates) and image<->text retrieval recall@1/5/10."""
     _setup(debug, offline)
-    from pipelines.clip import load_labels, load_templates
-    from pipelines.training.clip_train import open_data
+    from studio.pipelines.clip import load_labels, load_templates
+    from studio.pipelines.training.clip_train import open_data
     from studio.errors import UsageError
     from studio.outputs import write_text_file
 
@@ -215,7 +215,7 @@ def embed(
     _setup(debug, offline)
     import datetime as _dt
 
-    from pipelines.clip import ClipEmbedRequest, expand_inputs, index_paths, save_index
+    from studio.pipelines.clip import ClipEmbedRequest, expand_inputs, index_paths, save_index
     from studio.errors import UsageError
     from studio.outputs import library_versions
 
@@ -263,7 +263,7 @@ def search(
 ) -> None:
     """Nearest rows of an index to a text query, or to an image with --image (cosine similarity)."""
     _setup(debug, offline)
-    from pipelines.clip import load_index, search_index
+    from studio.pipelines.clip import load_index, search_index
     from studio.errors import UsageError
 
     if (query is None) == (image is None):

@@ -175,7 +175,7 @@ def eval_code(
     from studio.errors import UsageError
     from studio.outputs import slugify, write_text_file
 
-    from pipelines import code_eval
+    from studio.pipelines import code_eval
 
     if benchmark != "humaneval" and prompts is None:
         raise UsageError(f"unknown benchmark {benchmark!r}", "use --benchmark humaneval, or --prompts FILE")

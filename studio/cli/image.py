@@ -2,7 +2,7 @@
 weighting, attention maps) and `studio control preprocess TYPE IMAGE`.
 
 Thin: options become an ImageRequest's fields and the engine does the rest. Nothing heavy is
-imported here (pipelines.image and pipelines.control import torch/diffusers only inside functions).
+imported here (studio.pipelines.image and studio.pipelines.control import torch/diffusers only inside functions).
 """
 
 from pathlib import Path
@@ -65,7 +65,7 @@ def _num(text: str) -> bool:
 
 def list_schedulers() -> None:
     """Plain columns (not a rich table): pipe-friendly and never truncated."""
-    from pipelines.image import SCHEDULERS, scheduler_family
+    from studio.pipelines.image import SCHEDULERS, scheduler_family
 
     rows = [("name", "A1111 sampler", "diffusers class", "settings", "fits")]
     for name, (cls, overrides, label) in SCHEDULERS.items():
@@ -141,8 +141,8 @@ def preprocess(
     import json
     import sys
 
-    from pipelines.control import canonical_type
-    from pipelines.control import preprocess as run_preprocessor
+    from studio.pipelines.control import canonical_type
+    from studio.pipelines.control import preprocess as run_preprocessor
     from studio.cli.common import default_out_dir
     from studio.outputs import OutputWriter, Result
     from studio.pipeline import load_image

@@ -111,7 +111,7 @@ def render_cmd(
 ) -> None:
     """Render a MIDI file to audio: fluidsynth with a General MIDI soundfont, or plain synthesis."""
     _setup(debug, False)
-    from pipelines.music_render import load_midi, render
+    from studio.pipelines.music_render import load_midi, render
     from studio.errors import UsageError
     from studio.outputs import OutputWriter, Result
     from studio.progress import Progress
@@ -169,8 +169,8 @@ def train(
 ) -> None:
     """Train (or fine-tune) the MIDI model on MIDI files or the Bach chorales; resumable."""
     _setup(debug, offline)
-    from pipelines.training.midi_train import MidiTrainConfig
-    from pipelines.training.midi_train import train as run_training
+    from studio.pipelines.training.midi_train import MidiTrainConfig
+    from studio.pipelines.training.midi_train import train as run_training
     from studio.device import DeviceSettings, get_device_manager
     from studio.models import resolve
     from studio.progress import Progress
@@ -205,7 +205,7 @@ def eval_music(
 ) -> None:
     """Music statistics of MIDI files as JSON (stdout)."""
     _setup(debug, False)
-    from pipelines.music_metrics import evaluate
+    from studio.pipelines.music_metrics import evaluate
     from studio.outputs import write_text_file
     from studio.progress import Progress
 

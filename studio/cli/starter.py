@@ -37,7 +37,7 @@ def shapes(
         raise UsageError(f"--two-shapes {two_shapes} is not a share between 0 and 1", "pass --two-shapes 0.25")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty", "pass a new --out folder")
-    from pipelines.training.shapes import write_dataset
+    from studio.pipelines.training.shapes import write_dataset
     from studio.progress import Progress
 
     with Progress(enabled=not quiet) as progress:
@@ -64,7 +64,7 @@ def train_starter(
 
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}", "pass --steps 100")
-    from pipelines.training.starter import train_starter as train
+    from studio.pipelines.training.starter import train_starter as train
     from studio.progress import Progress
 
     out = out or Path(f"starter-{name}")
@@ -92,7 +92,7 @@ def eval_image(
 
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}", "pass --n 100")
-    from pipelines.training import shapes as S
+    from studio.pipelines.training import shapes as S
 
     targets = list(S.samples(data_seed, n, two_shapes=0.0))
     engine = Engine(opts.run_options("image", write=opts.out is not None))
@@ -129,8 +129,8 @@ def eval_control(
 
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}", "pass --n 50")
-    from pipelines.control import load_controlnet
-    from pipelines.training.starter import _base_pipeline, control_eval
+    from studio.pipelines.control import load_controlnet
+    from studio.pipelines.training.starter import _base_pipeline, control_eval
     from studio.device import DeviceManager, DeviceSettings
     from studio.progress import Progress
 

@@ -111,7 +111,7 @@ def interpolate(
     from studio.outputs import OutputWriter
     from studio.progress import Progress
 
-    from pipelines.interpolate import interpolate_clip
+    from studio.pipelines.interpolate import interpolate_clip
 
     progress = Progress(enabled=not (quiet or json_out))
     with progress:
