@@ -38,7 +38,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="a tiny SD folder (default: build one with studio.tiny)")
+    ap.add_argument("--model", help="a tiny SD folder (default: build one with studio.pipelines.tiny)")
     ap.add_argument("--jobs", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--size", type=int, default=32)
@@ -50,7 +50,7 @@ def main() -> None:
     os.environ.update({k: env[k] for k in ("HF_HUB_OFFLINE", "STUDIO_HOME")})
     model = Path(args.model) if args.model else None
     if model is None:
-        from studio.tiny import make_tiny
+        from studio.pipelines.tiny import make_tiny
 
         model = make_tiny("sd", work / "tiny-sd")
     model = model.resolve()

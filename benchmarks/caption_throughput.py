@@ -24,9 +24,9 @@ def small_blip(out: Path) -> None:
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
-    from studio.pipelines.caption import _tiny_bert_tokenizer
+    from studio.pipelines.tiny.caption import tiny_bert_tokenizer
 
-    tok = _tiny_bert_tokenizer()
+    tok = tiny_bert_tokenizer()
     v = tok.get_vocab()
     text = dict(vocab_size=len(tok), hidden_size=256, encoder_hidden_size=256, intermediate_size=1024,
                 num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=64, bos_token_id=v["[DEC]"],
@@ -73,7 +73,7 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from studio.tiny import make_tiny
+    from studio.pipelines.tiny import make_tiny
 
     if args.threads:
         torch.set_num_threads(args.threads)

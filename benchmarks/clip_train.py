@@ -128,7 +128,7 @@ def main() -> None:
 
     import torch
 
-    from studio.tiny import make_tiny
+    from studio.pipelines.tiny import make_tiny
 
     if args.threads:
         torch.set_num_threads(args.threads)

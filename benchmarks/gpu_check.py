@@ -26,7 +26,7 @@ def main() -> int:
         print("no CUDA device: nothing to check here (run this on a GPU machine)")
         return 0
     from studio.device import DeviceManager, DeviceSettings, module_available
-    from studio.tiny import make_tiny
+    from studio.pipelines.tiny import make_tiny
 
     props = torch.cuda.get_device_properties(0)
     print(f"card: {props.name}, {props.total_memory / 2**30:.1f} GiB, capability {props.major}.{props.minor}, "

@@ -112,7 +112,7 @@ def main() -> None:
         os.environ.setdefault("STUDIO_HOME", str(tmp / "home"))
         model = args.model
         if model is None:
-            from studio.tiny import make_tiny
+            from studio.pipelines.tiny import make_tiny
 
             model = str(make_tiny("sd", tmp / "tiny-sd"))
         per_image(model, args.images, args.steps, args.size, args.guidance, tmp)

@@ -97,7 +97,7 @@ def interpolation_speed() -> None:
 
 def generation_speed() -> None:
     from studio.engine import Engine, RunOptions
-    from studio.tiny import make_tiny
+    from studio.pipelines.tiny import make_tiny
 
     print("3. generation speed on tiny models (32x32, 2 steps, guidance 1; warm pipelines)")
     tmp = Path(tempfile.mkdtemp())

@@ -36,15 +36,6 @@ CONFIG_NAME = "open_clip_config.json"  # open_clip's hub layout (open_clip.const
 WEIGHTS_NAME = "open_clip_model.safetensors"  # open_clip.constants.HF_SAFE_WEIGHTS_NAME
 CHECKPOINTS_DIR = "checkpoints"  # training runs keep step-NNNNNNNN/ folders here
 
-# A tiny CLIP of the real ViT + text-transformer architecture: 2 layers per tower, width 32,
-# 32x32 images in 8x8 patches, open_clip's bundled BPE vocabulary (so its SimpleTokenizer works
-# unchanged) and 16-token captions. About 1.6M parameters, 1.5M of them the token embedding.
-TINY_MODEL_CFG: dict[str, Any] = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-
 
 # ----------------------------------------------------------------------------- resolution
 @dataclass(frozen=True)
@@ -336,20 +327,6 @@ def save_clip_folder(model: Any, model_cfg: dict[str, Any], folder: Path, *, ext
             data = json.loads(tmp.read_text())
             data.update(extra)
             tmp.write_text(json.dumps(data, indent=2))
-
-
-def make_tiny_clip(out: Path, seed: int = 0) -> None:
-    """A seeded tiny random open_clip CLIP in open_clip's hub layout (`local-dir:` loads it)."""
-    import torch
-
-    out = Path(out)
-    with atomic_path(out / CONFIG_NAME, overwrite=True) as tmp:
-        tmp.write_text(json.dumps({"model_cfg": TINY_MODEL_CFG, "preprocess_cfg": {}}, indent=2))
-    source = ClipSource(model_name=f"local-dir:{out.resolve()}", label=str(out))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model, _, _ = create(source, load_weights=False)  # open_clip's own init, seeded
-    save_clip_folder(model, TINY_MODEL_CFG, out)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -741,6 +718,6 @@ def search_index(index: Index, query: Any, *, k: int = 5, kind: str | None = Non
     return [{"rank": r + 1, "score": round(float(scores[i]), 6), **index.rows[i]} for r, i in enumerate(order)]
 
 
-__all__ = ["ClipEmbedder", "ClipEmbedRequest", "ClipSource", "load_clip", "resolve_clip", "make_tiny_clip",
+__all__ = ["ClipEmbedder", "ClipEmbedRequest", "ClipSource", "load_clip", "resolve_clip",
            "save_clip_folder", "latest_checkpoint", "retrieval_metrics", "zero_shot_metrics", "save_index",
            "load_index", "search_index", "expand_inputs", "load_templates", "load_labels"]

@@ -44,7 +44,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny("sd") -> folder of a tiny random model of that kind, built once per session."""
-    from studio.tiny import make_tiny
+    from studio.pipelines.tiny import make_tiny
 
     built: dict[tuple[str, int], Path] = {}
 

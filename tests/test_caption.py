@@ -263,7 +263,7 @@ def test_eval_caption_scores_a_folder_against_its_sidecars(cli, tiny, photos):
 
 # --------------------------------------------------------------------------- prompt styles
 def test_prefix_models_continue_the_prompt_and_vqa_answers_leave_the_question_out(tiny, photos, tmp_path):
-    from studio.pipelines.caption import make_tiny_git
+    from studio.pipelines.tiny.caption import make_tiny_git
 
     _, paths = photos
     images = [str(p) for p in paths[:3]]

@@ -76,7 +76,7 @@ def test_tiny_clip_is_open_clip_hub_layout_and_loads_through_local_dir(tiny):
 
 
 def test_tiny_builder_is_seeded(tmp_path):
-    from studio.tiny import make_tiny
+    from studio.pipelines.tiny import make_tiny
 
     a = make_tiny("clip", tmp_path / "a", seed=3)
     b = make_tiny("clip", tmp_path / "b", seed=3)

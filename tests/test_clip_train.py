@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from studio.pipelines.clip import TINY_MODEL_CFG, ClipEmbedder
+from studio.pipelines.clip import ClipEmbedder
+from studio.pipelines.tiny.clip import TINY_MODEL_CFG
 from studio.pipelines.training.clip_train import ContrastiveLoss, TrainConfig, open_data, train
 from studio.errors import UsageError
 from tests.test_clip import make_shapes

@@ -333,7 +333,7 @@ def test_lora_changes_the_image_scale_zero_and_unloaded_equal_the_base(cli, tiny
 
 
 def test_two_loras_with_weights_and_fused(cli, tiny, tmp_path):
-    from studio.tiny import make_tiny
+    from studio.pipelines.tiny import make_tiny
 
     sd, lora = tiny("sd"), tiny("lora")
     other = make_tiny("lora", tmp_path / "lora2", seed=5)
@@ -439,7 +439,7 @@ def tiny_sd3(tmp_path_factory) -> Path:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from studio.pipelines.image import _tiny_text_encoder, tiny_tokenizer
+    from studio.pipelines.tiny.image import tiny_text_encoder, tiny_tokenizer
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
@@ -450,8 +450,8 @@ def tiny_sd3(tmp_path_factory) -> Path:
                         layers_per_block=1, norm_num_groups=4, sample_size=64, use_quant_conv=False,
                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
     pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-                                    text_encoder=_tiny_text_encoder(projection=True), tokenizer=tiny_tokenizer(),
-                                    text_encoder_2=_tiny_text_encoder(projection=True), tokenizer_2=tiny_tokenizer(),
+                                    text_encoder=tiny_text_encoder(projection=True), tokenizer=tiny_tokenizer(),
+                                    text_encoder_2=tiny_text_encoder(projection=True), tokenizer_2=tiny_tokenizer(),
                                     text_encoder_3=None, tokenizer_3=None)
     out = tmp_path_factory.mktemp("tiny-sd3") / "model"
     pipe.save_pretrained(out, safe_serialization=True)

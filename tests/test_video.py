@@ -79,7 +79,7 @@ def t2v(tiny):
 
 @pytest.fixture(scope="session")
 def svd(tmp_path_factory):
-    from studio.pipelines.video import make_tiny_svd
+    from studio.pipelines.tiny.video import make_tiny_svd
 
     out = tmp_path_factory.mktemp("tiny-svd") / "model"
     make_tiny_svd(out)
@@ -88,7 +88,7 @@ def svd(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def transformer_models(tmp_path_factory):
-    from studio.pipelines.video import make_tiny_ltx, make_tiny_wan
+    from studio.pipelines.tiny.video import make_tiny_ltx, make_tiny_wan
 
     root = tmp_path_factory.mktemp("tiny-dit")
     make_tiny_ltx(root / "ltx")

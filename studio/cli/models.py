@@ -92,6 +92,6 @@ def make_tiny(
     seed: Annotated[int, typer.Option(help="seed for the random weights")] = 0,
 ) -> None:
     """Build a tiny random model of a real architecture (for offline smoke tests) and save it."""
-    from studio.tiny import make_tiny as build
+    from studio.pipelines.tiny import make_tiny as build
 
     typer.echo(str(build(kind, out, seed=seed)))
