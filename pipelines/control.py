@@ -23,6 +23,7 @@ from typing import Any
 
 from studio.device import module_available
 from studio.errors import BackendUnavailable, ModelNotAvailable, UsageError
+from studio.progress import quiet_libraries
 
 # the hub repo controlnet-aux's detectors load their weights from
 AUX_REPO = "lllyasviel/Annotators"
@@ -210,8 +211,6 @@ def load_controlnet(name: str, device: Any, *, allow_pickle: bool = False, offli
     key = (spec, device.settings)
     if key not in _CONTROLNETS:
         import diffusers
-
-        from studio.pipelines.image import quiet_libraries
 
         with models.loading(spec, "ControlNet"), quiet_libraries():
             if spec.kind == "file":

@@ -16,15 +16,15 @@ Nothing heavy is imported at module level: the CLI reads SCHEDULERS without impo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from studio.errors import BackendUnavailable, InputFileError, RuntimeFailure, UsageError
+from studio.progress import quiet_libraries
 
 
 # ----------------------------------------------------------------------------- the request
@@ -687,30 +687,6 @@ def outpaint_canvas(image: Any, pads: dict[str, int], overlap: int = 8) -> tuple
 
 
 # ----------------------------------------------------------------------------- loading helpers
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """While loading: no diffusers/transformers progress bars or info/warning lines (studio shows
-    its own "loading" line; their bars and dtype notices would interleave with it on stderr)."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    levels = (dlog.get_verbosity(), tlog.get_verbosity())
-    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(levels[0])
-        tlog.set_verbosity(levels[1])
-        if bars[0]:
-            dlog.enable_progress_bar()
-        if bars[1]:
-            tlog.enable_progress_bar()
-
-
 def _load_kwargs(spec: Any, device: Any, config: dict[str, Any]) -> dict[str, Any]:
     kwargs = {"dtype": device.dtype, **spec.load_kwargs(library="diffusers")}
     if "safety_checker" in config:

@@ -25,6 +25,31 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """While loading diffusers models: no diffusers/transformers progress bars or info/warning
+    lines (studio shows its own "loading" line; their bars and dtype notices would interleave with
+    it on stderr). Here, not in one pipeline, because image and control loading both need it."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = (dlog.get_verbosity(), tlog.get_verbosity())
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+
+
 class TaskHandle:
     """One bar. `advance()` per step; `update(**fields)` for extra columns (loss, lr, ...)."""
 
