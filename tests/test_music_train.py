@@ -50,13 +50,13 @@ def test_train_on_bach_then_generate(cli, bach_home, tmp_path, monkeypatch):
     summary = json.loads(r.stdout)
     assert summary["files"] == 3 and summary["steps"] == 3 and summary["val_loss"] is not None
     assert summary["train_tokens"] > summary["val_tokens"] > 0
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-000002", "checkpoint-000003"]
-    ckpt = run / "checkpoint-000002"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.safetensors", "rng.safetensors",
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    ckpt = run / "checkpoints" / "step-000002"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.safetensors", "train_config.json",
                  "trainer_state.json"):
         assert (ckpt / name).is_file(), name
     assert not list(run.rglob("*.bin")) and not list(run.rglob("*.pt"))  # safetensors only
-    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3] and all("val_loss" in row for row in rows)
     # the final folder is a MIDI model the generator loads
     out = tmp_path / "gen"
@@ -96,7 +96,7 @@ def test_resume_is_exact(bach_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["val_loss"] == straight["val_loss"]
     # the checkpoint moved: the weights after step 4 differ from those after step 2
-    two = load_file(str(tmp_path / "b" / "checkpoint-000002" / "model.safetensors"))
+    two = load_file(str(tmp_path / "b" / "checkpoints" / "step-000002" / "model.safetensors"))
     assert not all(torch.equal(two[k], b[k]) for k in b)
 
 
@@ -108,7 +108,7 @@ def test_run_folder_rules(cli, bach_dir, tmp_path):
     assert again.exit_code == 2 and "--resume" in again.stderr  # never trains over a run by accident
     more = cli(*args, "--steps", "2", "--resume")
     assert more.exit_code == 0, more
-    rows = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2]
     done = cli(*args, "--steps", "2", "--resume")
     assert done.exit_code == 2 and "already trained" in done.stderr

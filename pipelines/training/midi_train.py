@@ -13,11 +13,13 @@
    --seq-len tokens; the batch of step s is drawn from a generator seeded by (seed, s), so
    data order needs no saved state;
 5. validation loss every --val-every steps on fixed windows of the validation files;
-6. checkpoints every --save-every steps: checkpoint-NNNNNN/ holds the model (safetensors,
-   save_pretrained), tokenizer.json, optimizer.safetensors (AdamW moments), rng.safetensors
-   (torch RNG, which dropout draws from) and trainer_state.json. `--resume` restores all of
-   it, so a resumed run reaches bit-identical weights to an uninterrupted one (a test checks).
-   `final/` is a model folder `studio music midi --model OUT/final` loads.
+6. checkpoints every --save-every steps (the --keep newest are kept) in the shared layout of
+   pipelines/training/checkpoint.py: checkpoints/step-NNNNNN/ is a save_pretrained model folder
+   (safetensors + tokenizer.json) plus AdamW moments, every RNG (dropout draws from torch's) and
+   the run's config. `--resume` restores all of it, so a resumed run reaches bit-identical
+   weights to an uninterrupted one (a test checks); runs with checkpoints of the older
+   checkpoint-NNNNNN/ layout resume too. `final/` is a model folder `studio music midi --model
+   OUT/final` loads; metrics.jsonl holds one row per step (pipelines/training/run.py).
 
 Every file is written through studio.outputs.atomic_path: a crash never leaves half a checkpoint.
 """
@@ -28,18 +30,18 @@ import contextlib
 import hashlib
 import json
 import math
-import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from studio.errors import InputFileError, UsageError
-from studio.outputs import append_jsonl, atomic_path
+from studio.outputs import atomic_path
+from studio.pipelines.training.checkpoint import find_checkpoints
+from studio.pipelines.training.run import METRICS, TrainingRun
 
 MIDI_SUFFIXES = (".mid", ".midi", ".MID", ".MIDI")
-CHECKPOINT = re.compile(r"^checkpoint-(\d{6,})$")
 
 # New-model sizes (GPT-2 shapes). tiny is for tests and smoke runs; small trains on a CPU in
 # minutes on the chorales; base wants a GPU.
@@ -174,52 +176,17 @@ def split_streams(sequences: list[list[int]], val_fraction: float) -> tuple[list
 
 # ----------------------------------------------------------------------------- checkpoints
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    found = []
-    if out.is_dir():
-        for p in out.iterdir():
-            m = CHECKPOINT.match(p.name)
-            if m and p.is_dir() and (p / "trainer_state.json").exists():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
+    """(step, folder) of the run's checkpoints, oldest first, in the shared layout and the old
+    checkpoint-NNNNNN/ one (both resume)."""
+    return [(c.step, c.path) for c in find_checkpoints(Path(out))]
 
 
-def _optimizer_tensors(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """AdamW state as flat tensors (for safetensors) + the JSON-able rest."""
-    state = optimizer.state_dict()
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state_keys": {}}
-    for index, entry in state["state"].items():
-        meta["state_keys"][str(index)] = sorted(entry)
-        for name, value in entry.items():
-            tensors[f"{index}.{name}"] = value.detach().cpu().contiguous() if hasattr(value, "detach") else value
-    return tensors, meta
+def _save_model(model: Any, tokenizer: Any, folder: Path) -> None:
+    from studio.progress import quiet_transformers
 
-
-def _load_optimizer(optimizer: Any, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
-    state = {int(i): {name: tensors[f"{i}.{name}"] for name in names} for i, names in meta["state_keys"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def save_checkpoint(path: Path, *, model: Any, tokenizer: Any, optimizer: Any, step: int, config: MidiTrainConfig,
-                    history: dict[str, Any]) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    from studio.pipelines.music_symbolic import quiet_transformers
-
-    with atomic_path(path, is_dir=True) as tmp:
-        with quiet_transformers():  # no per-shard bar under the training bar
-            model.save_pretrained(tmp)
-        tokenizer.save(tmp / "tokenizer.json")
-        tensors, meta = _optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda{i}"] = s
-        save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "config": asdict(config), "optimizer": meta, **history}, indent=2))
-    return path
+    with quiet_transformers():  # no per-shard bar under the training bar
+        model.save_pretrained(folder)
+    tokenizer.save(Path(folder) / "tokenizer.json")
 
 
 # ----------------------------------------------------------------------------- training
@@ -285,35 +252,56 @@ def _fingerprint(files: list[Path]) -> str:
 
 def train(config: MidiTrainConfig, device: Any, progress: Any, *, spec: Any = None,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) a training run; returns a summary (final folder, steps, losses)."""
+    """Run (or resume) a training run; returns a summary (final folder, steps, losses).
+    `on_log(row)` gets each step's metrics row (after that step's checkpoint)."""
     import torch
-    from safetensors.torch import load_file
 
-    # 1. check the config and the run folder
+    # 1. check the config and the run folder (device and precision: the DeviceManager's)
     check_config(config)
-    out = Path(config.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file", "pass a folder for the run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create run folder {out}: {exc.strerror}", "pass a writable folder with --out") from exc
-    existing = checkpoints(out)
-    if existing and not config.resume:
-        raise UsageError(f"{out} already holds checkpoints (latest step {existing[-1][0]})",
-                         "pass --resume to continue it, or a new --out")
-    if config.resume and not existing:
-        raise UsageError(f"nothing to resume: {out} holds no checkpoint-NNNNNN folder", "drop --resume to start a new run")
+    run = TrainingRun(config.out, config, device=device, progress=progress, resume=config.resume,
+                      samples_per_step=config.batch_size, keep=config.keep)
+    if run.checkpoint is not None and run.checkpoint.step >= config.steps:
+        raise UsageError(f"{run.out} is already trained to step {run.checkpoint.step}",
+                         f"pass --steps above {run.checkpoint.step} to train further")
 
-    # 2. model and tokenizer (a checkpoint, a base model, or a new one)
-    start_step, history = 0, {"train_loss": None, "val_loss": None, "best_val_loss": None}
-    if existing:
-        start_step, ckpt = existing[-1]
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if start_step >= config.steps:
-            raise UsageError(f"{out} is already trained to step {start_step}", f"pass --steps above {start_step} to train further")
-        model, tokenizer = _load_model(str(ckpt), {"use_safetensors": True})
-        history.update({k: state.get(k) for k in history})
+    # 2. model and tokenizer (a checkpoint, a base model, or a new one), then the data
+    model, tokenizer = _model_for(config, run, spec)
+    data = _Data.load(config, tokenizer, progress)
+
+    # 3. optimizer, checkpointed state, resume
+    model.to(device.device)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+    history: dict[str, Any] = {"train_loss": None, "val_loss": None, "best_val_loss": None}
+    scaler = run.grad_scaler()  # on for fp16 autocast only
+    run.track(optimizer=optimizer, save_model=lambda folder: _save_model(model, tokenizer, folder),
+              state=lambda: ({"history": history, "data_fingerprint": data.fingerprint, "files": len(data.files)}, {}))
+    state = run.restore()
+    if state is None:
+        torch.manual_seed(config.seed)  # dropout draws from here
+    else:
+        history.update(state.extra.get("history") or {})
+        if state.extra.get("data_fingerprint") not in (None, data.fingerprint):
+            progress.note("the training files changed since the checkpoint; resuming on the new files")
+
+    # 4. the loop, then the final model folder
+    step_fn = _stepper(model, optimizer, scaler, run, data, config, history)
+    run.fit(step_fn, total=config.steps, save_every=config.save_every, show={"val_loss": "val"},
+            on_step=(lambda step, row: on_log(row)) if on_log else None,
+            nan_hint="lower --lr, or resume from the last checkpoint")
+    final = _write_final(run.out, model, tokenizer)
+    return {"final": str(final), "steps": config.steps, "resumed_from": run.start or None,
+            "last_checkpoint": run.step, "train_loss": history["train_loss"], "val_loss": history["val_loss"],
+            "best_val_loss": history["best_val_loss"], "files": len(data.files), "train_tokens": len(data.train),
+            "val_tokens": len(data.val), "seconds": round(run.elapsed(), 2), "log": str(run.out / METRICS)}
+
+
+def _model_for(config: MidiTrainConfig, run: TrainingRun, spec: Any) -> tuple[Any, Any]:
+    if run.checkpoint is not None:  # every checkpoint is a save_pretrained folder (old layout too)
+        model, tokenizer = _load_model(str(run.checkpoint.path), {"use_safetensors": True})
     elif config.model:
         model, tokenizer = _load_model(spec.location() if spec else config.model,
                                        spec.load_kwargs() if spec else {"use_safetensors": True}, spec)
@@ -324,72 +312,56 @@ def train(config: MidiTrainConfig, device: Any, progress: Any, *, spec: Any = No
     if config.seq_len > context:
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context ({context})",
                          f"use --seq-len {context} or less")
+    return model, tokenizer
 
-    # 3. data
-    files = midi_files(config.data, limit=config.limit, progress=progress)
-    train_stream, val_stream = split_streams(tokenize_files(files, tokenizer, progress), config.val_fraction)
-    if len(train_stream) <= config.seq_len + 1:
-        raise UsageError(f"only {len(train_stream)} training tokens, fewer than one window of --seq-len {config.seq_len}",
-                         "add MIDI files or lower --seq-len")
-    train_data = torch.tensor(train_stream, dtype=torch.long)
-    val_data = torch.tensor(val_stream, dtype=torch.long)
-    fingerprint = _fingerprint(files)
-    if existing and state.get("data_fingerprint") not in (None, fingerprint):
-        progress.note("the training files changed since the checkpoint; resuming on the new files")
 
-    # 4. optimizer, device, resumed state
-    model.to(device.device)
-    model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
-    if existing:
-        _load_optimizer(optimizer, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
-        rng = load_file(str(ckpt / "rng.safetensors"))
-        torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")] or torch.cuda.get_rng_state_all())
-    else:
-        torch.manual_seed(config.seed)  # dropout draws from here
-    precision = device.resolved.precision
-    def autocast() -> Any:  # bf16/fp16 as autocast over fp32 weights: AdamW needs fp32 master weights
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.device.type, dtype=device.dtype)
+@dataclass
+class _Data:
+    files: list[Path]
+    train: Any  # (N,) token ids
+    val: Any  # (M,) token ids
+    fingerprint: str
 
-    scaler = torch.amp.GradScaler(device.device.type, enabled=(precision == "fp16"))
+    @classmethod
+    def load(cls, config: MidiTrainConfig, tokenizer: Any, progress: Any) -> "_Data":
+        import torch
 
-    def batch(step: int) -> Any:
-        g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        starts = torch.randint(0, len(train_data) - config.seq_len, (config.batch_size,), generator=g)
-        return torch.stack([train_data[s: s + config.seq_len] for s in starts.tolist()]).to(device.device)
+        files = midi_files(config.data, limit=config.limit, progress=progress)
+        train_stream, val_stream = split_streams(tokenize_files(files, tokenizer, progress), config.val_fraction)
+        if len(train_stream) <= config.seq_len + 1:
+            raise UsageError(f"only {len(train_stream)} training tokens, fewer than one window of --seq-len {config.seq_len}",
+                             "add MIDI files or lower --seq-len")
+        return cls(files, torch.tensor(train_stream, dtype=torch.long), torch.tensor(val_stream, dtype=torch.long),
+                   _fingerprint(files))
+
+
+def _stepper(model: Any, optimizer: Any, scaler: Any, run: TrainingRun, data: _Data, config: MidiTrainConfig,
+             history: dict[str, Any]) -> Callable[[int], dict[str, Any]]:
+    """One optimizer step: the batch of step s is drawn from a generator seeded by (seed, s)."""
+    import torch
+
+    dev = run.device.device
 
     def validate() -> float | None:
-        n = (len(val_data) - 1) // config.seq_len
+        n = (len(data.val) - 1) // config.seq_len
         if n < 1:
             return None
-        windows = val_data[: n * config.seq_len].view(n, config.seq_len)[: config.val_batches * config.batch_size]
+        windows = data.val[: n * config.seq_len].view(n, config.seq_len)[: config.val_batches * config.batch_size]
         model.eval()
-        losses = []
-        with torch.no_grad(), autocast():
-            for chunk in windows.split(config.batch_size):
-                chunk = chunk.to(device.device)
-                losses.append(float(model(input_ids=chunk, labels=chunk).loss))
+        with torch.no_grad(), run.autocast():
+            losses = [float(model(input_ids=c.to(dev), labels=c.to(dev)).loss) for c in windows.split(config.batch_size)]
         model.train()
         return sum(losses) / len(losses)
 
-    # 5. the loop
-    log_path = out / "train_log.jsonl"
-    handle = progress.task("training", total=config.steps)
-    handle.advance(start_step)
-    saved_at, started = start_step, time.perf_counter()
-    loss_value = history["train_loss"]
-    for step in range(start_step + 1, config.steps + 1):
+    def step(done: int) -> dict[str, Any]:
+        n = done + 1
+        lr = lr_at(n, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        x = batch(step)  # (B, T)
-        with autocast():
+            group["lr"] = lr
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + n)
+        starts = torch.randint(0, len(data.train) - config.seq_len, (config.batch_size,), generator=g)
+        x = torch.stack([data.train[s: s + config.seq_len] for s in starts.tolist()]).to(dev)  # (B, T)
+        with run.autocast():
             loss = model(input_ids=x, labels=x).loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -397,47 +369,28 @@ def train(config: MidiTrainConfig, device: Any, progress: Any, *, spec: Any = No
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            from studio.errors import RuntimeFailure
-
-            raise RuntimeFailure(f"training loss became {loss_value} at step {step}", "lower --lr, or resume from the last checkpoint")
-        row: dict[str, Any] = {"step": step, "loss": round(loss_value, 5), "lr": optimizer.param_groups[0]["lr"]}
-        history["train_loss"] = loss_value
-        if step % config.val_every == 0 or step == config.steps:
+        row: dict[str, Any] = {"loss": float(loss.detach()), "lr": lr}
+        history["train_loss"] = row["loss"]
+        if n % config.val_every == 0 or n == config.steps:
             val = validate()
             if val is not None:
-                row["val_loss"] = round(val, 5)
-                history["val_loss"] = val
+                row["val_loss"] = history["val_loss"] = val
                 if history["best_val_loss"] is None or val < history["best_val_loss"]:
                     history["best_val_loss"] = val
-        append_jsonl(log_path, row)
-        if on_log:
-            on_log(row)
-        handle.advance(1)
-        handle.update(loss=loss_value, **({"val": history["val_loss"]} if history["val_loss"] is not None else {}))
-        if step % config.save_every == 0 or step == config.steps:
-            save_checkpoint(out / f"checkpoint-{step:06d}", model=model, tokenizer=tokenizer, optimizer=optimizer,
-                            step=step, config=config, history={**history, "data_fingerprint": fingerprint,
-                                                               "files": len(files)})
-            saved_at = step
-            for _, old in checkpoints(out)[: -config.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        return row
+    return step
 
-    # 6. the final model folder (replaced atomically when a resumed run finishes again)
+
+def _write_final(out: Path, model: Any, tokenizer: Any) -> Path:
+    """OUT/final, a model folder `studio music midi --model` loads; replaced atomically when a
+    resumed run finishes again."""
     final = out / "final"
     trash = None
     if final.exists():
         trash = final.with_name(f".final-old-{int(time.time())}")
         final.rename(trash)
-    from studio.pipelines.music_symbolic import quiet_transformers
-
-    with atomic_path(final, is_dir=True) as tmp, quiet_transformers():
-        model.save_pretrained(tmp)
-        tokenizer.save(tmp / "tokenizer.json")
+    with atomic_path(final, is_dir=True) as tmp:
+        _save_model(model, tokenizer, tmp)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
-    return {"final": str(final), "steps": config.steps, "resumed_from": start_step or None, "last_checkpoint": saved_at,
-            "train_loss": loss_value, "val_loss": history["val_loss"], "best_val_loss": history["best_val_loss"],
-            "files": len(files), "train_tokens": len(train_stream), "val_tokens": len(val_stream),
-            "seconds": round(time.perf_counter() - started, 2), "log": str(log_path)}
+    return final
