@@ -1,31 +1,38 @@
 """The output writer: the only code that writes user files.
 
-Every output is written atomically (a temp file in the target folder, then a no-clobber link to
-its final name), never over an existing file (a counter suffix picks a free name unless
-`overwrite=True`), and carries its settings: PNG text chunks (an A1111 `parameters` chunk that
-sd-parsers and other tools read, plus a `studio` chunk with the full JSON), tags where the format
-allows, and a JSON sidecar `NAME.json` beside it. Each output folder holds a `manifest.jsonl`,
-one line per finished output (with its sha256), appended under an exclusive lock so that
-concurrent processes (batch runs, accelerate workers) never interleave lines.
+Every output is written atomically and never over an existing file or through a link: its bytes
+(and its sidecar's, and any companion images') go to hidden temp files in the target folder
+first; then each final name is *claimed* with a no-clobber hard link (or O_CREAT|O_EXCL where a
+filesystem has no hard links), so a name another process or a dangling symlink already holds
+simply moves the output on to `NAME-1`, `NAME-2`, ... (unless `overwrite=True`); then one line
+goes to the folder's `manifest.jsonl` (with its sha256), appended under an exclusive lock so
+concurrent processes never interleave lines. A failure at any step (a full disk, Ctrl-C) undoes
+the steps before it: an output is there with its sidecar and its manifest row, or not at all.
+
+Outputs carry their settings: PNG text chunks (an A1111 `parameters` chunk that sd-parsers and
+other tools read, plus a `studio` chunk with the full JSON), tags where the format allows, and a
+JSON sidecar `NAME.json` beside it. Every path is checked to lie inside the output folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import functools
 import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from studio.errors import UsageError
+from studio.errors import RuntimeFailure, UsageError
 
 MANIFEST = "manifest.jsonl"
 DEFAULT_TEMPLATE = "{date}-{task}-{seed}-{slug}"
@@ -113,75 +120,272 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------- safe file operations
+# errno values that mean "no room": a full disk, a quota, a file size limit (RLIMIT_FSIZE)
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# errno values of os.link on filesystems without hard links (FAT, exFAT, some FUSE/SMB mounts)
+_NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EACCES}
+
+
+def _no_space(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc` when it says the disk (or a quota) is full; image and audio
+    libraries sometimes re-raise it under their own exception type."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            return exc
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def disk_full_error(exc: OSError, what: Path, done: str = "") -> RuntimeFailure:
+    """The one-line error for a full disk (exit 1): what could not be written, and where."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    folder = what.parent if what.parent != Path("") else Path(".")
+    return RuntimeFailure(f"could not write {what.name} in {folder}: {reason}",
+                          "free some space or pass --out on another disk" + (f"; {done}" if done else ""))
+
+
+def within(path: str | Path, root: str | Path) -> bool:
+    """True when `path` resolves (symlinks followed) to `root` or somewhere below it."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _stage(folder: Path, name: str, suffix: str = "", *, is_dir: bool = False) -> Path:
+    """A hidden temp file (or folder) `.NAME.XXXX.tmp.SUFFIX` in `folder`, created with
+    O_EXCL|O_NOFOLLOW (mkstemp) so nothing already there is followed or reused; the name matches
+    the pattern `studio run --resume` sweeps up after a killed run."""
+    prefix = f".{name[:100]}."  # a long template must not make the temp name overflow NAME_MAX
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder))
+        os.chmod(tmp, 0o777 & ~_umask())
+        return tmp
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=f".tmp{suffix}", dir=folder)
+    os.close(fd)
+    os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the user's usual mode
+    return Path(tmp_name)
+
+
+def _discard(path: Path | None) -> None:
+    if path is None:
+        return
+    if path.is_dir() and not path.is_symlink():
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+class _Claim:
+    """One temp file published under its final name without clobbering and without following
+    a link at that name. `undo()` takes the final name back (the temp is left to be discarded)."""
+
+    def __init__(self, tmp: Path, final: Path):
+        self.tmp, self.final = tmp, final
+        self.linked = False  # final is a second hard link to tmp (tmp still exists)
+        self.moved = False  # tmp was renamed to final
+
+    def take(self, *, overwrite: bool = False, is_dir: bool = False) -> bool:
+        """Publish; False when the name is taken (a file, a folder, any symlink, dangling or not)."""
+        tmp, final = self.tmp, self.final
+        if overwrite:
+            if is_dir and final.is_dir() and not final.is_symlink():
+                old = _stage(final.parent, final.name, is_dir=True)
+                os.rename(final, old / "old")  # aside first: rename cannot replace a full folder
+                os.rename(tmp, final)
+                _discard(old)
+            else:
+                os.replace(tmp, final)  # replaces a link at final itself, never its target
+            self.moved = True
+            return True
+        if is_dir:
+            # rename() would silently replace an empty folder at final; a folder of frames is
+            # never empty, so a concurrent writer's claim fails with ENOTEMPTY below
+            if os.path.lexists(final):
+                return False
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    return False
+                raise
+            self.moved = True
+            return True
+        try:
+            # link() is atomic and fails on any existing entry, dangling symlinks included:
+            # the no-clobber rename that os.rename lacks
+            os.link(tmp, final, follow_symlinks=False)
+            self.linked = True
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARDLINKS:
+                raise
+        # no hard links on this filesystem: claim the name with O_EXCL (which never follows a
+        # link either), then rename the temp over our own empty placeholder
+        try:
+            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(final)
+            raise
+        self.moved = True
+        return True
+
+    def undo(self) -> None:
+        if self.linked:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.final)
+        elif self.moved:
+            with contextlib.suppress(OSError):
+                os.rename(self.final, self.tmp)  # back to its temp name, discarded with the temps
+        self.linked = self.moved = False
+
+    def commit(self) -> None:
+        if self.linked:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+
+
+def _taken_error(final: Path) -> UsageError:
+    kind = "a symbolic link" if final.is_symlink() else "a folder" if final.is_dir() else "a file"
+    return UsageError(f"{final} exists ({kind})",
+                      "pass --overwrite to replace it (a link is replaced, never written through), or choose another name")
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path, *, overwrite: bool = False, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temp path in final's folder; on success move it to `final` without clobbering
-    (unless overwrite). On any error the temp is removed and `final` is untouched."""
+    (unless overwrite) and without following a symlink at `final`. On any error the temp is
+    removed and `final` is untouched; a full disk is a RuntimeFailure naming the file."""
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-        os.chmod(tmp, 0o777 & ~umask)
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the user's usual mode
+    tmp = None
     try:
+        tmp = _stage(final.parent, final.stem if not is_dir else final.name, "" if is_dir else final.suffix,
+                     is_dir=is_dir)
         yield tmp
-        if is_dir:
-            if final.exists() and not overwrite:
-                raise FileExistsError(final)
-            os.rename(tmp, final)
-        elif overwrite:
-            os.replace(tmp, final)
-        else:
-            os.link(tmp, final)  # atomic, fails if final exists: never clobbers a user's file
-            os.unlink(tmp)
-    except BaseException:
-        if is_dir:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        claim = _Claim(tmp, final)
+        if not claim.take(overwrite=overwrite, is_dir=is_dir):
+            raise _taken_error(final)
+        claim.commit()
+        tmp = None
+    except Exception as exc:
+        full = _no_space(exc)
+        if full is not None:
+            raise disk_full_error(full, final) from exc
         raise
+    finally:
+        _discard(tmp)
 
 
 def write_text_file(path: Path, text: str, *, overwrite: bool = False) -> Path:
-    """Atomically write a text file (e.g. a caption sidecar beside a user's image)."""
+    """Atomically write a text file the user named (e.g. a caption beside their image). A file,
+    folder or symlink (even dangling) at that name is an error unless `overwrite`, which replaces
+    the entry itself: a link is never written through."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} exists", "pass --overwrite to replace it")
+    if os.path.lexists(path) and not overwrite:
+        raise _taken_error(path)
+    if overwrite and path.is_dir() and not path.is_symlink():
+        raise UsageError(f"{path} is a folder", "pass a file name")
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
 
 
+def _open_log(path: Path, flags: int) -> int:
+    """Open an append-only log (the manifest) without following a symlink and only if it is a
+    regular file: a link planted at OUT/manifest.jsonl must not make studio append to (or read
+    back) another file, and a FIFO there must not block the run."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.ENXIO and path.is_symlink()):
+            raise UsageError(f"{path} is a symbolic link; studio never writes or reads its manifest through a link",
+                             "remove the link (or pass another --out)") from exc
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise UsageError(f"{path} is not a regular file", "remove it (or pass another --out)") from exc
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise UsageError(f"{path} is not a regular file", "remove it (or pass another --out)")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def check_log_path(path: Path) -> None:
+    """Refuse early (before minutes of work) a log path that is a symlink or not a regular file."""
+    with contextlib.suppress(FileNotFoundError):
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            raise UsageError(f"{path} is a symbolic link; studio never writes or reads its manifest through a link",
+                             "remove the link (or pass another --out)")
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"{path} is not a regular file", "remove it (or pass another --out)")
+
+
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line under an exclusive lock (safe across processes)."""
+    """Append one JSON line under an exclusive lock (safe across processes), never through a
+    symlink. A line torn by an earlier crash is ended first, so this row starts clean; if this
+    write fails (a full disk) the file is cut back to where it was: no torn line is left."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(_jsonable(row), ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    data = (json.dumps(_jsonable(row), ensure_ascii=False) + "\n").encode("utf-8")
+    fd = _open_log(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         try:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            full = _no_space(exc) if isinstance(exc, Exception) else None
+            if full is not None:
+                raise disk_full_error(full, path) from exc
+            raise
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def read_manifest(out_dir: Path) -> list[dict[str, Any]]:
-    """Rows of a folder's manifest; a torn last line (a crash mid-append) is ignored."""
+    """Rows of a folder's manifest; a torn line (a crash mid-append) is ignored. A manifest that
+    is a symlink is refused rather than trusted."""
     path = Path(out_dir) / MANIFEST
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        fd = _open_log(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return []
+    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
+        rows = []
+        for line in f:
             with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
+                row = json.loads(line)
+                if isinstance(row, dict):
+                    rows.append(row)
     return rows
 
 
@@ -301,6 +505,10 @@ class OutputWriter:
                              "pass a writable folder with --out") from exc
         if not os.access(self.out_dir, os.W_OK):
             raise UsageError(f"output folder {self.out_dir} is not writable", "pass a writable folder with --out")
+        # --out itself may be a link the user made; what studio writes must stay inside where it points
+        self.root = Path(os.path.realpath(self.out_dir))
+        if self.manifest:
+            check_log_path(self.out_dir / MANIFEST)  # a planted link fails now, not after the run
 
     def _name(self, result: Result, index: int) -> str:
         now = _dt.datetime.now()
@@ -313,25 +521,41 @@ class OutputWriter:
         }
         try:
             return self.template.format(**fields)
-        except (KeyError, IndexError, ValueError) as exc:
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
             raise UsageError(f"bad name template {self.template!r}: {exc}",
                              "fields: {date} {time} {task} {seed} {slug} {index} {model}") from exc
+
+    def _folder_for(self, name: str) -> tuple[Path, str]:
+        """(folder, file stem) for a rendered name, folders created one by one, each checked to
+        resolve inside --out before anything is created below it: a template (or a field in it)
+        with `..` or a leading `/`, or a symlinked subfolder, never writes elsewhere."""
+        outside = UsageError(f"output name {name!r} (template {self.template!r}) would write outside --out {self.out_dir}",
+                             "use a template without '..' or a leading '/', e.g. {date}-{task}-{seed}-{slug}")
+        parts = name.replace("\\", "/").split("/")
+        if "\x00" in name or os.path.isabs(name) or name.startswith("/") or any(p == ".." for p in parts):
+            raise outside
+        parts = [p for p in parts if p not in ("", ".")]
+        if not parts:
+            raise UsageError(f"bad name template {self.template!r}: it names no file", "e.g. {date}-{task}-{seed}-{slug}")
+        folder = self.out_dir
+        for part in parts[:-1]:
+            folder = folder / part
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)
+            if not within(folder, self.root):
+                raise UsageError(f"{folder} is a link to {os.path.realpath(folder)}, outside --out {self.out_dir}",
+                                 "studio writes only inside --out: remove the link or change the name template")
+            if not folder.is_dir():
+                raise UsageError(f"{folder} is a file, not a folder", f"change the name template {self.template!r}")
+        if not within(folder, self.root):  # --out swapped for a link since the writer was made
+            raise outside
+        return folder, parts[-1]
 
     @staticmethod
     def sidecar_for(final: Path, suffix: str) -> Path:
         """NAME.json beside NAME.png; a JSON output's own sidecar is NAME.meta.json."""
         stem = final.name.removesuffix(suffix) if suffix else final.name
         return final.with_name(stem + (".meta.json" if suffix == ".json" else ".json"))
-
-    def _free_path(self, stem: str, suffix: str) -> Path:
-        candidate = self.out_dir / f"{stem}{suffix}"
-        if self.overwrite:
-            return candidate
-        n = 0
-        while candidate.exists() or (self.sidecar and self.sidecar_for(candidate, suffix).exists()):
-            n += 1
-            candidate = self.out_dir / f"{stem}-{n}{suffix}"
-        return candidate
 
     def metadata(self, result: Result) -> dict[str, Any]:
         return {
@@ -343,62 +567,128 @@ class OutputWriter:
             "versions": library_versions(),
         }
 
+    @staticmethod
+    def _encode(result: Result, fmt: str, tmp: Path, meta: dict[str, Any]) -> None:
+        params = result.params
+        if result.kind == "image":
+            (_write_png if fmt == "png" else _write_pil(fmt))(tmp, result.value, meta, params)
+        elif result.kind == "audio":
+            _write_audio(tmp, result.value, meta, params, fmt)
+        elif result.kind == "midi":
+            _write_midi(tmp, result.value, meta, params)
+        elif result.kind == "video" and fmt == "frames":
+            for i, frame in enumerate(result.value):
+                frame.save(tmp / f"{i:05d}.png")
+        elif result.kind == "video":
+            _write_video(tmp, result.value, meta, params, fmt)
+        elif result.kind == "text":
+            tmp.write_text(str(result.value), encoding="utf-8")
+        elif result.kind == "json":
+            tmp.write_text(json.dumps(_jsonable(result.value), indent=2, ensure_ascii=False), encoding="utf-8")
+        elif result.kind == "file":
+            import shutil
+
+            shutil.copyfile(result.value, tmp)
+        else:
+            raise ValueError(f"unknown result kind {result.kind!r}")
+
     def write(self, result: Result, index: int = 0) -> Path:
+        """Write one output, its companions and its sidecar, then its manifest row; all or nothing.
+
+        1. encode everything into hidden temp files (a full disk fails here, nothing published)
+        2. claim the final names (output, companions, sidecar) with no-clobber links; a name any
+           entry holds (another process's output, a dangling symlink) moves all of them on to
+           the next free `-N`
+        3. append the manifest row; if that fails, the claimed names are taken back
+        """
         fmt = (result.fmt or {"image": "png", "audio": "wav", "midi": "mid", "video": "mp4", "text": "txt",
                               "json": "json"}.get(result.kind, "bin")).lower()
         suffix = "" if fmt == "frames" else f".{fmt}"
-        final = self._free_path(self._name(result, index), suffix)
+        is_dir = fmt == "frames"
+        folder, stem = self._folder_for(self._name(result, index))
         meta = self.metadata(result)
         params = result.params
         started = time.perf_counter()
-        with atomic_path(final, overwrite=self.overwrite, is_dir=(fmt == "frames")) as tmp:
-            if result.kind == "image":
-                (_write_png if fmt == "png" else _write_pil(fmt))(tmp, result.value, meta, params)
-            elif result.kind == "audio":
-                _write_audio(tmp, result.value, meta, params, fmt)
-            elif result.kind == "midi":
-                _write_midi(tmp, result.value, meta, params)
-            elif result.kind == "video" and fmt == "frames":
-                for i, frame in enumerate(result.value):
-                    frame.save(tmp / f"{i:05d}.png")
-            elif result.kind == "video":
-                _write_video(tmp, result.value, meta, params, fmt)
-            elif result.kind == "text":
-                tmp.write_text(str(result.value), encoding="utf-8")
-            elif result.kind == "json":
-                tmp.write_text(json.dumps(_jsonable(result.value), indent=2, ensure_ascii=False), encoding="utf-8")
-            elif result.kind == "file":
-                import shutil
-
-                shutil.copyfile(result.value, tmp)
-            else:
-                raise ValueError(f"unknown result kind {result.kind!r}")
-        companions = {}
-        for name, value in result.companions.items():
-            is_audio = isinstance(value, tuple)  # (samples, rate): e.g. a MIDI's rendering, NAME.render.wav
-            comp = self._free_path(f"{final.stem}.{name}", ".wav" if is_audio else ".png")
-            with atomic_path(comp, overwrite=self.overwrite) as tmp:
+        temps: list[Path] = []
+        claims: list[_Claim] = []
+        final = folder / f"{stem}{suffix}"
+        try:
+            # 1. encode
+            main = _stage(folder, stem, suffix, is_dir=is_dir)
+            temps.append(main)
+            self._encode(result, fmt, main, meta)
+            digest = sha256_file(main) if not is_dir else None
+            staged_companions = []
+            for name, value in result.companions.items():
+                is_audio = isinstance(value, tuple)  # (samples, rate): e.g. a MIDI's rendering, NAME.render.wav
+                ext = ".wav" if is_audio else ".png"
+                tmp = _stage(folder, f"{stem}.{name}", ext)
+                temps.append(tmp)
                 if is_audio:
                     _write_audio(tmp, value, meta, params, "wav")
                 else:
                     value.save(tmp, format="PNG")
-            companions[name] = comp.name
-        if companions:
-            meta["companions"] = companions
-        meta["file"] = final.name
-        meta["write_seconds"] = round(time.perf_counter() - started, 4)
-        if self.sidecar:
-            sidecar = self.sidecar_for(final, suffix)
-            with atomic_path(sidecar, overwrite=self.overwrite) as tmp:
-                tmp.write_text(json.dumps(_jsonable(meta), indent=2, ensure_ascii=False), encoding="utf-8")
-        if self.manifest:
-            row = {"file": final.name, "task": self.task, "seed": params.get("seed"), "params": params,
-                   "model": result.extra.get("model"), "created": meta["created"]}
-            if final.is_file():
-                row["sha256"] = sha256_file(final)
-            if result.extra.get("job"):
-                row["job"] = result.extra["job"]
-            append_jsonl(self.out_dir / MANIFEST, row)
+                staged_companions.append((name, ext, tmp))
+            side_tmp = _stage(folder, stem, ".json") if self.sidecar else None
+            if side_tmp is not None:
+                temps.append(side_tmp)
+
+            # 2. claim names
+            n = 0
+            while True:
+                base = stem if n == 0 else f"{stem}-{n}"
+                n += 1
+                final = folder / f"{base}{suffix}"
+                wanted = [(main, final)] + [(tmp, folder / f"{base}.{name}{ext}") for name, ext, tmp in staged_companions]
+                sidecar = self.sidecar_for(final, suffix)
+                if side_tmp is not None:
+                    wanted.append((side_tmp, sidecar))
+                if not self.overwrite and any(os.path.lexists(p) for _, p in wanted):
+                    continue  # a cheap pre-check; the claims below are what decide
+                meta["file"] = final.name
+                if staged_companions:
+                    meta["companions"] = {name: f"{base}.{name}{ext}" for name, ext, _ in staged_companions}
+                meta["write_seconds"] = round(time.perf_counter() - started, 4)
+                if side_tmp is not None:
+                    side_tmp.write_text(json.dumps(_jsonable(meta), indent=2, ensure_ascii=False), encoding="utf-8")
+                claims = []
+                for tmp, target in wanted:
+                    claim = _Claim(tmp, target)
+                    if not claim.take(overwrite=self.overwrite, is_dir=is_dir and tmp is main):
+                        break
+                    claims.append(claim)
+                else:
+                    break
+                for claim in reversed(claims):  # lost a race for one name: give back the rest
+                    claim.undo()
+                claims = []
+
+            # 3. the manifest row
+            if self.manifest:
+                row = {"file": final.relative_to(self.out_dir).as_posix(), "task": self.task,
+                       "seed": params.get("seed"), "params": params, "model": result.extra.get("model"),
+                       "created": meta["created"]}
+                if digest is not None:
+                    row["sha256"] = digest
+                if result.extra.get("job"):
+                    row["job"] = result.extra["job"]
+                append_jsonl(self.out_dir / MANIFEST, row)
+        except BaseException as exc:
+            for claim in reversed(claims):
+                claim.undo()
+            for tmp in temps:
+                _discard(tmp)
+            full = _no_space(exc) if isinstance(exc, Exception) else None
+            if full is not None:
+                raise disk_full_error(full, final, "outputs written before this one are complete") from exc
+            if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+                raise UsageError(f"output name {final.name!r} is too long for the filesystem",
+                                 f"use a shorter name template than {self.template!r}") from exc
+            raise
+        for claim in claims:
+            claim.commit()
+        for tmp in temps:
+            _discard(tmp)
         result.path = final
         result.metadata = meta
         return final
