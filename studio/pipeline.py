@@ -127,8 +127,49 @@ def contract_problems(cls: type) -> list[str]:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def load_image(path: str | Path, *, mode: str = "RGB", what: str = "image") -> Any:
-    """Open an image file as a PIL image in `mode`; a missing or corrupt file is a clean error."""
+# Inputs above this many pixels are refused before a pixel is decoded. It is where Pillow itself
+# calls an image a decompression bomb (2 x Image.MAX_IMAGE_PIXELS, about 179 MP: a 30000x30000
+# PNG of a few KB would decode to 2.7 GB). A 150 MP medium-format photo still opens; decoding
+# costs up to 4 bytes a pixel (RGBA) before it is shrunk to the size a model works at.
+MAX_INPUT_PIXELS = 178_956_970
+
+# modes Pillow's reduce()/LANCZOS resize cannot filter (palette, 1-bit, 16-bit): converted first
+_CONVERT_BEFORE_SHRINK = ("1", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _too_large(path: Path, what: str, size: tuple[int, int] | None, pixels: int | None) -> InputFileError:
+    dims = f"{size[0]}x{size[1]} = " if size else ""
+    pixels = pixels if pixels is not None else (size[0] * size[1] if size else 0)
+    return InputFileError(
+        f"{what} {path} is {dims}{pixels / 1e6:.0f} megapixels, over the {MAX_INPUT_PIXELS / 1e6:.0f} MP studio opens "
+        "(a larger image can be a decompression bomb)",
+        "downscale it first, e.g. `magick in.png -resize 4096x4096 out.png`, and pass the smaller file")
+
+
+def _fit(size: tuple[int, int], box: tuple[int, int], cover: bool = False) -> tuple[int, int]:
+    """`size` shrunk (aspect kept, never enlarged) to fit inside `box`, or with `cover` only as far
+    as it still covers the box (the caller then crops or resizes to the box exactly)."""
+    scales = (box[0] / size[0], box[1] / size[1])
+    scale = min(max(scales) if cover else min(scales), 1.0)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def load_image(path: str | Path, *, mode: str = "RGB", what: str = "image",
+               max_size: int | tuple[int, int] | None = None, cover: bool = False, note: Any = None) -> Any:
+    """Open an image file as a PIL image in `mode`; a missing, corrupt or oversized file is a
+    clean InputFileError (exit 2).
+
+    The header is read first: above MAX_INPUT_PIXELS nothing is decoded. With `max_size` (a side
+    length, or a (width, height) box) a larger image is shrunk to fit inside it (with `cover`:
+    only as far as it still covers it, for a caller that resizes to the box) while it is
+    opened: a JPEG decodes straight at 1/2..1/8 scale (draft), others are reduced right after
+    decoding, before any mode conversion, so a 12000x12000 input never exists as a full-size
+    RGB copy, let alone as a float array in a model's processor. `note(text)` hears about it;
+    the returned image's `info["original_size"]` and `info["original_mode"]` keep the file's own.
+    """
+    import re
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path).expanduser()
@@ -136,13 +177,55 @@ def load_image(path: str | Path, *, mode: str = "RGB", what: str = "image") -> A
         raise InputFileError(f"{what} {path} does not exist", "check the path")
     if path.is_dir():
         raise InputFileError(f"{what} {path} is a folder", "pass an image file")
+    unreadable = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert(mode) if im.mode != mode else im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings():
+            # the pixel limit is studio's (below), with a clear error instead of Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, what, None, int(found.group(1)) if found else None) from exc
+    except unreadable as exc:
         raise InputFileError(f"{what} {path} is not a readable image ({type(exc).__name__})",
                              "pass a PNG, JPEG or WebP file") from exc
+    image: Any = im
+    original = im.size
+    try:
+        if original[0] * original[1] > MAX_INPUT_PIXELS:
+            raise _too_large(path, what, original, None)
+        box = (max_size, max_size) if isinstance(max_size, int) else tuple(max_size) if max_size else None
+        target = _fit(original, box, cover) if box else original
+        original_mode = im.mode
+        if target != original:
+            im.draft(None, target)  # JPEG: the decoder scales down by 2, 4 or 8 (no-op elsewhere)
+        im.load()
+        if image.size != target:
+            if image.mode in _CONVERT_BEFORE_SHRINK:
+                image = image.convert(mode)
+            # reducing_gap: a cheap box reduce() to ~3x the target first, then LANCZOS
+            image = image.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        if image.mode != mode:
+            image = image.convert(mode)
+        if image is im and getattr(im, "fp", None) is not None:
+            image = im.copy()  # multi-frame files keep their file open after load(); a copy lets it close
+    except Image.DecompressionBombError as exc:
+        im.close()
+        raise _too_large(path, what, original, None) from exc
+    except unreadable as exc:
+        im.close()
+        raise InputFileError(f"{what} {path} is not a readable image ({type(exc).__name__})",
+                             "pass a PNG, JPEG or WebP file") from exc
+    except BaseException:
+        im.close()
+        raise
+    if image is not im:
+        im.close()  # the full-size decode is freed now, not when the caller's frame ends
+    image.info["original_size"] = original
+    image.info["original_mode"] = original_mode
+    if target != original and note is not None:
+        note(f"downscaled the {what} from {original[0]}x{original[1]} to {target[0]}x{target[1]} while opening it")
+    return image
 
 
 def seeds_for(seed: int, count: int, seeds: tuple[int, ...] | list[int] | None = None) -> list[int]:
