@@ -14,8 +14,9 @@ exact for LoRA, LoHa and LoKr alike, with no weighted-merge arithmetic. `Adapter
 adapters loaded across runs of a cached pipeline and switches them exactly (a run without
 --lora disables every adapter layer: outputs equal the base's bit for bit).
 
-Diffusers pipelines load LoRAs through adapters/lora.py (`load_lora_weights`); training is
-adapters/train.py.
+Diffusers pipelines load LoRAs through adapters/lora.py (`load_lora_weights`). Training them is
+pipelines/training/adapters.py, a layer above: this package is inference-time only and imports
+nothing from pipelines or training.
 """
 
 from __future__ import annotations

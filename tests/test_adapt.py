@@ -95,7 +95,7 @@ def test_code_command_takes_the_lora(cli, tiny, code_adapter):
 def test_resume_continues_exactly(tiny, code_data, tmp_path):
     from safetensors.torch import load_file
 
-    from studio.adapters.train import TrainConfig, train
+    from studio.pipelines.training.adapters import TrainConfig, train
     from studio.device import DeviceManager
     from studio.progress import Progress
 
@@ -220,7 +220,7 @@ def test_other_peft_methods_train_and_load(tiny, code_data, tmp_path, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from studio.adapters.peft_adapters import apply_adapters, read_metadata
-    from studio.adapters.train import TrainConfig, train
+    from studio.pipelines.training.adapters import TrainConfig, train
     from studio.device import DeviceManager
     from studio.progress import Progress
 
@@ -240,7 +240,7 @@ def test_caption_and_midi_adapters_train(tiny, tmp_path):
     from PIL import Image
 
     from studio.adapters.peft_adapters import apply_adapters, load_transformers
-    from studio.adapters.train import TrainConfig, train
+    from studio.pipelines.training.adapters import TrainConfig, train
     from studio.device import DeviceManager
     from studio.progress import Progress
 

@@ -17,22 +17,31 @@ through peft adapters (LoRA, LoHa, LoKr, IA3); no hand-written adapter layers.
 The loop is the same for every task: a seeded batch per step (data order, noise, timesteps and
 dropout are functions of (seed, step), so `--resume` from a checkpoint continues bit for bit),
 gradient accumulation, AdamW on the adapter parameters only (kept in fp32 even over a bf16
-base), checkpoints of adapter + optimizer state, a progress bar with loss and samples/s. The
-finished adapter folder carries studio.json (method, rank, alpha, targets, base, settings).
+base). The run itself is pipelines/training/run.py's TrainingRun: checkpoints in the shared
+layout (OUT/checkpoints/step-NNNNNN/ with adapter.safetensors as its model file; older
+optimizer.pt checkpoints still resume), the progress bar and OUT/metrics.jsonl. The finished
+adapter folder carries studio.json (method, rank, alpha, targets, base, settings).
+
+Training lives here, above the inference-time adapters package (studio.adapters loads, fuses
+and merges adapters and imports nothing from pipelines or training).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from studio.errors import InputFileError, UsageError
+from studio.errors import InputFileError, RuntimeFailure, UsageError
+from studio.pipelines.training.checkpoint import find_checkpoints
+from studio.pipelines.training.run import TrainingRun
 
 TASKS = ("image", "caption", "code", "midi")
+ADAPTER_FILE = "adapter.safetensors"  # a checkpoint's model file: the trainable adapter parameters
+# what a resumed run must share with its checkpoints: --steps may grow, the adapter's shape may not
+MUST_MATCH = ("method", "rank", "alpha", "targets", "task", "base", "seed", "batch_size", "accum", "lr")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 IMAGE_ONLY = {"resolution", "instance_prompt", "class_prompt", "class_data", "num_class_images", "prior_weight",
               "train_text_encoder", "validation_steps"}
@@ -96,47 +105,38 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- checkpoints
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    folder = Path(out) / "checkpoints"
-    found = []
-    for path in folder.glob("step-*") if folder.is_dir() else []:
-        if path.name[5:].isdigit() and (path / "state.json").is_file():
-            found.append((int(path.name[5:]), path))
-    return sorted(found)
+    """(step, folder) of the run's checkpoints (OUT/checkpoints/step-NNNNNN/), oldest first."""
+    return [(c.step, c.path) for c in find_checkpoints(Path(out))]
 
 
 def _trainable(modules: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}.{name}": p for prefix, m in modules.items() for name, p in m.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out: Path, step: int, modules: dict[str, Any], optimizer: Any, config: TrainConfig,
-                    losses: list[float]) -> Path:
-    import torch
-    from safetensors.torch import save_file
+def _save_trainable(modules: dict[str, Any]) -> Callable[[Path], None]:
+    """A checkpoint's model files: the adapter parameters only (the base is frozen and reloadable)."""
+    def save(folder: Path) -> None:
+        from safetensors.torch import save_file
 
-    from studio.outputs import atomic_path
-
-    final = Path(out) / "checkpoints" / f"step-{step:06d}"
-    with atomic_path(final, is_dir=True) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in _trainable(modules).items()}, str(tmp / "adapter.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # tensors and numbers only: loads with weights_only
-        (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config), "losses": losses}, indent=1))
-    return final
+        save_file({k: v.detach().contiguous().cpu() for k, v in _trainable(modules).items()},
+                  str(Path(folder) / ADAPTER_FILE))
+    return save
 
 
-def load_checkpoint(path: Path, modules: dict[str, Any], optimizer: Any) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import load_file
+def _load_trainable(modules: dict[str, Any]) -> Callable[[Path], None]:
+    def load(folder: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
 
-    tensors = load_file(str(path / "adapter.safetensors"))
-    params = _trainable(modules)
-    if set(tensors) != set(params):
-        raise UsageError(f"checkpoint {path} does not match this run's adapter (method, rank or targets changed)",
-                         "resume with the settings the checkpoint was trained with, or pick a new --out")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+        tensors = load_file(str(Path(folder) / ADAPTER_FILE))
+        params = _trainable(modules)
+        if set(tensors) != set(params):
+            raise UsageError(f"checkpoint {folder} does not match this run's adapter (method, rank or targets changed)",
+                             "resume with the settings the checkpoint was trained with, or pick a new --out")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
+    return load
 
 
 # ----------------------------------------------------------------------------- data
@@ -574,102 +574,92 @@ def train(config: TrainConfig, device: Any, progress: Any, *, allow_pickle: bool
     """Train an adapter per `config`; returns what happened. Writes only under config.out."""
     import torch
 
-    from studio.adapters import peft_adapters as pa
     from studio import models
+    from studio.adapters import peft_adapters as pa
 
-    # 1. check settings and the output folder
+    # 1. check settings and the output folder (a resumed run keeps its adapter's shape and recipe)
     config.check()
     out = Path(config.out).expanduser()
-    done = out / pa.META_FILE
-    if done.exists():
+    if (out / pa.META_FILE).exists():
         raise UsageError(f"{out} already holds a finished adapter", "pick a new --out (studio never overwrites)")
-    found = checkpoints(out)
-    if out.exists() and any(out.iterdir()) and not config.resume and found:
-        raise UsageError(f"{out} holds checkpoints of an earlier run", "pass --resume to continue it, or pick a new --out")
-    if config.resume and not found:
-        raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}", "drop --resume to start a new run")
-    if found and config.resume:
-        # the stored settings are the run's; --steps may grow, the shape of the adapter may not
-        stored = json.loads((found[-1][1] / "state.json").read_text())["config"]
-        for key in ("method", "rank", "alpha", "targets", "task", "base", "seed", "batch_size", "accum", "lr"):
-            have = tuple(stored[key]) if isinstance(stored[key], list) else stored[key]
-            if have != getattr(config, key):
-                raise UsageError(f"--resume with a different --{key.replace('_', '-')} ({getattr(config, key)!r}, "
-                                 f"the checkpoint has {have!r})", "resume with the same settings, or pick a new --out")
+    run = TrainingRun(out, config, device=device, progress=progress, resume=config.resume,
+                      samples_per_step=config.batch_size * config.accum, must_match=MUST_MATCH)
 
     # 2. base model + adapter + data
     task_for_model = {"image": "image", "caption": "caption", "code": "code", "midi": "music-midi"}[config.task]
     spec = models.resolve(config.base, task=task_for_model, allow_pickle=allow_pickle, offline=offline)
     if spec.notice:
         progress.note(spec.notice)
-    out.mkdir(parents=True, exist_ok=True)
     with progress.status(f"loading {spec.alias or spec.name}"):
         job: _Job = (_ImageJob if config.task == "image" else _TransformersJob)(config, spec, device, progress)
     for m in job.modules.values():
         m.train()
     params = [p for m in job.modules.values() for p in m.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for m in ([job.pipe.unet, job.pipe.text_encoder] if config.task == "image" else [job.model])
-                for p in m.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
+    losses: list[float] = []
+    run.track(optimizer=optimizer, save_model=_save_trainable(job.modules), load_model=_load_trainable(job.modules),
+              state=lambda: ({"losses": losses}, {}))
 
-    # 3. resume
-    start, losses = 0, []
-    if found and config.resume:
-        state = load_checkpoint(found[-1][1], job.modules, optimizer)
-        start, losses = int(state["step"]), list(state["losses"])
-        progress.note(f"resuming from step {start} ({found[-1][1]})")
+    # 3. resume, then the loop: each step's batch, noise and dropout depend on (seed, step) only
+    state = run.restore()
+    if state is not None:
+        losses.extend(state.extra.get("losses") or [])
+        progress.note(f"resuming from step {run.start} ({run.checkpoint.path})")
+    base_modules = [job.pipe.unet, job.pipe.text_encoder] if config.task == "image" else [job.model]
+    report = TrainReport(out=out, steps=config.steps, resumed_from=run.start, trainable_params=sum(p.numel() for p in params),
+                         total_params=sum(p.numel() for m in base_modules for p in m.parameters()))
+    last = run.fit(_stepper(job, optimizer, params, config, losses, report), total=config.steps,
+                   save_every=config.save_every, description=f"adapt {config.task} ({config.method} r={config.rank})",
+                   nan_hint="lower --lr, or use --precision fp32")
+    report.samples_per_s, report.losses = float(last.get("samples_per_s") or 0.0), losses
 
-    # 4. the loop: each step's batch, noise and dropout depend on (seed, step) only
-    report = TrainReport(out=out, steps=config.steps, resumed_from=start, trainable_params=trainable, total_params=total)
-    handle = progress.task(f"adapt {config.task} ({config.method} r={config.rank})", total=config.steps)
-    handle.advance(start)
-    seen, t0 = 0, time.perf_counter()
-    for step in range(start, config.steps):
-        step_seed = config.seed * 1_000_003 + step
-        rng, step_gen = random.Random(step_seed), torch.Generator("cpu").manual_seed(step_seed)
-        torch.manual_seed(step_seed)  # dropout
-        total_loss = 0.0
-        for _ in range(config.accum):
-            loss = job.loss(job.batch(rng, step_gen)) / config.accum
-            if not torch.isfinite(loss):
-                from studio.errors import RuntimeFailure
-
-                raise RuntimeFailure(f"the loss became {loss.item()} at step {step + 1}", "lower --lr, or use --precision fp32")
-            loss.backward()
-            total_loss += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(total_loss)
-        seen += config.batch_size * config.accum
-        rate = seen / max(time.perf_counter() - t0, 1e-9)
-        handle.advance(1)
-        handle.update(loss=total_loss, samples_s=rate)
-        n = step + 1
-        if config.save_every and n % config.save_every == 0 and n < config.steps:
-            save_checkpoint(out, n, job.modules, optimizer, config, losses)
-        if config.validation_every and n % config.validation_every == 0 and n < config.steps:
-            path = job.validate(n, out)
-            if path:
-                report.validation.append(str(path))
-    report.samples_per_s = seen / max(time.perf_counter() - t0, 1e-9)
-    report.losses = losses
-
-    # 5. the last checkpoint, validation, and the adapter itself (+ studio.json, written last)
-    if not any(s == config.steps for s, _ in checkpoints(out)):
-        save_checkpoint(out, config.steps, job.modules, optimizer, config, losses)
+    # 4. validation, and the adapter itself (+ studio.json, written last)
     path = job.validate(config.steps, out)
     if path:
         report.validation.append(str(path))
     for m in job.modules.values():
         m.eval()
     job.save(out)
-    meta = {
+    pa.write_metadata(out, _metadata(config, job, spec, report, device))
+    return report
+
+
+def _stepper(job: "_Job", optimizer: Any, params: list, config: TrainConfig, losses: list[float],
+             report: TrainReport) -> Callable[[int], dict[str, Any]]:
+    import torch
+
+    def step(done: int) -> dict[str, Any]:
+        step_seed = config.seed * 1_000_003 + done
+        rng, step_gen = random.Random(step_seed), torch.Generator("cpu").manual_seed(step_seed)
+        torch.manual_seed(step_seed)  # dropout
+        total_loss = 0.0
+        for _ in range(config.accum):
+            loss = job.loss(job.batch(rng, step_gen)) / config.accum
+            if not torch.isfinite(loss):  # before backward: the adapter keeps its last finite weights
+                raise RuntimeFailure(f"the loss became {loss.item()} at step {done + 1}", "lower --lr, or use --precision fp32")
+            loss.backward()
+            total_loss += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total_loss)
+        n = done + 1
+        if config.validation_every and n % config.validation_every == 0 and n < config.steps:
+            path = job.validate(n, report.out)
+            if path:
+                report.validation.append(str(path))
+        return {"loss": total_loss, "lr": config.lr}
+    return step
+
+
+def _metadata(config: TrainConfig, job: "_Job", spec: Any, report: TrainReport, device: Any) -> dict[str, Any]:
+    """studio.json: what `studio adapt info` shows and what --lora checks an adapter against."""
+    losses = report.losses
+    return {
         "task": config.task, "method": config.method, "rank": config.rank, "alpha": float(config.alpha or config.rank),
         "targets": list(job.targets), "base": spec.identity(),
         "format": "diffusers" if config.task == "image" else "peft",
-        "trainable_params": trainable, "total_params": total,
+        "trainable_params": report.trainable_params, "total_params": report.total_params,
         "training": {k: v for k, v in asdict(config).items() if k not in ("base", "out", "resume", "task", "method",
                                                                          "rank", "alpha", "targets") and v not in (None, (), False)
                      and (config.task == "image" or k not in IMAGE_ONLY)},
@@ -677,8 +667,6 @@ def train(config: TrainConfig, device: Any, progress: Any, *, allow_pickle: bool
                    "samples_per_s": round(report.samples_per_s, 3)},
         "device": device.describe()["resolved"],
     }
-    pa.write_metadata(out, meta)
-    return report
 
 
 def config_from(**kwargs: Any) -> TrainConfig:
