@@ -2,35 +2,26 @@
 adapters/peft_adapters.py. Nothing heavy is imported here."""
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
-from studio.cli.common import DEBUG, new_app
+from studio.cli.common import OUTPUT, Globals, global_options, new_app
 
 adapt_app = new_app("Adapters: train LoRA/LoHa/LoKr/IA3 with peft, merge them into a base, show their metadata.")
 
 _ADP = "Adapter"
 _DATA = "Data and schedule"
 _IMG = "Image (DreamBooth)"
-_RUN = "Device and output"
 
 
 def register(root: typer.Typer) -> None:
     root.add_typer(adapt_app, name="adapt")
 
 
-def _common(debug: bool, offline: bool) -> None:
-    if debug:
-        DEBUG["on"] = True
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-
 @adapt_app.command()
+@global_options("device", "precision", *OUTPUT, "offline", "allow_pickle")
 def train(
     base: Annotated[str, typer.Option("--base", "-m", help="base model: alias, hub id or folder", show_default=False)],
     data: Annotated[Path, typer.Option(help="image: folder of images (+ .txt captions); caption: folder or JSONL {image, caption}; code: source folder or JSONL {prompt, completion}; midi: MIDI folder", show_default=False)],
@@ -60,25 +51,18 @@ def train(
     prior_weight: Annotated[float, typer.Option(help="weight of the prior-preservation loss", rich_help_panel=_IMG)] = 1.0,
     train_text_encoder: Annotated[bool, typer.Option("--train-text-encoder", help="also a LoRA on the text encoder", rich_help_panel=_IMG)] = False,
     resolution: Annotated[Optional[int], typer.Option(help="training image size (default: the model's)", rich_help_panel=_IMG, show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda[:N]|mps", rich_help_panel=_RUN, show_default=False)] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto|fp32|fp16|bf16 of the frozen base (adapters train in fp32)", rich_help_panel=_RUN, show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="data order, noise and adapter initialisation", rich_help_panel=_RUN)] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar", rich_help_panel=_RUN)] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print the training report as JSON", rich_help_panel=_RUN)] = False,
-    offline: Annotated[bool, typer.Option("--offline", help="never reach the model hub", rich_help_panel=_RUN)] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="allow pickle weights", rich_help_panel=_RUN)] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks", rich_help_panel=_RUN)] = False,
+    seed: Annotated[int, typer.Option(help="data order, noise and adapter initialisation", rich_help_panel=_DATA)] = 0,
+    opts: Globals = None,
 ) -> None:
     """Train an adapter on a few examples; use it with --lora anywhere.
 
     [dim]studio adapt train --base sd15 --task image --data dog/ --instance-prompt "a photo of sks dog" -o sks-lora
     studio adapt train --base qwen2.5-coder-0.5b --task code --data myrepo/ --steps 200 -o repo-lora
     studio image "a photo of sks dog on the moon" --lora sks-lora:0.9[/dim]
+
+    --precision is the frozen base's (adapters train in fp32).
     """
-    _common(debug, offline)
     from studio.adapters.train import config_from, train as run_train
-    from studio.device import DeviceSettings, get_device_manager
-    from studio.progress import Progress
 
     config = config_from(base=base, data=str(data), task=task, out=str(out), method=method, rank=rank, alpha=alpha,
                          targets=targets, dropout=dropout, quantize_base=quantize_base,
@@ -89,54 +73,49 @@ def train(
                          class_data=str(class_data) if class_data else None, num_class_images=num_class_images,
                          prior_weight=prior_weight, train_text_encoder=train_text_encoder, resolution=resolution, seed=seed)
     config.check()  # bad flags fail before torch is imported
-    manager = get_device_manager(DeviceSettings.from_sources(flags={"device": device, "precision": precision}))
-    progress = Progress(enabled=not (quiet or json_out))
+    progress = opts.progress()
     with progress:
-        report = run_train(config, manager, progress, allow_pickle=allow_pickle, offline=offline or None)
+        report = run_train(config, opts.device_manager(), progress, allow_pickle=opts.allow_pickle, offline=opts.offline or None)
     summary = report.to_dict()
-    if json_out:
+    if opts.json:
         typer.echo(json.dumps(summary))
-    elif not quiet:
+    elif not opts.quiet:
         typer.echo(f"wrote {summary['out']}: {summary['trainable_params']:,} trainable of {summary['total_params']:,} "
                    f"parameters, loss {summary['first_loss']:.4g} -> {summary['last_loss']:.4g}, "
                    f"{summary['samples_per_s']:.2f} samples/s", err=True)
 
 
 @adapt_app.command()
+@global_options("json", "offline", "allow_pickle")
 def merge(
     base: Annotated[str, typer.Option("--base", "-m", help="base model: alias, hub id or folder", show_default=False)],
     lora: Annotated[List[str], typer.Option("--lora", help="adapter PATH\\[:SCALE], repeatable", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="new folder for the merged model", show_default=False)],
-    offline: Annotated[bool, typer.Option("--offline", help="never reach the model hub")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="allow pickle weights")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    opts: Globals = None,
 ) -> None:
     """Merge adapters into the base and write a plain model folder (no peft needed to load it).
 
     [dim]studio adapt merge --base sd15 --lora sks-lora:0.8 -o sd15-sks
     studio adapt merge --base qwen2.5-coder-0.5b --lora repo-lora -o coder-repo[/dim]
     """
-    _common(debug, offline)
     from studio.adapters.peft_adapters import merge as run_merge
 
-    report = run_merge(base, lora, out, allow_pickle=allow_pickle, offline=offline or None)
+    report = run_merge(base, lora, out, allow_pickle=opts.allow_pickle, offline=opts.offline or None)
     summary = {"out": str(report.out), "kind": report.kind, "adapters": report.adapters}
-    if json_out:
+    if opts.json:
         typer.echo(json.dumps(summary, default=str))
     else:
         typer.echo(f"wrote {report.out} ({report.kind} model, {len(report.adapters)} adapter(s) merged)", err=True)
 
 
 @adapt_app.command()
+@global_options("json")
 def info(
     adapter: Annotated[Path, typer.Argument(help="adapter folder or LoRA .safetensors file", show_default=False)],
-    json_out: Annotated[bool, typer.Option("--json", help="print the metadata as JSON")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    opts: Globals = None,
 ) -> None:
     """Show an adapter's method, rank, targets, base model and training settings."""
-    _common(debug, False)
     from studio.adapters.peft_adapters import format_info, read_metadata
 
     meta = read_metadata(adapter)
-    typer.echo(json.dumps(meta, indent=None if json_out else 2, default=str) if json_out else format_info(meta))
+    typer.echo(json.dumps(meta, default=str) if opts.json else format_info(meta))

@@ -1,22 +1,30 @@
-"""Shared CLI plumbing: the global options every generating command takes, the error handling
-all commands share, and output printing. Imports nothing heavy (a test checks sys.modules).
+"""Shared CLI plumbing: the global options, defined once and applied once, the error handling
+all commands share (StudioError, Ctrl-C, SIGTERM, a closed pipe), and output printing. Imports
+nothing heavy (a test checks sys.modules).
 
-A generating command is written as
+Every command takes its global options from one decorator. A command that runs a task takes all
+of them:
 
     @app.command()
-    @generating("image")
-    def image(prompt: Annotated[str, typer.Argument(help=...)], ..., opts: Globals):
+    @generating
+    def image(prompt: Annotated[str, typer.Argument(help=...)], ..., opts: Globals = None):
         run_command("image", {"prompt": prompt, ...}, opts)
 
 and `generating` adds --device, --precision, --attention, --offload, --quantize, --compile,
 --seed, --out, --quiet, --json, --debug, --offline, --preset, --save-preset, --allow-pickle,
---trust-remote-code to its signature, then hands them over as one `Globals` object.
+--trust-remote-code to its signature, then hands them over as one `Globals` object. A command
+that needs only some of them names them (`@global_options("device", "precision", *OUTPUT,
+"offline")`); --debug comes with every command. A command that gives one of these names its own
+meaning (caption's --out FILE, a training run's --seed 0) declares that parameter itself and the
+decorator leaves it alone. `apply_globals` is the one place --debug and --offline take effect.
 """
 
 import functools
 import inspect
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -32,22 +40,24 @@ DEBUG = {"on": os.environ.get("STUDIO_DEBUG", "") not in ("", "0")}
 
 @dataclass
 class Globals:
-    device: Optional[str]
-    precision: Optional[str]
-    attention: Optional[str]
-    offload: Optional[str]
-    quantize: Optional[str]
-    compile: Optional[bool]
-    seed: Optional[int]
-    out: Optional[Path]
-    quiet: bool
-    json: bool
-    debug: bool
-    offline: bool
-    preset: Optional[str]
-    save_preset: Optional[str]
-    allow_pickle: bool
-    trust_remote_code: bool
+    """The global options of one command line; a command that does not take one gets its default."""
+
+    device: Optional[str] = None
+    precision: Optional[str] = None
+    attention: Optional[str] = None
+    offload: Optional[str] = None
+    quantize: Optional[str] = None
+    compile: Optional[bool] = None
+    seed: Optional[int] = None
+    out: Optional[Path] = None
+    quiet: bool = False
+    json: bool = False
+    debug: bool = False
+    offline: bool = False
+    preset: Optional[str] = None
+    save_preset: Optional[str] = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
     def device_flags(self) -> dict[str, Any]:
         return {"device": self.device, "precision": self.precision, "attention": self.attention,
@@ -61,12 +71,25 @@ class Globals:
                           allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code,
                           offline=self.offline, **overrides)
 
+    def progress(self):
+        """Bars and notes on stderr, none under --quiet or --json."""
+        from studio.progress import Progress
+
+        return Progress(enabled=not (self.quiet or self.json))
+
+    def device_manager(self):
+        """The DeviceManager these flags ask for (environment < flags), for commands that hold a
+        model outside the engine: training."""
+        from studio.device import DeviceSettings, get_device_manager
+
+        return get_device_manager(DeviceSettings.from_sources(flags=self.device_flags()))
+
 
 def default_out_dir(task: str) -> Path:
     return Path(os.environ.get("STUDIO_OUT") or "outputs")
 
 
-_G = "Device and output"
+_G = "Global options"
 GLOBAL_OPTIONS: list[tuple[str, Any, Any]] = [
     ("device", Annotated[Optional[str], typer.Option(help="auto|cpu|cuda[:N]|mps", rich_help_panel=_G)], None),
     ("precision", Annotated[Optional[str], typer.Option(help="auto|fp32|fp16|bf16", rich_help_panel=_G)], None),
@@ -77,15 +100,21 @@ GLOBAL_OPTIONS: list[tuple[str, Any, Any]] = [
     ("seed", Annotated[Optional[int], typer.Option(help="random seed (recorded in every output)", rich_help_panel=_G)], None),
     ("out", Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default ./outputs)", rich_help_panel=_G)], None),
     ("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or notes", rich_help_panel=_G)], False),
-    ("json", Annotated[bool, typer.Option("--json", help="print one JSON object per output", rich_help_panel=_G)], False),
+    ("json", Annotated[bool, typer.Option("--json", help="print JSON on stdout (one object per output) instead of text", rich_help_panel=_G)], False),
     ("debug", Annotated[bool, typer.Option("--debug", help="show tracebacks", rich_help_panel=_G)], False),
-    ("offline", Annotated[bool, typer.Option("--offline", help="never reach the model hub", rich_help_panel=_G)], False),
+    ("offline", Annotated[bool, typer.Option("--offline", help="never reach the model hub (sets HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE)", rich_help_panel=_G)], False),
     ("preset", Annotated[Optional[str], typer.Option(help="preset name or YAML file with defaults", rich_help_panel=_G)], None),
     ("save_preset", Annotated[Optional[str], typer.Option(help="save these flags as a preset NAME", rich_help_panel=_G)], None),
     ("allow_pickle", Annotated[bool, typer.Option("--allow-pickle", help="allow pickle weights (.bin/.ckpt)", rich_help_panel=_G)], False),
     ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="allow a hub repo's own code", rich_help_panel=_G)], False),
 ]
 GLOBAL_NAMES = [name for name, _, _ in GLOBAL_OPTIONS]
+_DEFAULTS = {name: default for name, _, default in GLOBAL_OPTIONS}
+
+# groups of global options, for commands that take only some of them
+DEVICE = ("device", "precision", "attention", "offload", "quantize", "compile")
+OUTPUT = ("quiet", "json")
+TRUST = ("allow_pickle", "trust_remote_code")
 
 
 def apply_globals(g: Globals) -> None:
@@ -93,30 +122,43 @@ def apply_globals(g: Globals) -> None:
     if g.debug:
         DEBUG["on"] = True
     if g.offline:
+        # huggingface_hub reads the first, transformers' older code paths the second
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
-def generating(fn: Callable) -> Callable:
-    """Add the global options to a command and pass them as `opts: Globals`."""
-    sig = inspect.signature(fn, eval_str=True)
-    own = [p for p in sig.parameters.values() if p.name != "opts"]
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
-             for name, ann, default in GLOBAL_OPTIONS if name not in sig.parameters]
-    names = [p.name for p in extra]
+def global_options(*names: str) -> Callable[[Callable], Callable]:
+    """Add these global options (and --debug) to a command and pass them as `opts: Globals`."""
+    unknown = [n for n in names if n not in _DEFAULTS]
+    if unknown:
+        raise ValueError(f"not a global option: {unknown[0]!r} (one of {', '.join(GLOBAL_NAMES)})")
+    chosen = set(names) | {"debug"}
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "opts"]
         # a global the command defines itself (e.g. caption's --out FILE) stays the command's own
-        values = {name: kwargs.pop(name, default) if name in names else default for name, _, default in GLOBAL_OPTIONS}
-        g = Globals(**values)
-        apply_globals(g)
-        return fn(*args, **kwargs, opts=g)
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
+                 for name, ann, default in GLOBAL_OPTIONS if name in chosen and name not in sig.parameters]
+        taken = [p.name for p in extra]
 
-    wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
-    del wrapper.__wrapped__  # typer must see the new signature, not the wrapped one
-    return wrapper
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            g = Globals(**{**_DEFAULTS, **{name: kwargs.pop(name) for name in taken if name in kwargs}})
+            apply_globals(g)
+            return fn(*args, **kwargs, opts=g)
+
+        wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+        wrapper.__studio_globals__ = tuple(taken)  # type: ignore[attr-defined]  (tests walk the commands)
+        del wrapper.__wrapped__  # typer must see the new signature, not the wrapped one
+        return wrapper
+
+    return decorate
+
+
+# a command that runs a task: every global option
+generating = global_options(*GLOBAL_NAMES)
 
 
 def emitter(g: Globals) -> Callable[[dict[str, Any]], None]:
@@ -159,11 +201,35 @@ def print_error(exc: StudioError) -> None:
         sys.stderr.write(f"hint: {exc.hint}\n")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so every `finally` and
+    context manager (temp files, progress bars, the manifest) cleans up the same way."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _silence_stdout() -> None:
+    """The reader of our stdout is gone (`| head`): point fd 1 at /dev/null so the interpreter's
+    last flush at exit does not raise BrokenPipeError again (Python's documented recipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # in-process runners have no real fd 1
+        pass
+
+
 class StudioGroup(typer.core.TyperGroup):
     """The root group: turns StudioError into one line + hint and its exit code (2 bad input,
-    1 runtime), anything unexpected into exit 1, with tracebacks only under --debug."""
+    1 runtime), anything unexpected into exit 1, with tracebacks only under --debug; Ctrl-C
+    (130) and SIGTERM (143) into one line after the same cleanup; a closed stdout pipe into a
+    quiet exit (141, as for any tool that SIGPIPE ends)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().invoke(ctx)
         except StudioError as exc:
@@ -173,9 +239,15 @@ class StudioGroup(typer.core.TyperGroup):
             raise Exit(exc.exit_code)
         except (Exit, Abort, click.exceptions.ClickException, SystemExit):
             raise
+        except Terminated:
+            sys.stderr.write("interrupted (SIGTERM)\n")
+            raise Exit(143)
         except KeyboardInterrupt:
             sys.stderr.write("interrupted\n")
             raise Exit(130)
+        except BrokenPipeError:
+            _silence_stdout()
+            raise Exit(141)
         except Exception as exc:  # a bug or a library failure: one line unless --debug
             if DEBUG["on"]:
                 raise
@@ -183,6 +255,9 @@ class StudioGroup(typer.core.TyperGroup):
             sys.stderr.write(f"error: {type(exc).__name__}: {first}\n"
                              "hint: rerun with --debug for the traceback, and report it if it looks like a bug\n")
             raise Exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def new_app(help: str, **kwargs: Any) -> typer.Typer:

@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 import typer
 
-from studio.cli.common import Globals, generating
+from studio.cli.common import DEVICE, Globals, global_options
 
 
 def register(root: typer.Typer) -> None:
@@ -96,7 +96,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-@generating
+@global_options(*DEVICE, "json", "offline")
 def doctor(opts: Globals = None) -> None:
     """Versions, devices, what `auto` picks for device/precision/attention and why, optional backends,
     and the model cache."""

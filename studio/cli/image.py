@@ -10,7 +10,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from studio.cli.common import Globals, generating, new_app, run_command
+from studio.cli.common import OUTPUT, Globals, generating, global_options, new_app, run_command
 from studio.errors import UsageError
 
 control_app = new_app("ControlNet helpers: make control maps from images.")
@@ -125,6 +125,7 @@ def image(
 
 
 @control_app.command("preprocess")
+@global_options("out", *OUTPUT, "allow_pickle")
 def preprocess(
     kind: Annotated[str, typer.Argument(metavar="TYPE", help="canny, none, shuffle, depth, pose, lineart, softedge, scribble, mlsd, normal")],
     image: Annotated[Path, typer.Argument(help="the input image")],
@@ -132,12 +133,10 @@ def preprocess(
     high: Annotated[int, typer.Option(help="canny: upper threshold")] = 200,
     width: Annotated[Optional[int], typer.Option(help="resize the map to this width")] = None,
     height: Annotated[Optional[int], typer.Option(help="resize the map to this height")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default ./outputs)")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="allow the controlnet-aux detectors' pickle weights")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing")] = False,
+    opts: Globals = None,
 ) -> None:
-    """Write the control map a --control TYPE:IMAGE would use (to check it, or to pass it later as none:MAP)."""
+    """Write the control map a --control TYPE:IMAGE would use (to check it, or to pass it later as none:MAP).
+    Some controlnet-aux detectors ship only pickle weights: they need --allow-pickle."""
     import json
     import sys
 
@@ -153,13 +152,13 @@ def preprocess(
         w, h = source.size
         size = (width or round(w * height / h), height or round(h * width / w))
         source = source.resize(size)
-    cmap = run_preprocessor(kind, source, low=low, high=high, allow_pickle=allow_pickle)
+    cmap = run_preprocessor(kind, source, low=low, high=high, allow_pickle=opts.allow_pickle)
     params = {"type": kind, "input": str(image.expanduser().resolve()), "low": low, "high": high,
               "width": cmap.size[0], "height": cmap.size[1]}
-    writer = OutputWriter(out or default_out_dir("control"), task="control", template="{date}-{task}-{slug}")
+    writer = OutputWriter(opts.out or default_out_dir("control"), task="control", template="{date}-{task}-{slug}")
     result = Result(kind="image", value=cmap, params={**params, "name": f"{kind}-{image.stem}"})
     path = writer.write(result)
-    if json_out:
+    if opts.json:
         sys.stdout.write(json.dumps({"task": "control", "type": kind, "path": str(path)}) + "\n")
-    elif not quiet:
+    elif not opts.quiet:
         sys.stderr.write(f"wrote {path}\n")

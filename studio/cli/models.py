@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from studio.cli.common import new_app
+from studio.cli.common import Globals, global_options, new_app
 
 models_app = new_app("Model aliases, the local cache, and tiny test models.")
 
@@ -15,9 +15,10 @@ def register(root: typer.Typer) -> None:
 
 
 @models_app.command("list")
+@global_options("json")
 def list_models(
     task: Annotated[Optional[str], typer.Option(help="only models for this task")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    opts: Globals = None,
 ) -> None:
     """List model aliases (shipped cards and $STUDIO_HOME/models) and whether their weights are here."""
     import json
@@ -35,7 +36,7 @@ def list_models(
             available = False
         rows.append({"name": name, "task": card.get("task"), "source": source if kind == "hub" else f"(local) {source}",
                      "local": available, "description": card.get("description", "")})
-    if json_out:
+    if opts.json:
         for row in rows:
             typer.echo(json.dumps(row))
         return
@@ -49,7 +50,8 @@ def list_models(
 
 
 @models_app.command("info")
-def info(name: Annotated[str, typer.Argument(help="alias, hub id or path")]) -> None:
+@global_options("offline")
+def info(name: Annotated[str, typer.Argument(help="alias, hub id or path")], opts: Globals = None) -> None:
     """Show what a model name resolves to."""
     import json
 
@@ -64,7 +66,8 @@ def info(name: Annotated[str, typer.Argument(help="alias, hub id or path")]) -> 
 
 
 @models_app.command("path")
-def path(name: Annotated[str, typer.Argument(help="alias, hub id or path")]) -> None:
+@global_options("offline")
+def path(name: Annotated[str, typer.Argument(help="alias, hub id or path")], opts: Globals = None) -> None:
     """Print the local folder of a model (offline: its cached snapshot)."""
     from studio.models import cached_snapshot, resolve
 
@@ -73,23 +76,26 @@ def path(name: Annotated[str, typer.Argument(help="alias, hub id or path")]) -> 
 
 
 @models_app.command("pull")
+@global_options("allow_pickle")
 def pull(
     name: Annotated[str, typer.Argument(help="alias or hub id[@revision]")],
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="also fetch pickle weights")] = False,
+    opts: Globals = None,
 ) -> None:
     """Download a model's configs and safetensors weights into the HF cache."""
     from studio.models import pull as do_pull
     from studio.models import resolve
 
-    spec = resolve(name, allow_pickle=allow_pickle, offline=False)
+    spec = resolve(name, allow_pickle=opts.allow_pickle, offline=False)
     typer.echo(str(do_pull(spec)))
 
 
 @models_app.command("make-tiny")
+@global_options()
 def make_tiny(
     kind: Annotated[str, typer.Argument(help="sd, sdxl, controlnet, lora, blip-caption, blip-vqa, vlm, git, clip, midi-lm, musicgen, musicgen-melody, animatediff, t2v, svd, ltx, wan, code-lm")],
     out: Annotated[Path, typer.Argument(help="new folder to write the model into")],
     seed: Annotated[int, typer.Option(help="seed for the random weights")] = 0,
+    opts: Globals = None,
 ) -> None:
     """Build a tiny random model of a real architecture (for offline smoke tests) and save it."""
     from studio.pipelines.tiny import make_tiny as build

@@ -7,18 +7,16 @@ pipelines/music_metrics.py, all imported inside the functions so `studio --help`
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
-from studio.cli.common import DEBUG, Globals, generating, new_app, run_command
+from studio.cli.common import OUTPUT, Globals, generating, global_options, new_app, run_command
 
 music_app = new_app("Music: MIDI from a transformer over REMI tokens, audio from MusicGen, rendering, training.")
 
-_D = "Device and output"
 _C = "Musical controls"
 _S = "Sampling"
 
@@ -29,14 +27,6 @@ def register(root: typer.Typer) -> None:
 
     eval_app.command("music", help="Pitch-class histogram (+KL to a reference), scale consistency, note density, "
                                    "polyphony, pitch range, chord-tone ratio per bar, as JSON.")(eval_music)
-
-
-def _setup(debug: bool, offline: bool) -> None:
-    if debug:
-        DEBUG["on"] = True
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 # ----------------------------------------------------------------------------- midi
@@ -99,22 +89,19 @@ def audio(
 
 # ----------------------------------------------------------------------------- render
 @music_app.command("render")
+@global_options(*OUTPUT)
 def render_cmd(
     file: Annotated[Path, typer.Argument(help="the MIDI file to render")],
     soundfont: Annotated[Optional[Path], typer.Option(help=".sf2 soundfont (default: pretty_midi's General MIDI font; needs fluidsynth)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output FILE.wav or FILE.flac (default: beside the MIDI, NAME.render.wav); never overwritten")] = None,
     rate: Annotated[int, typer.Option(help="sample rate")] = 44100,
     plain: Annotated[bool, typer.Option("--plain", help="use pretty_midi's plain synthesiser even when fluidsynth is here")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no notes", rich_help_panel=_D)] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary", rich_help_panel=_D)] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks", rich_help_panel=_D)] = False,
+    opts: Globals = None,
 ) -> None:
     """Render a MIDI file to audio: fluidsynth with a General MIDI soundfont, or plain synthesis."""
-    _setup(debug, False)
     from studio.pipelines.music_render import load_midi, render
     from studio.errors import UsageError
     from studio.outputs import OutputWriter, Result
-    from studio.progress import Progress
 
     midi_data = load_midi(file)
     if plain and soundfont:
@@ -123,7 +110,7 @@ def render_cmd(
     fmt = target.suffix.lower().lstrip(".")
     if fmt not in ("wav", "flac"):
         raise UsageError(f"--out {target} must end in .wav or .flac", "e.g. --out song.wav")
-    progress = Progress(enabled=not (quiet or json_out))
+    progress = opts.progress()
     samples, sr, info = render(midi_data, sample_rate=rate, soundfont=soundfont, use_fluidsynth=False if plain else None,
                                note=progress.note)
     stem = target.name[: -len(target.suffix)].replace("{", "{{").replace("}", "}}")
@@ -133,14 +120,15 @@ def render_cmd(
                     extra={"render": info})
     path = writer.write(result)
     summary = {"path": str(path), "engine": info["engine"], "soundfont": info["soundfont"], "seconds": round(len(samples) / sr, 3)}
-    if json_out:
+    if opts.json:
         typer.echo(json.dumps(summary))
-    elif not quiet:
+    elif not opts.quiet:
         sys.stderr.write(f"wrote {path} ({info['engine']})\n")
 
 
 # ----------------------------------------------------------------------------- train
 @music_app.command()
+@global_options("device", "precision", *OUTPUT, "offline", "allow_pickle")
 def train(
     data: Annotated[str, typer.Option(help="folder of MIDI files, or `bach` (music21's Bach chorales, converted to MIDI)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder: checkpoint-NNNNNN/, final/, train_log.jsonl")] = Path("runs/midi-lm"),
@@ -159,40 +147,32 @@ def train(
     keep: Annotated[int, typer.Option(help="checkpoints kept")] = 3,
     seed: Annotated[int, typer.Option(help="seed for init and data order")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint in --out")] = False,
-    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda[:N]|mps", rich_help_panel=_D)] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto|fp32|bf16|fp16 (autocast; weights stay fp32)", rich_help_panel=_D)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or notes", rich_help_panel=_D)] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary", rich_help_panel=_D)] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks", rich_help_panel=_D)] = False,
-    offline: Annotated[bool, typer.Option("--offline", help="never reach the model hub", rich_help_panel=_D)] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="allow pickle weights for --model", rich_help_panel=_D)] = False,
+    opts: Globals = None,
 ) -> None:
-    """Train (or fine-tune) the MIDI model on MIDI files or the Bach chorales; resumable."""
-    _setup(debug, offline)
+    """Train (or fine-tune) the MIDI model on MIDI files or the Bach chorales; resumable.
+    --precision is the autocast dtype; the weights stay fp32."""
     from studio.pipelines.training.midi_train import MidiTrainConfig
     from studio.pipelines.training.midi_train import train as run_training
-    from studio.device import DeviceSettings, get_device_manager
     from studio.models import resolve
-    from studio.progress import Progress
 
     config = MidiTrainConfig(data=data, out=str(out), model=model, size=size, steps=steps, batch_size=batch_size,
                              seq_len=seq_len, lr=lr, warmup=warmup, weight_decay=weight_decay, val_every=val_every,
                              save_every=save_every, val_fraction=val_fraction, limit=limit, seed=seed, resume=resume,
                              keep=keep)
-    spec = resolve(model, task="music-midi", allow_pickle=allow_pickle) if model else None
-    manager = get_device_manager(DeviceSettings.from_sources(flags={"device": device, "precision": precision}))
-    progress = Progress(enabled=not (quiet or json_out))
+    spec = resolve(model, task="music-midi", allow_pickle=opts.allow_pickle, offline=opts.offline or None) if model else None
+    progress = opts.progress()
     with progress:
-        summary = run_training(config, manager, progress, spec=spec)
-    if json_out:
+        summary = run_training(config, opts.device_manager(), progress, spec=spec)
+    if opts.json:
         typer.echo(json.dumps(summary))
-    elif not quiet:
+    elif not opts.quiet:
         val = summary["val_loss"]
         sys.stderr.write(f"wrote {summary['final']} (step {summary['steps']}, loss {summary['train_loss']:.4f}"
                          + (f", val loss {val:.4f}" if val is not None else "") + ")\n")
 
 
 # ----------------------------------------------------------------------------- eval
+@global_options("quiet")
 def eval_music(
     inputs: Annotated[List[Path], typer.Argument(help="MIDI files or folders of them")],
     reference: Annotated[Optional[str], typer.Option(help="folder of MIDI files, or `bach`: KL of pitch-class histograms to it")] = None,
@@ -200,16 +180,13 @@ def eval_music(
     key: Annotated[Optional[str], typer.Option(help="measure the share of notes in this key (default: each file's recorded --key)")] = None,
     chords: Annotated[Optional[str], typer.Option(help='chords per bar to check (default: each file\'s recorded --chords)')] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="also write the report to this JSON file")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or notes", rich_help_panel=_D)] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks", rich_help_panel=_D)] = False,
+    opts: Globals = None,
 ) -> None:
     """Music statistics of MIDI files as JSON (stdout)."""
-    _setup(debug, False)
     from studio.pipelines.music_metrics import evaluate
     from studio.outputs import write_text_file
-    from studio.progress import Progress
 
-    progress = Progress(enabled=not quiet)
+    progress = opts.progress()
     with progress:
         report = evaluate(inputs, reference=reference, reference_limit=reference_limit, key=key, chords=chords,
                           progress=progress)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import click
 import typer
 
-from studio.cli.common import Globals, emitter, generating, new_app, run_command
+from studio.cli.common import OUTPUT, Globals, emitter, generating, global_options, new_app, run_command
 
 
 class VideoGroup(typer.core.TyperGroup):
@@ -89,16 +89,15 @@ def generate(
 
 
 @video_app.command("interpolate")
+@global_options("out", *OUTPUT)
 def interpolate(
     clip: Annotated[Path, typer.Argument(help="an MP4/WebM/MOV, GIF, WebP, or a folder of numbered frames")],
     factor: Annotated[int, typer.Option("--factor", "-k", help="K: insert K-1 frames between each pair")] = 2,
     fps: Annotated[Optional[float], typer.Option(help="output frames/s (default: the clip's rate x K, same duration)")] = None,
     method: Annotated[str, typer.Option(help="optical flow: dis|farneback")] = "dis",
     format: Annotated[Optional[str], typer.Option("--format", "-f", help="mp4|gif|webp|frames (default: the input's)")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default ./outputs)")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object per output")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an output of the same name")] = False,
+    opts: Globals = None,
 ) -> None:
     """Smooth any clip with optical-flow frame interpolation (OpenCV; no model weights).
 
@@ -109,16 +108,12 @@ def interpolate(
     from studio.cli.common import default_out_dir
     from studio.engine import Engine
     from studio.outputs import OutputWriter
-    from studio.progress import Progress
 
     from studio.pipelines.interpolate import interpolate_clip
 
-    progress = Progress(enabled=not (quiet or json_out))
+    progress = opts.progress()
     with progress:
         result = interpolate_clip(clip, factor, fps=fps, method=method, fmt=format, progress=progress)
-    writer = OutputWriter(out or default_out_dir("video"), task="video-interpolate", overwrite=overwrite)
+    writer = OutputWriter(opts.out or default_out_dir("video"), task="video-interpolate", overwrite=overwrite)
     writer.write(result)
-    g = Globals(device=None, precision=None, attention=None, offload=None, quantize=None, compile=None, seed=None,
-                out=out, quiet=quiet, json=json_out, debug=False, offline=False, preset=None, save_preset=None,
-                allow_pickle=False, trust_remote_code=False)
-    emitter(g)(Engine.summary(result))
+    emitter(opts)(Engine.summary(result))
