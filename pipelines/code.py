@@ -76,6 +76,7 @@ class CodeRequest:
     tests: str | None = None  # Python test file (test_* functions and/or asserts) for the candidates
     timeout: float = 10.0  # seconds each candidate may run in the sandbox
     memory_mb: int = 512  # memory limit of the sandbox, MiB
+    unsafe_exec: bool = False  # run tests without isolation where the sandbox cannot be had (recorded)
     stream: bool = False  # stream tokens to stdout as they come (the CLI sets it for one sample)
     seed: int | None = None  # sampling seed (recorded in the output)
     adapters: tuple[str, ...] = ()  # peft adapters, "PATH[:SCALE]" each (`studio adapt train --task code`)
@@ -458,6 +459,10 @@ class CodeGenerator:
                              "pass --temperature 0.6 (or higher) to sample different candidates")
         if request.timeout <= 0 or request.memory_mb < 16:
             raise UsageError("the sandbox needs --timeout above 0 and at least 16 MiB", "pass --timeout 10")
+        if request.tests is not None:  # before generating: no isolation, no running (unless --unsafe-exec)
+            from studio.pipelines import sandbox
+
+            sandbox.require(sandbox.Limits(unsafe_exec=request.unsafe_exec))
         if request.context_tokens < 0:
             raise UsageError("--context-tokens must be 0 or more", "pass --context-tokens 1024")
         infill = request.infill is not None or request.prefix is not None or request.suffix is not None
@@ -582,12 +587,12 @@ class CodeGenerator:
         if tests is not None:
             from studio.pipelines import sandbox
 
-            limits = sandbox.Limits(timeout_s=request.timeout, memory_mb=request.memory_mb)
+            limits = sandbox.Limits(timeout_s=request.timeout, memory_mb=request.memory_mb, unsafe_exec=request.unsafe_exec)
             selection = select_candidate(codes, tests, limits, note=progress.note)
             pick = selection.outcomes[selection.index]
             verdict = "kept" if selection.passed else "no candidate passed every test; kept"
             progress.note(f"{verdict} candidate {selection.index + 1} of {len(codes)}: {pick['summary']} "
-                          f"(sandbox network: {selection.isolation['network'].split(':')[0]})")
+                          f"({'sandboxed' if selection.isolation.get('isolated') else 'NOT isolated: --unsafe-exec'})")
             keep = [selection.index]
         else:
             keep = list(range(len(codes)))

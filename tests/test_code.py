@@ -332,7 +332,7 @@ def test_code_request_parameters_are_explicit():
     assert [f.name for f in dataclasses.fields(CodeRequest)] == [
         "prompt", "instruction", "model", "max_tokens", "temperature", "top_p", "stop", "system", "lang", "raw",
         "infill", "at", "prefix", "suffix", "context", "context_tokens", "samples", "tests", "timeout", "memory_mb",
-        "stream", "seed", "adapters", "syntax_check", "syntax_tries"]
+        "unsafe_exec", "stream", "seed", "adapters", "syntax_check", "syntax_tries"]
 
 
 # ------------------------------------------------------------------------- syntax-guided decoding

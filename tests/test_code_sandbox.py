@@ -1,16 +1,22 @@
 """The sandbox and test-driven selection, on candidates we control (a tiny random LM writes
 garbage, so the behaviours that matter are pinned with fixed candidate strings): passing,
-failing, not parsing, looping forever, allocating without bound, reading a secret from the
-environment, opening a socket, flooding stdout."""
+failing, not parsing, looping forever, allocating without bound, flooding stdout, and refusing
+to run at all where no sandbox can be had. Attacks on the sandbox are in test_sandbox_attacks.py.
+
+Where bubblewrap is absent these run with --unsafe-exec (the counting and the limits behave the
+same); where it is present they run isolated."""
 
 from __future__ import annotations
 
-import socket
+import dataclasses
+import shutil
 
 import pytest
 
 from studio.pipelines import sandbox
 from studio.pipelines.code import select_candidate
+
+UNSAFE = shutil.which("bwrap") is None  # no isolation tool: run the behaviours unisolated, as the user could
 
 ADD_TESTS = "def test_small():\n    assert add(1, 2) == 3\n\ndef test_negative():\n    assert add(-1, 1) == 0\n"
 PASSING = "def add(a, b):\n    return a + b\n"
@@ -18,8 +24,8 @@ FAILING = "def add(a, b):\n    return a - b\n"
 NOT_PARSING = "def add(a, b)\n    return a + b\n"
 LOOPING = "def add(a, b):\n    while True:\n        pass\n"
 GREEDY = "def add(a, b):\n    hoard = []\n    while True:\n        hoard.append(bytearray(10**7))\n"
-FAST = sandbox.Limits(timeout_s=2.5, memory_mb=256)  # for candidates that must be killed: short
-SAFE = sandbox.Limits(timeout_s=30, memory_mb=256)  # for the rest: generous, so a loaded machine never flakes
+FAST = sandbox.Limits(timeout_s=2.5, memory_mb=256, unsafe_exec=UNSAFE)  # for candidates that must be killed: short
+SAFE = sandbox.Limits(timeout_s=30, memory_mb=256, unsafe_exec=UNSAFE)  # for the rest: generous, so a loaded machine never flakes
 
 
 def test_passing_and_failing_candidates_are_counted_per_test():
@@ -55,34 +61,36 @@ def test_no_secret_reaches_the_sandbox(monkeypatch):
     monkeypatch.setenv("STUDIO_TEST_SECRET", "hunter2")
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     code = "import os\ndef leaked():\n    return {k: v for k, v in os.environ.items() if 'SECRET' in k or 'TOKEN' in k}\n"
-    tests = "import os\ndef test_env():\n    assert leaked() == {}, leaked()\n    assert set(os.environ) <= {'PATH', 'LANG', 'HOME', 'TMPDIR', 'OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'LC_CTYPE'}\n"
+    tests = "import os\ndef test_env():\n    assert leaked() == {}, leaked()\n    assert set(os.environ) <= {'PATH', 'LANG', 'HOME', 'TMPDIR', 'OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'LC_CTYPE', 'PWD'}\n"
     outcome = sandbox.run_tests(code, tests, SAFE)
     assert outcome.status == "passed", outcome.summary()
     assert "scrubbed" in outcome.isolation["environment"]
 
 
-def test_a_socket_cannot_reach_a_server_on_this_machine():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    code = ("import socket\ndef phone_home():\n"
-            f"    with socket.create_connection(('127.0.0.1', {port}), timeout=2) as s:\n"
-            "        s.sendall(b'stolen')\n    return True\n")
-    outcome = sandbox.run_tests(code, "def test_net():\n    assert phone_home()\n", SAFE)
-    server.settimeout(0.2)  # a connection that got through would wait in the backlog
-    with pytest.raises(socket.timeout):
-        server.accept()
-    server.close()
-    assert outcome.status == "failed"
-    assert outcome.tests[0]["error"].startswith(("OSError", "ConnectionRefusedError")), outcome.tests[0]
-    assert outcome.isolation["network"].startswith(("isolated", "NOT isolated"))  # says which applied
+def test_without_bubblewrap_generated_code_is_refused_unless_unsafe_exec(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
+    sandbox._availability.cache_clear()
+    try:
+        with pytest.raises(sandbox.SandboxUnavailable) as refused:
+            sandbox.run_tests(PASSING, ADD_TESTS, dataclasses.replace(SAFE, unsafe_exec=False))
+        assert "bubblewrap (bwrap) is not installed" in refused.value.message
+        assert "apt-get install bubblewrap" in refused.value.hint and "--unsafe-exec" in refused.value.hint
+        assert refused.value.exit_code == 2
+        with pytest.raises(sandbox.SandboxUnavailable):  # the selection refuses too, before running anything
+            select_candidate([PASSING], ADD_TESTS, dataclasses.replace(SAFE, unsafe_exec=False))
+        outcome = sandbox.run_tests(PASSING, ADD_TESTS, dataclasses.replace(SAFE, unsafe_exec=True))
+        assert outcome.summary() == "passed 2/2"
+        assert outcome.isolation["isolated"] is False and outcome.isolation["unsafe_exec"] is True
+        assert "NOT isolated" in outcome.isolation["filesystem"]
+    finally:
+        sandbox._availability.cache_clear()
 
 
-def test_flooding_stdout_stops_at_the_file_limit():
+def test_flooding_stdout_stops_at_the_output_limit():
     outcome = sandbox.run_tests("def spam():\n    while True:\n        print('x' * 1000)\n", "spam()\n",
-                                sandbox.Limits(timeout_s=5, file_mb=1))
+                                sandbox.Limits(timeout_s=5, output_mb=1, unsafe_exec=UNSAFE))
     assert outcome.status == "output"
+    assert "1 MiB" in outcome.error and outcome.seconds < 5  # killed at the limit, not at the timeout
     assert len(outcome.stdout) <= 4000  # the outcome keeps a tail, not the flood
 
 

