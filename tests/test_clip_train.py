@@ -133,18 +133,19 @@ def test_train_from_a_custom_config_then_eval_embed_and_search(cli, shapes, tmp_
     assert r.exit_code == 0, r
     assert "loss=" in r.stderr and "temp=" in r.stderr and "lr=" in r.stderr and "samples_s=" in r.stderr
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["step-00000002", "step-00000004"]
+    assert ckpts == ["step-000002", "step-000004"]
     for name in ckpts:
         assert sorted(p.name for p in (run / "checkpoints" / name).iterdir()) == [
-            "open_clip_config.json", "open_clip_model.safetensors", "trainer_state.json", "trainer_state.safetensors"]
+            "open_clip_config.json", "open_clip_model.safetensors", "train_config.json", "trainer_state.json",
+            "trainer_state.safetensors"]
     assert not list(run.rglob("*.tmp*"))
     final = weights(run)
-    assert same(final, weights(run / "checkpoints" / "step-00000004"))
-    assert not same(final, weights(run / "checkpoints" / "step-00000002"))
+    assert same(final, weights(run / "checkpoints" / "step-000004"))
+    assert not same(final, weights(run / "checkpoints" / "step-000002"))
     # open_clip itself loads the checkpoints: by architecture name + file, and by local-dir
     open_clip.add_model_config(config)
     model, _, _ = open_clip.create_model_and_transforms(
-        config.stem, pretrained=str(run / "checkpoints" / "step-00000004" / "open_clip_model.safetensors"))
+        config.stem, pretrained=str(run / "checkpoints" / "step-000004" / "open_clip_model.safetensors"))
     assert same({k: v for k, v in model.state_dict().items()}, final)
     model2, _, _ = open_clip.create_model_and_transforms(f"local-dir:{run}")
     assert same(model2.state_dict(), final)
@@ -157,7 +158,7 @@ def test_train_from_a_custom_config_then_eval_embed_and_search(cli, shapes, tmp_
     r = cli("clip", "eval", "--model", run, "--data", shapes / "pairs.csv", "--templates", "simple", "--json")
     assert r.exit_code == 0, r
     assert json.loads(r.stdout)["classes"] == 12
-    r = cli("clip", "embed", "--model", run / "checkpoints" / "step-00000002", shapes, "--out", tmp_path / "idx")
+    r = cli("clip", "embed", "--model", run / "checkpoints" / "step-000002", shapes, "--out", tmp_path / "idx")
     assert r.exit_code == 0, r
     r = cli("clip", "search", "--index", tmp_path / "idx", "a red circle", "-k", "2", "--json")
     assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2

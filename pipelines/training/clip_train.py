@@ -15,10 +15,15 @@ What is written here is what open_clip (the library) leaves to its separate trai
   embeddings, are up-weighted in the InfoNCE denominator;
 * gradient accumulation that keeps the contrastive batch whole (open_clip_train's feature cache:
   K sub-batches are one batch of negatives, not K small ones);
-* checkpoints: checkpoints/step-N/ holds open_clip_config.json + open_clip_model.safetensors
-  (loadable with `open_clip.create_model_and_transforms("local-dir:DIR")`, or with the
-  architecture name and `pretrained=DIR/open_clip_model.safetensors`) and trainer_state.{json,
-  safetensors} (optimizer, scheduler, scaler, RNG, step, data position): no pickle anywhere.
+* the run (pipelines/training/run.py's TrainingRun, shared with the MIDI and adapter trainers):
+  device and precision from the DeviceManager (--precision is the autocast dtype: fp32, bf16,
+  fp16; open_clip_train's amp_bf16 and amp still mean bf16 and fp16), metrics.jsonl and the bar,
+  and checkpoints in the shared layout (pipelines/training/checkpoint.py): checkpoints/step-N/
+  holds open_clip_config.json + open_clip_model.safetensors (loadable with
+  `open_clip.create_model_and_transforms("local-dir:DIR")`, or with the architecture name and
+  `pretrained=DIR/open_clip_model.safetensors`) beside the trainer state (optimizer, scheduler,
+  scaler, every RNG, step, data position, negative memory) and the config: no pickle anywhere.
+  Runs checkpointed by older studio versions (step-NNNNNNNN/) resume too.
 
 Distributed: launch the same command with `torchrun --nproc-per-node N -m studio clip train ...`
 (CPU with gloo, or GPUs with NCCL), or on GPUs `accelerate launch --multi_gpu --num_processes N
@@ -30,26 +35,23 @@ convention), so the global batch is batch_size x processes x accum.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
 import os
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from studio.errors import InputFileError, RuntimeFailure, UsageError
-from studio.outputs import append_jsonl, atomic_path, write_text_file
+from studio.errors import InputFileError, UsageError
+from studio.outputs import atomic_path, write_text_file
 from studio.pipeline import IMAGE_SUFFIXES
+from studio.pipelines.training.checkpoint import CONFIG_JSON
+from studio.pipelines.training.run import PRECISION_WORDS, Dist, TrainingRun, training_device
 
-PRECISIONS = ("fp32", "amp", "amp_bf16")
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
-CONFIG_JSON = "train_config.json"
-METRICS = "metrics.jsonl"
+# the DeviceManager's words (the autocast dtype over fp32 weights), and open_clip_train's, mapped to them
+PRECISIONS = ("fp32", "bf16", "fp16", "auto", *PRECISION_WORDS)
 # config fields that change what a run computes: a resumed run must agree on all of them
 RESULT_FIELDS = ("data", "model", "pretrained", "img_key", "caption_key", "epochs", "steps", "lr", "weight_decay",
                  "warmup", "precision", "accum", "hard_negatives", "hard_negative_weight", "negative_memory",
@@ -72,7 +74,7 @@ class TrainConfig:
     lr: float = 5e-5  # peak learning rate (fine-tuning; ~5e-4 from scratch)
     weight_decay: float = 0.2  # AdamW decay on weight matrices (not gains, biases, temperature)
     warmup: int | None = None  # linear warmup steps before the cosine decay (default 5% of steps)
-    precision: str = "fp32"  # fp32 | amp (fp16 autocast + grad scaler, GPU) | amp_bf16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast dtype; fp16 adds a grad scaler, GPU) | amp_bf16 | amp
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     hard_negatives: int = 0  # K hardest negatives per row up-weighted in the loss (0: plain InfoNCE)
     hard_negative_weight: float = 2.0  # how many times a hard negative counts in the denominator
@@ -505,36 +507,6 @@ class ContrastiveLoss(_clip_loss_base()):
 
 
 # ============================================================================ helpers
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-
-def init_distributed(device_kind: str) -> Dist:
-    """torchrun and `accelerate launch` both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo", rank=rank, world_size=world)
-    return Dist(rank=rank, world=world, local_rank=local)
-
-
 def parse_temperature(text: str) -> float | None:
     """None for learnable, else the fixed temperature."""
     if text == "learnable":
@@ -583,93 +555,10 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-# ============================================================================ checkpoint state
-def _optimizer_to_files(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split optimizer.state_dict() into JSON (hyperparameters, scalars) and tensors (moments)."""
-    import torch
-
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    return {"param_groups": sd["param_groups"], "scalars": scalars}, tensors
-
-
-def _optimizer_from_files(meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = value
-    for pid, values in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(folder: Path, *, model: Any, model_cfg: dict, optimizer: Any, scheduler: Any, scaler: Any,
-                    loss_fn: ContrastiveLoss, position: dict[str, Any], config: TrainConfig) -> Path:
-    """checkpoints/step-N/: open_clip folder + trainer state, written into a temp folder and
-    renamed, so a checkpoint that is listed is complete."""
-    import torch
-    from safetensors.torch import save_file
-
-    from studio.pipelines.clip import save_clip_folder
-
-    with atomic_path(folder, is_dir=True) as tmp:
-        save_clip_folder(model, model_cfg, tmp, extra={"studio": {"step": position["step"], "train_config": CONFIG_JSON}})
-        opt_meta, tensors = _optimizer_to_files(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for i, state in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = state
-        if loss_fn.memory_image is not None:
-            tensors["memory.image"] = loss_fn.memory_image.cpu().contiguous()
-            tensors["memory.text"] = loss_fn.memory_text.cpu().contiguous()
-        save_file(tensors, str(tmp / STATE_TENSORS))
-        state = {"position": position, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "python_random": _jsonable_random_state(), "config": dataclasses.asdict(config)}
-        (tmp / STATE_JSON).write_text(json.dumps(state, indent=2, default=str))
-    return folder
-
-
-def _jsonable_random_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def load_checkpoint_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    state = json.loads((folder / STATE_JSON).read_text())
-    tensors = load_file(str(folder / STATE_TENSORS))
-    return state, tensors
-
-
 # ============================================================================ training
-def _resolve_device(cfg: TrainConfig, dist_info: Dist):
-    import torch
-
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{dist_info.local_rank}")
-        return torch.device("cpu")
-    if cfg.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {cfg.device} was asked for but torch sees no CUDA GPU", "use --device cpu or auto")
-        return torch.device(f"cuda:{dist_info.local_rank}" if cfg.device == "cuda" else cfg.device)
-    if cfg.device != "cpu":
-        raise UsageError(f"unknown device {cfg.device!r}", "use auto, cpu or cuda")
-    return torch.device("cpu")
-
-
 def check_config(cfg: TrainConfig) -> None:
     if cfg.precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {cfg.precision!r}", f"use one of {'|'.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {cfg.precision!r}", "use fp32, bf16 or fp16 (amp_bf16 and amp still work)")
     for name in ("batch_size", "accum"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1", "pass a positive number")
@@ -683,54 +572,120 @@ def check_config(cfg: TrainConfig) -> None:
     parse_temperature(cfg.temperature)
 
 
-def _check_out(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None: fresh start). Never trains over another run."""
-    from studio.pipelines.clip import latest_checkpoint
+@dataclass(frozen=True)
+class _Plan:
+    """How the data makes steps: samples per process and in all per step, steps per epoch and in all."""
 
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file", "pass a folder for the run")
-    latest = latest_checkpoint(out) if out.is_dir() else None
-    if resume:
-        return latest
-    if out.is_dir() and ((out / CONFIG_JSON).exists() or latest is not None):
-        raise UsageError(f"{out} already holds a training run", "pass --resume to continue it, or a new --out folder")
-    return None
+    local_batch: int  # batch_size x accum
+    global_batch: int  # local_batch x processes
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    fingerprint: dict[str, Any]  # what identifies the data (a resume must see the same)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, data: PairSource | ShardSource, world: int) -> "_Plan":
+        local = cfg.batch_size * cfg.accum
+        steps_per_epoch = len(data) // (local * world)
+        if steps_per_epoch == 0:
+            raise UsageError(f"{len(data)} samples make no full batch of {local * world} "
+                             f"(batch size {cfg.batch_size} x accum {cfg.accum} x {world} process(es))",
+                             "lower --batch-size or --accum, or add data")
+        total = cfg.steps or (cfg.epochs or 1) * steps_per_epoch
+        return cls(local, local * world, steps_per_epoch, total,
+                   cfg.warmup if cfg.warmup is not None else int(0.05 * total), data.fingerprint())
+
+    def position(self, step: int) -> dict[str, Any]:
+        """The data position saved with a checkpoint (epoch and batch follow from the step)."""
+        return {"step": step, "epoch": step // self.steps_per_epoch, "batch_in_epoch": step % self.steps_per_epoch,
+                "global_batch": self.global_batch, "total_steps": self.total, "data_fingerprint": self.fingerprint}
+
+    def check_resume(self, state: Any) -> None:
+        position = state.extra.get("position") or {} if state is not None else {}
+        if position.get("global_batch", self.global_batch) != self.global_batch:
+            raise UsageError(f"--resume with a global batch of {self.global_batch}; the run used {position['global_batch']}",
+                             "keep batch size x processes x accum the same to continue exactly")
+        if position.get("data_fingerprint", self.fingerprint) != self.fingerprint:
+            raise UsageError("--resume: the training data changed since the checkpoint",
+                             "resume on the same data, or start a new --out")
 
 
-def train(cfg: TrainConfig, progress: Any = None, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+@dataclass
+class _Parts:
+    """What a run trains: the open_clip model and its companions, and the optimizer side."""
+
+    model: Any
+    model_cfg: dict[str, Any]
+    tokenizer: Any
+    source: Any
+    train_tf: Any
+    val_tf: Any
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    loss_fn: Any = None
+
+
+def train(cfg: TrainConfig, progress: Any = None, *, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+          device: Any = None) -> dict[str, Any]:
     """Run (or resume) one training run; returns a summary. `on_step(step, metrics)` is called
-    after every optimizer step (and after that step's checkpoint)."""
-    import contextlib
-
+    after every optimizer step (and after that step's checkpoint). `device`: a DeviceManager
+    (default: the one cfg.device and cfg.precision ask for)."""
     import torch
 
-    from studio.pipelines.clip import CONFIG_NAME, WEIGHTS_NAME, ClipEmbedder, create, get_tokenizer, load_templates
-    from studio.pipelines.clip import model_config, resolve_clip
     from studio.progress import Progress
 
-    # 1. check the config and find the process group, device and run folder
+    # 1. check the config; the process group, device and run folder (every process checks before any writes)
     check_config(cfg)
     fixed_t = parse_temperature(cfg.temperature)
-    out = Path(cfg.out).expanduser()
-    resume_from = _check_out(out, cfg.resume)  # on every process, before anyone writes
-    probe_kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
-    dist_info = init_distributed(probe_kind)
-    device = _resolve_device(cfg, dist_info)
-    if cfg.precision == "amp" and device.type != "cuda":
-        raise UsageError("--precision amp (fp16 autocast) needs a GPU", "use --precision amp_bf16 or fp32 on the CPU")
-    progress = progress if progress is not None and dist_info.main else Progress(enabled=False)
-    dist_info.barrier()
+    dist = Dist.from_env()
+    progress = progress if progress is not None and dist.main else Progress(enabled=False)
+    device = device or training_device(cfg.device, cfg.precision, dist=dist, progress=progress)
+    dist.start(device.device.type)
+    run = TrainingRun(cfg.out, cfg, device=device, progress=progress, resume=cfg.resume, dist=dist,
+                      must_match=RESULT_FIELDS)
+    dist.barrier()
 
-    # 2. the model (open_clip's factory), temperature, frozen tower, checkpointing
+    # 2. the data, and how many steps it makes (a resumed run must agree)
+    data = open_data(cfg.data, img_key=cfg.img_key, caption_key=cfg.caption_key)
+    plan = _Plan.of(cfg, data, dist.world)
+    plan.check_resume(run.state())
+    run.samples_per_step = plan.global_batch
+
+    # 3. model, optimizer, schedule, scaler, loss; what a checkpoint holds; resume
+    parts = _build_model(cfg, run, fixed_t, progress)
+    parts.optimizer = make_optimizer(parts.model, cfg)
+    parts.scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer, warmup_cosine(plan.warmup, plan.total))
+    parts.scaler = run.grad_scaler()
+    parts.loss_fn = ContrastiveLoss(hard_negatives=cfg.hard_negatives, hard_weight=cfg.hard_negative_weight,
+                                    memory=cfg.negative_memory, local_loss=cfg.local_loss,
+                                    gather_with_grad=cfg.gather_with_grad, cache_labels=True, rank=dist.rank,
+                                    world_size=dist.world)
+    _track(run, parts, plan)
+    if run.restore() is not None:
+        progress.note(f"resuming from {run.checkpoint.path.name} (step {run.start} of {plan.total})"
+                      if run.start < plan.total else f"the run is already complete ({run.checkpoint.path.name})")
+
+    # 4. the loop: one optimizer step per global batch; then the final weights and validation
+    last = run.fit(_stepper(cfg, parts, data, plan, run, fixed_t), total=plan.total, save_every=cfg.save_every,
+                   log_every=cfg.log_every, on_step=on_step, show={"temperature": "temp"},
+                   nan_hint="lower --lr, use --precision fp32, or add --grad-clip 1.0")
+    return _finish(run, cfg, plan, parts, last, progress)
+
+
+def _build_model(cfg: TrainConfig, run: TrainingRun, fixed_t: float | None, progress: Any) -> _Parts:
+    """open_clip's factory; temperature, frozen tower and checkpointing as configured."""
+    import torch
+
+    from studio.pipelines.clip import create, get_tokenizer, model_config, resolve_clip
+
     source = resolve_clip(cfg.model, pretrained=cfg.pretrained, require_weights=False)
     if source.notice:
         progress.note(source.notice)
-    if not source.has_weights and resume_from is None:
+    if not source.has_weights and run.checkpoint is None:
         progress.note(f"{source.label} has no pretrained weights: training from a random init")
     torch.manual_seed(cfg.seed)  # a random init is part of what --seed reproduces
-    model, train_tf, val_tf = create(source, device=device, output_dict=True)
-    model_cfg = model_config(source)
-    tokenizer = get_tokenizer(source)
+    model, train_tf, val_tf = create(source, device=run.device.device, output_dict=True)
     if fixed_t is not None:
         model.logit_scale.data.fill_(math.log(1 / fixed_t))
         model.logit_scale.requires_grad_(False)
@@ -739,123 +694,92 @@ def train(cfg: TrainConfig, progress: Any = None, *, on_step: Callable[[int, dic
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.train()
+    return _Parts(model, model_config(source), get_tokenizer(source), source, train_tf, val_tf)
 
-    # 3. the data, and how many steps it makes
-    data = open_data(cfg.data, img_key=cfg.img_key, caption_key=cfg.caption_key)
-    transform = train_tf if cfg.augment else val_tf
-    local_batch = cfg.batch_size * cfg.accum
-    global_batch = local_batch * dist_info.world
-    steps_per_epoch = len(data) // global_batch
-    if steps_per_epoch == 0:
-        raise UsageError(f"{len(data)} samples make no full batch of {global_batch} "
-                         f"(batch size {cfg.batch_size} x accum {cfg.accum} x {dist_info.world} process(es))",
-                         "lower --batch-size or --accum, or add data")
-    total = cfg.steps or (cfg.epochs or 1) * steps_per_epoch
-    warmup = cfg.warmup if cfg.warmup is not None else int(0.05 * total)
-    workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
 
-    # 4. optimizer, schedule, scaler, loss
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp")
-    loss_fn = ContrastiveLoss(hard_negatives=cfg.hard_negatives, hard_weight=cfg.hard_negative_weight,
-                              memory=cfg.negative_memory, local_loss=cfg.local_loss,
-                              gather_with_grad=cfg.gather_with_grad, cache_labels=True,
-                              rank=dist_info.rank, world_size=dist_info.world)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "amp_bf16" else torch.float16)
-                if cfg.precision != "fp32" else contextlib.nullcontext())
+def _track(run: TrainingRun, parts: _Parts, plan: _Plan) -> None:
+    """A checkpoint: the open_clip folder (loadable with `local-dir:`), optimizer, schedule,
+    scaler, RNG, the data position and the negative memory."""
+    from safetensors.torch import load_file
 
-    # 5. resume: weights, optimizer, schedule, scaler, RNG, memory and data position
-    start_step, fingerprint, last = 0, data.fingerprint(), {}
-    if resume_from is not None:
-        position = _restore(resume_from, cfg, global_batch, fingerprint, model=model, optimizer=optimizer,
-                            scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, device=device)
-        start_step, last = int(position["step"]), dict(position.get("last") or {})
-        progress.note(f"resuming from {resume_from.name} (step {start_step} of {total})" if start_step < total
-                      else f"the run is already complete ({resume_from.name})")
-    elif dist_info.main:
-        write_text_file(out / CONFIG_JSON, json.dumps({**dataclasses.asdict(cfg), "world_size": dist_info.world,
-                                                       "global_batch": global_batch, "total_steps": total,
-                                                       "data_fingerprint": fingerprint}, indent=2),
-                        overwrite=cfg.resume)  # --resume before the first checkpoint starts over
-    if dist_info.main and cfg.resume:
-        _trim_metrics(out / METRICS, start_step)
+    from studio.pipelines.clip import WEIGHTS_NAME, save_clip_folder
+
+    loss_fn = parts.loss_fn
+
+    def save_model(folder: Path) -> None:
+        save_clip_folder(parts.model, parts.model_cfg, folder,
+                         extra={"studio": {"step": run.step, "train_config": CONFIG_JSON}})
+
+    def load_model(folder: Path) -> None:
+        parts.model.load_state_dict(load_file(str(folder / WEIGHTS_NAME), device=str(run.device.device)))
+
+    def state() -> tuple[dict, dict]:
+        memory = ({"memory.image": loss_fn.memory_image, "memory.text": loss_fn.memory_text}
+                  if loss_fn.memory_image is not None else {})
+        return {"position": plan.position(run.step)}, memory
+
+    run.track(optimizer=parts.optimizer, scheduler=parts.scheduler, scaler=parts.scaler, save_model=save_model,
+              load_model=load_model, state=state)
+    resumed = run.state()
+    if resumed is not None and "memory.image" in resumed.tensors:
+        loss_fn.memory_image = resumed.tensors["memory.image"].to(run.device.device)
+        loss_fn.memory_text = resumed.tensors["memory.text"].to(run.device.device)
+
+
+def _stepper(cfg: TrainConfig, parts: _Parts, data: PairSource | ShardSource, plan: _Plan, run: TrainingRun,
+             fixed_t: float | None) -> Callable[[int], dict[str, Any]]:
+    """step(done) runs optimizer step done+1 on global batch `done` of the seeded data order."""
+    import torch
+
+    dev, dist, model = run.device.device, run.dist, parts.model
     net = model
-    if dist_info.world > 1:
+    if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    workers = cfg.workers if cfg.workers is not None else (4 if dev.type == "cuda" else 0)
+    transform = parts.train_tf if cfg.augment else parts.val_tf
 
-    def loader_for(epoch: int, start: int):
+    def loader_for(epoch: int, start: int) -> Any:
         if isinstance(data, ShardSource):
-            ds = ShardBatches(data, transform, tokenizer, cfg.seed, epoch, local_batch, dist_info.rank,
-                              dist_info.world, start)
-            return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
-                                               pin_memory=device.type == "cuda")
-        sampler = RankBatches(len(data), local_batch, dist_info.rank, dist_info.world, cfg.seed, epoch, start)
-        return torch.utils.data.DataLoader(PairDataset(data, transform, tokenizer, cfg.seed), batch_sampler=sampler,
-                                           num_workers=workers, pin_memory=device.type == "cuda")
+            ds = ShardBatches(data, transform, parts.tokenizer, cfg.seed, epoch, plan.local_batch, dist.rank,
+                              dist.world, start)
+            return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=dev.type == "cuda")
+        sampler = RankBatches(len(data), plan.local_batch, dist.rank, dist.world, cfg.seed, epoch, start)
+        return torch.utils.data.DataLoader(PairDataset(data, transform, parts.tokenizer, cfg.seed), batch_sampler=sampler,
+                                           num_workers=workers, pin_memory=dev.type == "cuda")
 
-    def save(step: int) -> Path:
-        folder = out / "checkpoints" / f"step-{step:08d}"
-        if dist_info.main and not folder.exists():
-            save_checkpoint(folder, model=model, model_cfg=model_cfg, optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, loss_fn=loss_fn, config=cfg,
-                            position={"step": step, "epoch": step // steps_per_epoch,
-                                      "batch_in_epoch": step % steps_per_epoch, "global_batch": global_batch,
-                                      "total_steps": total, "data_fingerprint": fingerprint, "last": last})
-        dist_info.barrier()
-        return folder
+    batches: dict[str, Any] = {"epoch": -1, "iter": None}
 
-    # 6. the loop: one optimizer step per global batch
-    handle = progress.task("training", total=total)
-    handle.advance(start_step)
-    step, samples_s, loader_iter, loader_epoch = start_step, 0.0, None, -1
-    t_last = time.perf_counter()
-    try:
-        while step < total:
-            epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-            if loader_epoch != epoch:
-                loader_iter, loader_epoch = iter(loader_for(epoch, batch_in_epoch)), epoch
-            images, texts = next(loader_iter)
-            images = images.to(device, non_blocking=True)  # (accum*B, 3, H, W)
-            texts = texts.to(device, non_blocking=True)  # (accum*B, L)
-            loss_value = _train_step(net, model, loss_fn, optimizer, scaler, autocast, images, texts, cfg, dist_info)
-            scheduler.step()
-            if fixed_t is None:
-                with torch.no_grad():  # open_clip_train's clamp: temperature stays >= 0.01
-                    model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            now = time.perf_counter()
-            rate = global_batch / max(now - t_last, 1e-9)
-            samples_s = rate if samples_s == 0 else 0.8 * samples_s + 0.2 * rate
-            t_last = now
-            last = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[-1],
-                    "temperature": float(1 / model.logit_scale.detach().exp()), "samples_per_s": samples_s}
-            handle.advance(1)
-            handle.update(loss=loss_value, temp=last["temperature"], lr=last["lr"], samples_s=samples_s)
-            if dist_info.main and (step % max(1, cfg.log_every) == 0 or step == total):
-                append_jsonl(out / METRICS, {**last, "time": time.time()})
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save(step)
-            if on_step is not None:
-                on_step(step, last)
-    except KeyboardInterrupt:
-        from studio.pipelines.clip import latest_checkpoint
+    def step(done: int) -> dict[str, Any]:
+        epoch, batch_in_epoch = divmod(done, plan.steps_per_epoch)
+        if batches["epoch"] != epoch:
+            batches["iter"], batches["epoch"] = iter(loader_for(epoch, batch_in_epoch)), epoch
+        images, texts = next(batches["iter"])
+        images = images.to(dev, non_blocking=True)  # (accum*B, 3, H, W)
+        texts = texts.to(dev, non_blocking=True)  # (accum*B, L)
+        lr = parts.scheduler.get_last_lr()[-1]
+        loss = _train_step(net, model, parts.loss_fn, parts.optimizer, parts.scaler, run.autocast, images, texts, cfg, dist)
+        parts.scheduler.step()
+        if fixed_t is None:
+            with torch.no_grad():  # open_clip_train's clamp: temperature stays >= 0.01
+                model.logit_scale.clamp_(0, math.log(100))
+        return {"loss": loss, "lr": lr, "epoch": epoch, "temperature": float(1 / model.logit_scale.detach().exp())}
+    return step
 
-        ckpt = latest_checkpoint(out)
-        progress.note(f"interrupted at step {step}; " + (f"`--resume` continues from {ckpt.name}" if ckpt
-                                                          else "no checkpoint yet (see --save-every)"))
-        raise
 
-    # 7. the final checkpoint, the final weights in the run folder, and validation
-    final_ckpt = save(total)
-    summary: dict[str, Any] = {"out": str(out), "steps": total, "resumed_from": start_step or None,
-                               "global_batch": global_batch, "world_size": dist_info.world,
+def _finish(run: TrainingRun, cfg: TrainConfig, plan: _Plan, parts: _Parts, last: dict[str, Any],
+            progress: Any) -> dict[str, Any]:
+    """The final checkpoint's files linked into the run folder (so it is a model), validation, summary."""
+    from studio.pipelines.clip import CONFIG_NAME, WEIGHTS_NAME, ClipEmbedder, load_templates
+
+    final_ckpt = run.save(plan.total)
+    summary: dict[str, Any] = {"out": str(run.out), "steps": plan.total, "resumed_from": run.start or None,
+                               "global_batch": plan.global_batch, "world_size": run.dist.world,
                                "checkpoint": str(final_ckpt), **{k: v for k, v in last.items() if k != "step"}}
-    if dist_info.main:
+    if run.dist.main:
         for name in (WEIGHTS_NAME, CONFIG_NAME):
-            target = out / name
+            target = run.out / name
             if target.exists():
                 target.unlink()  # a finished run's final files are re-derived from its last checkpoint
             try:
@@ -866,19 +790,18 @@ def train(cfg: TrainConfig, progress: Any = None, *, on_step: Callable[[int, dic
                 with atomic_path(target, overwrite=True) as tmp:
                     shutil.copyfile(final_ckpt / name, tmp)
         if cfg.val:
-            model.eval()
+            parts.model.eval()
             val = open_data(cfg.val, img_key=cfg.img_key, caption_key=cfg.caption_key, need_captions=False)
-            embedder = ClipEmbedder(model, val_tf, tokenizer, source, device)
-            metrics = embedder.evaluate(val.iter_samples(), templates=load_templates("simple"), total=len(val),
-                                        progress=progress)
-            summary["val"] = metrics
-            append_jsonl(out / METRICS, {"step": total, "val": metrics, "time": time.time()})
-        write_text_file(out / "summary.json", json.dumps(summary, indent=2, default=str), overwrite=True)
-    dist_info.barrier()
+            embedder = ClipEmbedder(parts.model, parts.val_tf, parts.tokenizer, parts.source, run.device.device)
+            summary["val"] = embedder.evaluate(val.iter_samples(), templates=load_templates("simple"), total=len(val),
+                                               progress=progress)
+            run.record({"val": summary["val"]})
+        write_text_file(run.out / "summary.json", json.dumps(summary, indent=2, default=str), overwrite=True)
+    run.dist.barrier()
     return summary
 
 
-def _train_step(net, model, loss_fn, optimizer, scaler, autocast, images, texts, cfg: TrainConfig, dist_info: Dist) -> float:
+def _train_step(net, model, loss_fn, optimizer, scaler, autocast, images, texts, cfg: TrainConfig, dist: Dist) -> float:
     """One optimizer step over accum micro-batches; returns the (global-batch) loss."""
     import contextlib
 
@@ -886,7 +809,7 @@ def _train_step(net, model, loss_fn, optimizer, scaler, autocast, images, texts,
 
     optimizer.zero_grad(set_to_none=True)
     if cfg.accum == 1:
-        with autocast:
+        with autocast():
             out = net(images, texts)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         scaler.scale(loss).backward()
@@ -898,14 +821,14 @@ def _train_step(net, model, loss_fn, optimizer, scaler, autocast, images, texts,
         # full-batch gradient. The temperature enters every pass' loss, so it keeps its gradient
         # in the first pass only (open_clip_train counts it accum times).
         chunks_i, chunks_t = images.chunk(cfg.accum), texts.chunk(cfg.accum)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast():
             cached = [net(i, t) for i, t in zip(chunks_i, chunks_t)]
         cached_i = [c["image_features"] for c in cached]
         cached_t = [c["text_features"] for c in cached]
         for j in range(cfg.accum):
-            sync = net.no_sync if (dist_info.world > 1 and j < cfg.accum - 1) else contextlib.nullcontext
+            sync = net.no_sync if (dist.world > 1 and j < cfg.accum - 1) else contextlib.nullcontext
             with sync():
-                with autocast:
+                with autocast():
                     out = net(chunks_i[j], chunks_t[j])
                     all_i = torch.cat(cached_i[:j] + [out["image_features"]] + cached_i[j + 1:])
                     all_t = torch.cat(cached_t[:j] + [out["text_features"]] + cached_t[j + 1:])
@@ -920,65 +843,9 @@ def _train_step(net, model, loss_fn, optimizer, scaler, autocast, images, texts,
     scaler.update()
     loss_fn.update_memory(*feats)
     value = loss.detach()
-    if dist_info.world > 1:
-        import torch.distributed as dist
+    if dist.world > 1:
+        import torch.distributed as torch_dist
 
-        dist.all_reduce(value)
-        value = value / dist_info.world
-    value = float(value)
-    if not math.isfinite(value):
-        raise RuntimeFailure(f"the loss became {value} at this step",
-                             "lower --lr, use --precision fp32, or add --grad-clip 1.0")
-    return value
-
-
-def _restore(folder: Path, cfg: TrainConfig, global_batch: int, fingerprint: dict, *, model, optimizer, scheduler,
-             scaler, loss_fn, device) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import load_file
-
-    from studio.pipelines.clip import WEIGHTS_NAME
-
-    state, tensors = load_checkpoint_state(folder)
-    saved = state.get("config", {})
-    changed = [k for k in RESULT_FIELDS if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        k = changed[0]
-        raise UsageError(f"--resume with a different {k} ({saved[k]!r} in the run, {getattr(cfg, k)!r} now)",
-                         f"use the run's settings to continue it (see {CONFIG_JSON}), or start a new --out")
-    position = state["position"]
-    if position["global_batch"] != global_batch:
-        raise UsageError(f"--resume with a global batch of {global_batch}; the run used {position['global_batch']}",
-                         "keep batch size x processes x accum the same to continue exactly")
-    if position.get("data_fingerprint") != fingerprint:
-        raise UsageError("--resume: the training data changed since the checkpoint",
-                         "resume on the same data, or start a new --out")
-    model.load_state_dict(load_file(str(folder / WEIGHTS_NAME), device=str(device)))
-    optimizer.load_state_dict(_optimizer_from_files(state["optimizer"], tensors))
-    scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-    if "memory.image" in tensors:
-        loss_fn.memory_image = tensors["memory.image"].to(device)
-        loss_fn.memory_text = tensors["memory.text"].to(device)
-    version, internal, gauss = state["python_random"]
-    random.setstate((version, tuple(internal), gauss))
-    return position
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric rows past the resumed step (they are computed again)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    write_text_file(path, "".join(x + "\n" for x in keep), overwrite=True)
+        torch_dist.all_reduce(value)
+        value = value / dist.world
+    return float(value)
