@@ -23,6 +23,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "music-audio": "studio.pipelines.music_audio:MusicGenerator",
     "video": "studio.pipelines.video:VideoPipeline",
     "code": "studio.pipelines.code:CodeGenerator",
+    "mux": "studio.pipelines.mux:Mux",
 }
 
 
@@ -71,10 +72,10 @@ _LOADED: dict[tuple, Any] = {}
 
 def load_pipeline(task: str, spec: Any, device: Any, progress: Any = None) -> Any:
     """Load (or reuse) the pipeline for `task` on `spec` with `device`'s settings."""
-    key = (task, spec, device.settings)
+    key = (task, spec, getattr(device, "settings", None))  # no device for a task that loads no model
     if key not in _LOADED:
         cls = pipeline_class(task)
-        if progress is not None:
+        if progress is not None and spec is not None:
             with progress.status(f"loading {spec.alias or spec.name}"):
                 _LOADED[key] = cls.load(spec, device)
         else:

@@ -1,6 +1,6 @@
 """`studio run FILE`, `studio validate FILE`, `studio presets list|show`.
 
-Thin: parsing, validation and running live in studio/batch.py and studio/presets.py (also the
+Thin: parsing, validation and running live in studio/batch/ and studio/presets.py (also the
 Python API). Nothing heavy is imported here; the runner imports torch only when a job runs.
 """
 
@@ -160,7 +160,7 @@ def _print_plan(runner: Any, processes: int, json_out: bool) -> None:
         table.add_column(column, overflow="fold")
     for n, item in enumerate(items, 1):
         job = item.job
-        model = "-" if job.task == "mux" else job.model
+        model = job.model or "-"  # a task that loads no model (mux)
         row = [str(n), job.name, job.task, model + (f" [{job.preset}]" if job.preset else ""), _describe(job),
                str(job.params.get("seed", "")), ", ".join(job.needs), item.status]
         if processes > 1:
@@ -185,8 +185,9 @@ def validate(
     """Check a batch, pipeline or preset file without running anything (exit 2 on the first problem)."""
     from studio import presets
     from studio.batch import BatchFile, is_batch_data, parse
+    from studio.batch.parse import read
 
-    doc = presets.read_yaml(file)
+    doc = read(file)
     if is_batch_data(doc.data):
         batch = parse(doc) if isinstance(doc.data, dict) else BatchFile.from_dict(doc.data, source=str(file))
         steps = [j for j in batch.jobs if j.is_step]
@@ -212,17 +213,16 @@ def list_presets(
     json_out: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
     """List presets: built-in ones and yours ($STUDIO_HOME/presets), yours winning on a name clash."""
-    import yaml
-
     from studio import presets
+    from studio.errors import UsageError
     from studio.paths import PACKAGE_PRESETS
 
     rows = []
     for name, path in presets.list_presets().items():
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            data = {"description": "(not valid YAML: `studio presets show` says where)"}
+        try:  # bounded like every YAML studio reads: one bad file must not stall the list
+            data = presets.read_yaml(path).data or {}
+        except UsageError:
+            data = {"description": "(not a valid preset: `studio presets show` says where)"}
         if not isinstance(data, dict):
             data = {}
         if task and data.get("task") != task:
