@@ -206,7 +206,14 @@ class Terminated(KeyboardInterrupt):
     context manager (temp files, progress bars, the manifest) cleans up the same way."""
 
 
+_SIGTERM = {"seen": False}
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    # remembered as well as raised: a library may turn the interrupt into its own error on the
+    # way up (an import that fails half-way reads as "could not load the model"), and that error
+    # must still end as a SIGTERM, not as bad input
+    _SIGTERM["seen"] = True
     raise Terminated()
 
 
@@ -220,41 +227,50 @@ def _silence_stdout() -> None:
         pass
 
 
+def _exit_code(exc: BaseException) -> int | None:
+    """Say how `exc` ends the command (one line on stderr) and return the exit code, or None to
+    let it propagate (typer's own exits; anything under --debug)."""
+    if _SIGTERM["seen"]:
+        sys.stderr.write("interrupted (SIGTERM)\n")
+        return 143
+    if isinstance(exc, (Exit, Abort, click.exceptions.ClickException, SystemExit)):
+        return None
+    if isinstance(exc, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        return 130
+    if isinstance(exc, BrokenPipeError):
+        _silence_stdout()
+        return 1
+    if not isinstance(exc, Exception) or DEBUG["on"]:
+        return None
+    if isinstance(exc, StudioError):
+        print_error(exc)
+        return exc.exit_code
+    # a bug or a library failure: one line unless --debug
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    sys.stderr.write(f"error: {type(exc).__name__}: {first}\n"
+                     "hint: rerun with --debug for the traceback, and report it if it looks like a bug\n")
+    return 1
+
+
 class StudioGroup(typer.core.TyperGroup):
     """The root group: turns StudioError into one line + hint and its exit code (2 bad input,
     1 runtime), anything unexpected into exit 1, with tracebacks only under --debug; Ctrl-C
     (130) and SIGTERM (143) into one line after the same cleanup; a closed stdout pipe into a
-    quiet exit (141, as for any tool that SIGPIPE ends)."""
+    quiet exit 1, the code click (help) and rich (tables) already end a closed pipe with."""
 
     def invoke(self, ctx: click.Context) -> Any:
         previous = None
         if threading.current_thread() is threading.main_thread():
+            _SIGTERM["seen"] = False
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().invoke(ctx)
-        except StudioError as exc:
-            if DEBUG["on"]:
+        except BaseException as exc:
+            code = _exit_code(exc)
+            if code is None:
                 raise
-            print_error(exc)
-            raise Exit(exc.exit_code)
-        except (Exit, Abort, click.exceptions.ClickException, SystemExit):
-            raise
-        except Terminated:
-            sys.stderr.write("interrupted (SIGTERM)\n")
-            raise Exit(143)
-        except KeyboardInterrupt:
-            sys.stderr.write("interrupted\n")
-            raise Exit(130)
-        except BrokenPipeError:
-            _silence_stdout()
-            raise Exit(141)
-        except Exception as exc:  # a bug or a library failure: one line unless --debug
-            if DEBUG["on"]:
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            sys.stderr.write(f"error: {type(exc).__name__}: {first}\n"
-                             "hint: rerun with --debug for the traceback, and report it if it looks like a bug\n")
-            raise Exit(1)
+            raise Exit(code) from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
