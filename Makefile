@@ -17,6 +17,13 @@ install: $(BIN)/python
 	    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libfluidsynth3 >/dev/null 2>&1))) || \
 	  echo "note: libfluidsynth3 not installed; MIDI rendering will use the plain synthesiser"; \
 	fi
+	@# bubblewrap (bwrap) is the sandbox generated code runs in; without it studio refuses to run it
+	@if ! command -v bwrap >/dev/null; then \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+	    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1))) || \
+	  echo "note: bubblewrap not installed; studio code --tests and studio eval code will refuse to run generated code"; \
+	fi
 	$(BIN)/pip install -q -e '.[dev]'
 
 demo: install
