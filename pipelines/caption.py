@@ -195,7 +195,9 @@ class _VisionLanguage:
         images, errors = [], {}
         for i, path in enumerate(batch_paths):
             try:
-                images.append(load_image(path))
+                # captioners look at a few hundred pixels a side (BLIP 384, SmolVLM tiles of 512):
+                # a 12000x12000 photo is shrunk while it is opened, not in the processor (2.7 GB)
+                images.append(load_image(path, max_size=2048))
             except InputFileError as exc:
                 errors[i] = exc
                 images.append(None)

@@ -535,40 +535,56 @@ class ImagePipeline:
         if not request.init_image:
             dw, dh = self.default_size()
             return int(request.width or dw), int(request.height or dh), None, None
-        init = self._open(request.init_image, "init image", "RGB", note)
+        from studio.pipeline import image_size
+
+        dw, dh = self.default_size()
+        # the size comes from the header: a 12000x12000 file is shrunk while it is opened, to the
+        # same size whether --width/--height were given or came from a replayed output
+        source = image_size(request.init_image, "init image")
         if request.width and request.height:
             target = (int(request.width), int(request.height))
         else:
-            w, h = init.size
+            w, h = source
             if request.width:  # keep the aspect ratio when one side is given
                 w, h = int(request.width), max(factor, round(h * int(request.width) / w / factor) * factor)
             elif request.height:
                 w, h = max(factor, round(w * int(request.height) / h / factor) * factor), int(request.height)
+            elif w * h > dw * dh:
+                # never at a large init's own size (12000x12000 would take GBs and hours): the
+                # model's default number of pixels, in the init's aspect ratio
+                scale = (dw * dh / (w * h)) ** 0.5
+                w, h = max(factor, round(w * scale / factor) * factor), max(factor, round(h * scale / factor) * factor)
             target = (max(factor, w - w % factor), max(factor, h - h % factor))
+        init = self._open(request.init_image, "init image", "RGB", note, max_size=target)
+        if source != target:
+            if request.width and request.height:
+                why = ""
+            elif not (request.width or request.height) and source[0] * source[1] > dw * dh:
+                why = f" (the pixel count of the model's default {dw}x{dh}; pass --width/--height for another size)"
+            else:
+                why = f" (a multiple of {factor})"
+            note(f"resized the init image from {source[0]}x{source[1]} to {target[0]}x{target[1]}{why}")
         if init.size != target:
-            note(f"resized the init image from {init.size[0]}x{init.size[1]} to {target[0]}x{target[1]}"
-                 + ("" if (request.width and request.height) else f" (a multiple of {factor})"))
             init = init.resize(target, _lanczos())
         mask = None
         if request.mask_image:
-            mask = self._open(request.mask_image, "mask image", "L", note)
-            if mask.size != init.size:
-                note(f"resized the mask from {mask.size[0]}x{mask.size[1]} to {init.size[0]}x{init.size[1]}")
-                mask = mask.resize(init.size, _lanczos())
+            mask = self._open(request.mask_image, "mask image", "L", note, max_size=init.size)
+            msize = mask.info.get("original_size", mask.size)
+            if msize != init.size:
+                note(f"resized the mask from {msize[0]}x{msize[1]} to {init.size[0]}x{init.size[1]}")
+                mask = mask.resize(init.size, _lanczos()) if mask.size != init.size else mask
         if request.outpaint:
             init, mask = outpaint_canvas(init, parse_outpaint(request.outpaint), overlap=factor)
             note(f"outpainting: canvas {init.size[0]}x{init.size[1]}, the padding is repainted")
         return init.size[0], init.size[1], init, mask
 
     @staticmethod
-    def _open(path: str, what: str, mode: str, note: Any) -> Any:
-        from PIL import Image
-
+    def _open(path: str, what: str, mode: str, note: Any, max_size: tuple[int, int] | None = None) -> Any:
         from studio.pipeline import load_image
 
-        image = load_image(path, mode=mode, what=what)
-        with Image.open(Path(path).expanduser()) as probe:
-            original = probe.mode
+        # cover: shrunk only as far as it still covers the size it is resized to next
+        image = load_image(path, mode=mode, what=what, max_size=max_size, cover=True)
+        original = image.info.get("original_mode", mode)
         if original != mode and not (mode == "L" and original == "1"):
             dropped = " (transparency dropped)" if "A" in original or "transparency" in image.info else ""
             note(f"converted the {what} from {original} to {mode}{dropped}")
@@ -590,10 +606,11 @@ class ImagePipeline:
             controlnet, cspec = load_controlnet(name, self.device, allow_pickle=self.spec.allow_pickle,
                                                 offline=self.spec.offline, trust_remote_code=self.spec.trust_remote_code)
             check_fits(controlnet, self.base, cspec.alias or cspec.name)
-            image = self._open(spec.image, f"control image ({spec.type})", "RGB", note)
-            if image.size != (width, height):
-                note(f"resized the {spec.type} control image from {image.size[0]}x{image.size[1]} to {width}x{height}")
-                image = image.resize((width, height), _lanczos())
+            image = self._open(spec.image, f"control image ({spec.type})", "RGB", note, max_size=(width, height))
+            source = image.info.get("original_size", image.size)
+            if source != (width, height):
+                note(f"resized the {spec.type} control image from {source[0]}x{source[1]} to {width}x{height}")
+                image = image.resize((width, height), _lanczos()) if image.size != (width, height) else image
             cmap = preprocess(spec.type, image, allow_pickle=self.spec.allow_pickle)
             spec = dataclasses.replace(spec, image=_abs(spec.image))
             controls.append((controlnet, spec))

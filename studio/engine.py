@@ -64,10 +64,11 @@ class Engine:
         self.options = options or RunOptions()
         self.progress = progress or Progress(enabled=not (self.options.quiet or self.options.json))
         self.emit = emit
+        self._noted: set[str] = set()  # notices said once per engine (an eval runs a task many times)
 
     def run(self, task: str, params: dict[str, Any], *, job: str | None = None,
             options: RunOptions | None = None) -> list[Any]:
-        from studio import models, presets, registry
+        from studio import presets, registry
         from studio.device import get_device_manager
         from studio.outputs import OutputWriter
 
@@ -87,10 +88,12 @@ class Engine:
         # 2. the model: card defaults sit under the preset
         cls = registry.pipeline_class(task)
         model_name = given.get("model") or preset_params.get("model") or "auto"
-        spec = models.resolve(str(model_name), task=getattr(cls, "task", task), allow_pickle=opts.allow_pickle,
-                              trust_remote_code=opts.trust_remote_code, offline=opts.offline or None)
+        spec = registry.resolve_model(task, str(model_name), allow_pickle=opts.allow_pickle,
+                                      trust_remote_code=opts.trust_remote_code, offline=opts.offline or None)
         if spec.notice:
-            self.progress.note(spec.notice)
+            if spec.notice not in self._noted:
+                self._noted.add(spec.notice)
+                self.progress.note(spec.notice)
         card_defaults = dict(spec.card.get("defaults") or {})
         fields = request_fields(cls.request_type)
         merged = {k: v for k, v in card_defaults.items() if k in fields}
