@@ -111,6 +111,30 @@ def test_resume_continues_exactly(tiny, code_data, tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
 
+def test_a_run_checkpointed_in_the_old_layout_resumes_exactly(tiny, code_data, tmp_path):
+    """OUT/checkpoints/step-NNNNNN/ with optimizer.pt and state.json (the layout before the
+    shared one) still resumes: the same losses and adapter as a run never interrupted."""
+    from safetensors.torch import load_file
+
+    from studio.device import DeviceManager
+    from studio.pipelines.training.adapters import TrainConfig, train
+    from studio.progress import Progress
+    from tests.legacy_checkpoints import to_adapter_v0
+
+    common = dict(base=str(tiny("code-lm")), data=str(code_data), task="code", rank=2, lr=5e-3, max_length=32,
+                  batch_size=2, dropout=0.1, seed=1)
+    device, quiet = DeviceManager(), Progress(enabled=False)
+    straight = train(TrainConfig(out=str(tmp_path / "a"), steps=4, **common), device, quiet)
+    train(TrainConfig(out=str(tmp_path / "b"), steps=2, **common), device, quiet)
+    (tmp_path / "b" / "studio.json").unlink()
+    old = to_adapter_v0(tmp_path / "b" / "checkpoints" / "step-000002")
+    assert sorted(p.name for p in old.iterdir()) == ["adapter.safetensors", "optimizer.pt", "state.json"]
+    resumed = train(TrainConfig(out=str(tmp_path / "b"), steps=4, resume=True, **common), device, quiet)
+    assert resumed.resumed_from == 2 and resumed.losses == straight.losses
+    a, b = load_file(str(tmp_path / "a" / "adapter_model.safetensors")), load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
 def test_merge_writes_a_model_equal_to_base_plus_adapter(cli, tiny, code_adapter, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM

@@ -197,6 +197,27 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(cli, shapes, t
     assert [m["step"] for m in rows] == [1, 2, 3, 4]  # step 3 of the interrupted run was dropped and redone
 
 
+def test_a_run_checkpointed_in_the_old_layout_resumes_exactly(shapes, tiny, tmp_path):
+    """checkpoints/step-NNNNNNNN/ of the layout before the shared one (trainer_state.json with a
+    `position`) still resumes bit for bit; the old folder is left as it was."""
+    from tests.legacy_checkpoints import to_clip_v0
+
+    kw = dict(hard_negatives=2, negative_memory=8)
+    train(quick(shapes, tmp_path / "a", tiny, **kw))
+    with pytest.raises(KeyboardInterrupt):
+        train(quick(shapes, tmp_path / "b", tiny, **kw),
+              on_step=lambda step, m: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None)
+    old = to_clip_v0(tmp_path / "b" / "checkpoints" / "step-000002")
+    assert old.name == "step-00000002"
+    summary = train(quick(shapes, tmp_path / "b", tiny, resume=True, **kw))
+    assert summary["resumed_from"] == 2
+    assert same(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    losses = [[(m["step"], m["loss"]) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+              for run in (tmp_path / "a", tmp_path / "b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-00000002", "step-000004"]
+
+
 def test_resume_and_out_folder_guard_against_mixing_runs(cli, shapes, tiny, tmp_path):
     train(quick(shapes, tmp_path / "run", tiny, steps=2))
     args = ["clip", "train", "--data", shapes / "pairs.csv", "--model", tiny("clip"), "--steps", "2",

@@ -142,3 +142,40 @@ def test_folder_without_midi_exit_2(cli, tmp_path):
     (tmp_path / "empty").mkdir()
     r = cli("music", "train", "--data", tmp_path / "empty", *TINY, "--out", tmp_path / "run")
     assert r.exit_code == 2 and "no MIDI files" in r.stderr
+
+
+def test_a_run_checkpointed_in_the_old_layout_resumes_exactly(bach_dir, tmp_path):
+    """checkpoint-NNNNNN/ folders (the layout before the shared one) still resume, bit for bit,
+    and are left as they were; the run's next checkpoints are in the shared layout."""
+    import torch
+    from safetensors.torch import load_file
+
+    from studio.pipelines.training.midi_train import MidiTrainConfig, train
+    from studio.device import DeviceManager
+    from studio.progress import Progress
+    from tests.legacy_checkpoints import to_midi_v0
+
+    device, quiet = DeviceManager(), Progress(enabled=False)
+
+    def config(out, resume=False):
+        return MidiTrainConfig(data=str(bach_dir), out=str(out), size="tiny", steps=4, batch_size=2, seq_len=32,
+                               val_every=2, save_every=2, resume=resume, seed=5)
+
+    straight = train(config(tmp_path / "a"), device, quiet)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "b"), device, quiet, on_log=lambda row: (_ for _ in ()).throw(KeyboardInterrupt)
+              if row["step"] == 3 else None)
+    old = to_midi_v0(tmp_path / "b" / "checkpoints" / "step-000002")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint-000002", "metrics.jsonl"]
+    resumed = train(config(tmp_path / "b", resume=True), device, quiet)
+    assert resumed["resumed_from"] == 2 and resumed["val_loss"] == straight["val_loss"]
+    a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+              for run in (tmp_path / "a", tmp_path / "b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert sorted(p.name for p in old.iterdir()) == sorted(["config.json", "generation_config.json", "model.safetensors",
+                                                            "tokenizer.json", "optimizer.safetensors",
+                                                            "rng.safetensors", "trainer_state.json"])
+    assert (tmp_path / "b" / "checkpoints" / "step-000004" / "trainer_state.json").is_file()
