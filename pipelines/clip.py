@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -40,15 +40,26 @@ CHECKPOINTS_DIR = "checkpoints"  # training runs keep step-NNNNNNNN/ folders her
 # ----------------------------------------------------------------------------- resolution
 @dataclass(frozen=True)
 class ClipSource:
-    """What open_clip is given for one model. Hashable: part of the loaded-pipeline cache key."""
+    """What open_clip is given for one model. Hashable: part of the loaded-pipeline cache key. It is
+    the clip-embed task's model spec (ClipEmbedder.resolve_model): like a studio ModelSpec it has
+    .name, .alias, .card, .notice and .identity(), which is all the engine asks of a spec."""
 
     model_name: str  # open_clip name: built-in ("ViT-B-32"), registered config stem, or "local-dir:PATH"
     pretrained: str | None = None  # tag or checkpoint file (only with a non-schema model_name)
     checkpoint: str | None = None  # a .safetensors file loaded after creation (checkpoint beside a config)
     label: str = ""  # what the user typed, for messages
     folder: str | None = None  # the local folder holding open_clip_config.json, when there is one
-    identity: tuple = ()  # (key, value) pairs recorded in outputs (hub id, revision, path)
+    ident: tuple = ()  # (key, value) pairs recorded in outputs (hub id, revision, path)
     notice: str | None = field(default=None, compare=False)  # one line for the user (fallbacks)
+    card: Any = field(default_factory=dict, compare=False, hash=False)  # the alias's model card, if any
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    @property
+    def alias(self) -> str | None:
+        return dict(self.ident).get("alias")
 
     @property
     def has_weights(self) -> bool:
@@ -57,7 +68,7 @@ class ClipSource:
     def reload_args(self) -> tuple[str, str | None]:
         """(model, pretrained) that resolve_clip turns back into this source from any folder
         (an index records them so `clip search` embeds queries with the same model)."""
-        ident = dict(self.identity)
+        ident = dict(self.ident)
         kind = ident.get("kind")
         if kind == "hub":
             return ident.get("alias") or ident["source"], None
@@ -73,7 +84,11 @@ class ClipSource:
 
     def identity_dict(self) -> dict[str, Any]:
         return {"name": self.label, "open_clip": self.model_name, "pretrained": self.pretrained,
-                **dict(self.identity)}
+                **dict(self.ident)}
+
+    def identity(self) -> dict[str, Any]:
+        """How outputs record the model (ModelSpec.identity's counterpart)."""
+        return self.identity_dict()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -124,9 +139,14 @@ def resolve_clip(model: Any, *, pretrained: str | None = None, allow_pickle: boo
             raise UsageError(f"{base} is an architecture without weights",
                              f"name its weights: {base}@TAG (tags: {tags}) or --pretrained FILE")
         tag = str(Path(tag).expanduser().resolve()) if tag and Path(tag).expanduser().is_file() else tag
-        return ClipSource(model_name=base, pretrained=tag, label=name, identity=(("kind", "open_clip"),))
+        return ClipSource(model_name=base, pretrained=tag, label=name, ident=(("kind", "open_clip"),))
     spec = models.resolve(name, task=TASK, allow_pickle=allow_pickle, offline=offline)
     return _from_spec(spec, pretrained, allow_pickle)
+
+
+def _with_card(source: ClipSource, spec: Any) -> ClipSource:
+    # the alias's card travels with the source: the engine merges its defaults under the flags
+    return replace(source, card=spec.card) if getattr(spec, "card", None) else source
 
 
 def _from_spec(spec: Any, pretrained: str | None, allow_pickle: bool) -> ClipSource:
@@ -134,9 +154,9 @@ def _from_spec(spec: Any, pretrained: str | None, allow_pickle: bool) -> ClipSou
 
     allow_pickle = allow_pickle or spec.allow_pickle
     if spec.kind == "folder":
-        return _from_folder(Path(spec.source), spec.name, allow_pickle, pretrained, alias=spec.alias)
+        return _with_card(_from_folder(Path(spec.source), spec.name, allow_pickle, pretrained, alias=spec.alias), spec)
     if spec.kind == "file":
-        return _from_checkpoint_file(Path(spec.source), spec.name, allow_pickle)
+        return _with_card(_from_checkpoint_file(Path(spec.source), spec.name, allow_pickle), spec)
     # a hub repo in open_clip's layout: its cached snapshot (offline), or a download of just the
     # config, the safetensors weights and tokenizer files (pinned to the card's revision)
     if spec.offline or models.is_offline():
@@ -156,8 +176,8 @@ def _from_spec(spec: Any, pretrained: str | None, allow_pickle: bool) -> ClipSou
                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                                     "check the id and your network, or pass a local folder with --model") from exc
     source = _from_folder(Path(folder), spec.name, allow_pickle, pretrained, alias=spec.alias)
-    return ClipSource(model_name=source.model_name, label=source.label, folder=source.folder,
-                      identity=(("kind", "hub"), ("source", spec.source), ("revision", spec.revision or "main"),
+    return ClipSource(model_name=source.model_name, label=source.label, folder=source.folder, card=spec.card,
+                      ident=(("kind", "hub"), ("source", spec.source), ("revision", spec.revision or "main"),
                                 ("commit", Path(folder).name)) + ((("alias", spec.alias),) if spec.alias else ()))
 
 
@@ -191,7 +211,7 @@ def _from_folder(folder: Path, label: str, allow_pickle: bool, pretrained: str |
                              "convert them to .safetensors, or pass --allow-pickle if you trust the source")
     ident = (("kind", "folder"), ("path", str(folder.resolve()))) + ((("alias", alias),) if alias else ())
     return ClipSource(model_name=f"local-dir:{folder.resolve()}", label=label, folder=str(folder.resolve()),
-                      identity=ident, notice=notice)
+                      ident=ident, notice=notice)
 
 
 def _from_checkpoint_file(path: Path, label: str, allow_pickle: bool) -> ClipSource:
@@ -205,7 +225,7 @@ def _from_checkpoint_file(path: Path, label: str, allow_pickle: bool) -> ClipSou
                          f"pass the architecture and the file: --model ViT-B-32 --pretrained {path}")
     return ClipSource(model_name=f"local-dir:{path.parent.resolve()}", checkpoint=str(path.resolve()), label=label,
                       folder=str(path.parent.resolve()),
-                      identity=(("kind", "file"), ("path", str(path.resolve())), ("sha256", file_sha256(path))))
+                      ident=(("kind", "file"), ("path", str(path.resolve())), ("sha256", file_sha256(path))))
 
 
 def _from_config_file(path: Path, pretrained: str | None, require_weights: bool) -> ClipSource:
@@ -229,7 +249,7 @@ def _from_config_file(path: Path, pretrained: str | None, require_weights: bool)
         raise UsageError(f"{path.name} is an architecture without weights", "pass --pretrained FILE.safetensors")
     pretrained = str(Path(pretrained).expanduser().resolve()) if pretrained else None
     return ClipSource(model_name=path.stem, pretrained=pretrained, label=str(path),
-                      identity=(("kind", "config"), ("config", str(path.resolve()))))
+                      ident=(("kind", "config"), ("config", str(path.resolve()))))
 
 
 def model_config(source: ClipSource) -> dict[str, Any]:
@@ -472,6 +492,18 @@ class ClipEmbedder:
         self.device = device  # a studio DeviceManager
 
     @classmethod
+    def resolve_model(cls, name: str, *, task: str | None = None, allow_pickle: bool = False,
+                      trust_remote_code: bool = False, offline: bool | None = None) -> ClipSource:
+        """The engine's model resolution for this task (studio.registry.resolve_model): open_clip
+        names models its own way (ARCH@TAG, CONFIG.json@FILE, training run folders, hub repos in
+        its layout), which studio.models does not know. `NAME@WEIGHTS` with a local NAME is a
+        name with --pretrained folded in."""
+        base, sep, tag = str(name).rpartition("@")
+        if sep and base and Path(base).expanduser().exists():
+            return resolve_clip(base, pretrained=tag, allow_pickle=allow_pickle, offline=offline)
+        return resolve_clip(name, allow_pickle=allow_pickle, offline=offline)
+
+    @classmethod
     def load(cls, spec: Any, device: Any, *, pretrained: str | None = None) -> "ClipEmbedder":
         source = resolve_clip(spec, pretrained=pretrained, allow_pickle=getattr(spec, "allow_pickle", False))
         model, preprocess, tokenizer = load_clip(source, device)
@@ -563,7 +595,9 @@ class ClipEmbedder:
         vectors = self.embed_items(items, batch_size=request.batch_size, progress=progress,
                                    normalize=request.normalize)
         # 3. one JSON result: ids, kinds and vectors (the CLI writes .npy + .jsonl instead)
-        value = {"model": self.source.identity_dict(), "dim": int(vectors.shape[1]), "normalized": request.normalize,
+        reload_model, reload_pretrained = self.source.reload_args()
+        value = {"model": self.source.identity_dict(), "load": {"model": reload_model, "pretrained": reload_pretrained},
+                 "dim": int(vectors.shape[1]), "normalized": request.normalize,
                  "items": [{"id": it.id, "kind": it.kind, "embedding": [round(float(x), 6) for x in vec]}
                            for it, vec in zip(items, vectors)]}
         params = {"inputs": list(request.inputs), "kind": request.kind, "model": request.model,
@@ -575,17 +609,18 @@ class ClipEmbedder:
                  templates: Sequence[Any] | None = None, batch_size: int = 64, progress: Any = None,
                  total: int | None = None) -> dict[str, Any]:
         """Zero-shot top-1/5 (when samples carry labels) and image<->text recall@1/5/10 (when they
-        carry captions) over `samples` (objects with .image() -> PIL, .caption, .label)."""
-        import torch
-        from open_clip import build_zero_shot_classifier
+        carry captions) over `samples` (objects with .image() -> PIL, .caption, .label), streamed
+        (training's validation). `studio eval clip` computes the same numbers from the clip-embed
+        task's embeddings: eval_plan, template_texts and embedding_metrics serve both."""
+        import numpy as np
 
-        image_emb, captions, labels, count = [], [], [], 0
+        image_emb, captions, labels = [], [], []
         handle = progress.task("evaluating", total=total) if progress is not None else None
         batch: list[Any] = []
 
         def flush() -> None:
             if batch:
-                image_emb.append(torch.from_numpy(self.embed_images([s.image() for s in batch], batch_size=len(batch))))
+                image_emb.append(self.embed_images([s.image() for s in batch], batch_size=len(batch)))
                 if handle is not None:
                     handle.advance(len(batch))
                 batch.clear()
@@ -594,39 +629,84 @@ class ClipEmbedder:
             batch.append(sample)
             captions.append(sample.caption)
             labels.append(sample.label)
-            count += 1
             if len(batch) == batch_size:
                 flush()
         flush()
-        if count == 0:
-            raise UsageError("the evaluation data holds no samples", "check --data")
-        images = torch.cat(image_emb)  # (N, D)
-        metrics: dict[str, Any] = {"samples": count}
-        with_captions = [c for c in captions if c]
-        if with_captions and len(with_captions) == count:
-            texts = torch.from_numpy(self.embed_texts(captions, batch_size=batch_size))  # (N, D)
-            metrics.update(retrieval_metrics(images, texts, captions))
-        elif with_captions:
-            raise UsageError(f"{count - len(with_captions)} of {count} samples have no caption",
-                             "give every image a caption, or none (zero-shot only)")
-        have_labels = all(lab is not None for lab in labels)
-        if classnames is None and have_labels:
-            classnames = sorted(set(labels))
-        if classnames is not None and have_labels:
-            if len(classnames) < 2:
-                raise UsageError("zero-shot needs at least two classes", "pass --labels FILE with the class names")
-            with self._inference():
-                classifier = build_zero_shot_classifier(
-                    self.model, self.tokenizer, list(classnames), list(templates or load_templates("openai")),
-                    num_classes_per_batch=10, device=self._tensor_device())  # (D, C)
-            metrics.update(zero_shot_metrics(images, labels, classifier.float().cpu(), classnames))
-        elif classnames is not None:
-            raise UsageError("--labels was given but the data carries no labels",
-                             "add a label column (--label-key), class subfolders, or .cls entries in the shards")
-        if len(metrics) == 1:
-            raise UsageError("nothing to evaluate: the data has neither captions nor labels",
-                             "give images .txt captions or class labels")
-        return metrics
+        captioned, classnames = eval_plan(captions, labels, classnames)
+        texts = self.embed_texts(captions, batch_size=batch_size) if captioned else None  # (N, D)
+        classes = None
+        if classnames is not None:
+            prompts = template_texts(classnames, list(templates or load_templates("openai")))
+            classes = self.embed_texts(prompts, batch_size=batch_size)  # (C*T, D)
+        return embedding_metrics(np.concatenate(image_emb), captions, labels, text_emb=texts, classnames=classnames,
+                                 class_text_emb=classes)
+
+
+def eval_plan(captions: Sequence[str | None], labels: Sequence[str | None],
+              classnames: Sequence[str] | None = None) -> tuple[bool, list[str] | None]:
+    """What an evaluation of these samples measures, checked before anything is embedded:
+    retrieval when every sample has a caption, zero-shot when every sample has a label (over the
+    given class names, else the labels found). Returns (retrieval?, class names or None)."""
+    count = len(captions)
+    if count == 0:
+        raise UsageError("the evaluation data holds no samples", "check --data")
+    with_captions = sum(1 for c in captions if c)
+    if 0 < with_captions < count:
+        raise UsageError(f"{count - with_captions} of {count} samples have no caption",
+                         "give every image a caption, or none (zero-shot only)")
+    have_labels = all(lab is not None for lab in labels)
+    if classnames is None and have_labels:
+        classnames = sorted(set(labels))
+    if classnames is not None and not have_labels:
+        raise UsageError("--labels was given but the data carries no labels",
+                         "add a label column (--label-key), class subfolders, or .cls entries in the shards")
+    if classnames is not None:
+        if len(classnames) < 2:
+            raise UsageError("zero-shot needs at least two classes", "pass --labels FILE with the class names")
+        missing = sorted({lab for lab in labels if lab not in set(classnames)})
+        if missing:
+            raise UsageError(f"label {missing[0]!r} of the data is not among the {len(classnames)} class names",
+                             "add it to the --labels file (one class name per line)")
+    if not with_captions and classnames is None:
+        raise UsageError("nothing to evaluate: the data has neither captions nor labels",
+                         "give images .txt captions or class labels")
+    return with_captions == count, list(classnames) if classnames is not None else None
+
+
+def template_texts(classnames: Sequence[str], templates: Sequence[Any]) -> list[str]:
+    """Every zero-shot prompt, class-major (C*T): each template (a "{}" string or a callable, as
+    open_clip's lists hold) filled with each class name."""
+    return [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]
+
+
+def zero_shot_classifier(class_text_emb: Any, n_classes: int) -> Any:
+    """(D, C) zero-shot weights from the unit-length embeddings of template_texts: each class's
+    mean over its templates, renormalised. This is open_clip.build_zero_shot_classifier's
+    arithmetic; that function wants the model itself, and here the embeddings may come from the
+    clip-embed task through the engine."""
+    import torch
+
+    emb = torch.as_tensor(class_text_emb, dtype=torch.float32)
+    emb = emb.reshape(n_classes, -1, emb.shape[-1]).mean(dim=1)  # (C, D)
+    return (emb / emb.norm(dim=1, keepdim=True)).T  # (D, C)
+
+
+def embedding_metrics(image_emb: Any, captions: Sequence[str | None], labels: Sequence[str | None], *,
+                      text_emb: Any = None, classnames: Sequence[str] | None = None,
+                      class_text_emb: Any = None) -> dict[str, Any]:
+    """The evaluation's numbers from unit-length embeddings (numpy or torch): images (N, D),
+    their captions (N, D) for recall@k, the class prompts (C*T, D) for zero-shot, as eval_plan
+    decided."""
+    import torch
+
+    images = torch.as_tensor(image_emb, dtype=torch.float32)  # (N, D)
+    metrics: dict[str, Any] = {"samples": len(captions)}
+    if text_emb is not None:
+        metrics.update(retrieval_metrics(images, torch.as_tensor(text_emb, dtype=torch.float32), captions))
+    if classnames is not None:
+        classifier = zero_shot_classifier(class_text_emb, len(classnames))  # (D, C)
+        metrics.update(zero_shot_metrics(images, labels, classifier, classnames))
+    return metrics
 
 
 @contextlib.contextmanager
@@ -720,4 +800,5 @@ def search_index(index: Index, query: Any, *, k: int = 5, kind: str | None = Non
 
 __all__ = ["ClipEmbedder", "ClipEmbedRequest", "ClipSource", "load_clip", "resolve_clip",
            "save_clip_folder", "latest_checkpoint", "retrieval_metrics", "zero_shot_metrics", "save_index",
+           "eval_plan", "template_texts", "zero_shot_classifier", "embedding_metrics",
            "load_index", "search_index", "expand_inputs", "load_templates", "load_labels"]

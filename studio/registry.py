@@ -67,6 +67,19 @@ def pipeline_class(task: str) -> type:
     return import_string(known[task])
 
 
+def resolve_model(task: str, name: str, **options: Any) -> Any:
+    """What the user typed as a model -> the spec `task`'s pipeline loads: studio.models.resolve
+    (alias, hub id, folder, file), unless the pipeline names its models its own way and says so
+    with a `resolve_model` classmethod taking the same arguments (clip-embed: open_clip's
+    ARCH@TAG). A plugin's pipeline may do the same. `options`: allow_pickle, trust_remote_code,
+    offline, as studio.models.resolve takes them."""
+    from studio import models
+
+    cls = pipeline_class(task)
+    resolve = getattr(cls, "resolve_model", None) or models.resolve
+    return resolve(name, task=getattr(cls, "task", task), **options)
+
+
 _LOADED: dict[tuple, Any] = {}
 
 
