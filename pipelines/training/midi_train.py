@@ -57,7 +57,7 @@ class MidiTrainConfig:
     """One training run. Saved in every checkpoint's trainer_state.json."""
 
     data: str  # folder of MIDI files, or "bach" (music21's chorales)
-    out: str  # run folder: checkpoint-NNNNNN/, final/, train_log.jsonl
+    out: str  # run folder: checkpoints/step-NNNNNN/, final/, metrics.jsonl
     model: str | None = None  # a MIDI model to fine-tune (alias, hub id, folder); None: a new one
     size: str = "small"  # new model size: tiny | small | base
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
@@ -301,10 +301,10 @@ def train(config: MidiTrainConfig, device: Any, progress: Any, *, spec: Any = No
 
 def _model_for(config: MidiTrainConfig, run: TrainingRun, spec: Any) -> tuple[Any, Any]:
     if run.checkpoint is not None:  # every checkpoint is a save_pretrained folder (old layout too)
-        model, tokenizer = _load_model(str(run.checkpoint.path), {"use_safetensors": True})
+        model, tokenizer = _load_model(str(run.checkpoint.path), {"use_safetensors": True, "trust_remote_code": False})
     elif config.model:
         model, tokenizer = _load_model(spec.location() if spec else config.model,
-                                       spec.load_kwargs() if spec else {"use_safetensors": True}, spec)
+                                       spec.load_kwargs() if spec else {"use_safetensors": True, "trust_remote_code": False}, spec)
     else:
         model, tokenizer = _new_model(config)
     model.loss_type = "ForCausalLM"  # say it: transformers warns at the first step when it is left unset
