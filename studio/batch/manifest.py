@@ -3,16 +3,16 @@
 job, and what `--resume` may clean up after an interrupted run.
 
 The manifest is data from disk, so nothing in it is trusted: a row's file name counts only when it
-is a plain name inside the folder, the manifest itself is opened without following a symlink, and a
-file is removed only when it is a regular file (not a symlink, not a folder) whose sha256 is the
-one the manifest recorded for it. Anything else stays where it is, with a note saying why.
+is a relative name inside the folder (no `..`, not absolute), the manifest itself is opened
+without following a symlink (studio.outputs.read_manifest), and a file is removed only when it is
+a regular file, reached from --out without following any symlink on the way (the folders are
+opened one by one with O_NOFOLLOW and the file is removed through its folder's descriptor), whose
+sha256 is the one the manifest recorded for it. Anything else stays, with a note saying why.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -20,56 +20,73 @@ import re
 import shutil
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from studio.batch.model import Output
-from studio.errors import UsageError
-from studio.outputs import MANIFEST, OutputWriter, append_jsonl, read_manifest, read_metadata, within
+from studio.outputs import MANIFEST, OutputWriter, append_jsonl, read_manifest, read_metadata
 
-# what atomic_path leaves when its process dies: `.NAME.` + mkstemp's 8 random characters + `.tmp[.ext]`
+# what the writer's temp files look like: `.NAME.` + mkstemp's 8 random characters + `.tmp[.ext]`
 TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 KINDS = ("image", "text", "audio", "video", "midi", "json", "file")
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def plain_name(name: Any) -> bool:
-    """A file name that stays inside the folder it is joined to (no `..`, `/`, or absolute path)."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name)
+def safe_name(name: Any) -> bool:
+    """A recorded file name that stays inside the folder: relative, without `..`, `\\` or NUL."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name or name.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
-def _open(path: Path, flags: int) -> int:
-    """os.open that refuses a symlink (and does not hang on a FIFO) at the final name."""
+@contextlib.contextmanager
+def _folder(out_dir: Path, name: str) -> Iterator[tuple[int, str] | str]:
+    """(descriptor of the folder holding `name`, the last part of `name`), reached from `out_dir`
+    opening each folder with O_NOFOLLOW; or why it cannot be reached ("" when it is not there)."""
+    fds: list[int] = []
+    found: tuple[int, str] | str
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UsageError(f"{path} is a symbolic link; studio does not follow links in an output folder",
-                             "remove the link, or pass another --out") from exc
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UsageError(f"{path} is not a regular file", "remove it, or pass another --out")
-    return fd
-
-
-def _lstat(path: Path) -> os.stat_result | None:
+        fds.append(os.open(out_dir, _DIR))  # --out itself may be a link: the user chose it
+        for part in name.split("/")[:-1]:
+            fds.append(os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fds[-1]))
+        found = (fds[-1], name.rsplit("/", 1)[-1])
+    except FileNotFoundError:
+        found = ""
+    except OSError:  # ELOOP, ENOTDIR: a link, or a file where a folder should be
+        found = "a folder on its way is a symbolic link or not a folder"
     try:
-        return os.lstat(path)
+        yield found
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _lstat_at(dfd: int, leaf: str) -> os.stat_result | None:
+    try:
+        return os.stat(leaf, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
         return None
 
 
-def _sha256(path: Path) -> str:
+def _open_at(dfd: int, leaf: str) -> int:
+    """A regular file in the folder `dfd`, opened without following a link (nor hanging on a FIFO)."""
+    fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(leaf)
+    return fd
+
+
+def _sha256_at(dfd: int, leaf: str) -> str:
     h = hashlib.sha256()
-    with os.fdopen(_open(path, os.O_RDONLY), "rb") as f:
+    with os.fdopen(_open_at(dfd, leaf), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _read_json(path: Path) -> Any:
-    with contextlib.suppress(OSError, UsageError, ValueError):
-        with os.fdopen(_open(path, os.O_RDONLY), "rb") as f:
+def _json_at(dfd: int, leaf: str) -> Any:
+    with contextlib.suppress(OSError, ValueError):
+        with os.fdopen(_open_at(dfd, leaf), "rb") as f:
             return json.loads(f.read(1 << 22).decode("utf-8"))
     return None
 
@@ -89,7 +106,7 @@ class Manifest:
             if row.get("event") == "job-done" and isinstance(row.get("job"), str):
                 self.done[row["job"]] = row
             elif "file" in row and not row.get("event"):
-                if not plain_name(row["file"]):
+                if not safe_name(row["file"]):
                     self.outside += 1
                     continue
                 job = row.get("job") if isinstance(row.get("job"), str) else None
@@ -100,27 +117,16 @@ class Manifest:
 
     # ------------------------------------------------------------------ writing
     def append(self, row: dict[str, Any]) -> None:
-        """Append one row (job-done, job-failed, job-blocked): the one place the runner writes it."""
+        """Append one row (job-done, job-failed, job-blocked): the one place the runner writes it.
+        append_jsonl locks, never follows a link, and ends a torn line before it writes."""
         append_jsonl(self.path, row)
 
-    def repair(self) -> None:
-        """A run killed mid-append can leave a torn last line; end it so the next row starts clean."""
+    def relative(self, path: Path) -> str:
+        """How a row names an output: its path below the folder."""
         try:
-            fd = _open(self.path, os.O_RDWR)
-        except FileNotFoundError:
-            return
-        with os.fdopen(fd, "rb+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                if os.fstat(fd).st_size == 0:
-                    return
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
-                    f.flush()
-                    os.fsync(fd)
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+            return Path(path).relative_to(self.out_dir).as_posix()
+        except ValueError:
+            return Path(path).name
 
     # ------------------------------------------------------------------ reading back
     def verified(self, tag: str) -> list[Output] | None:
@@ -130,33 +136,42 @@ class Manifest:
             return None
         outputs = []
         for item in record.get("outputs") or []:
-            if not isinstance(item, dict) or not plain_name(item.get("file")) or item.get("kind") not in KINDS:
-                return None
-            path = self.out_dir / item["file"]
-            st = _lstat(path)
-            if st is None or stat.S_ISLNK(st.st_mode):
+            if not isinstance(item, dict) or not safe_name(item.get("file")) or item.get("kind") not in KINDS:
                 return None
             sha = item.get("sha256")
-            if sha is not None and (not stat.S_ISREG(st.st_mode) or _sha256(path) != sha):
-                return None
-            if sha is None and not stat.S_ISDIR(st.st_mode):
-                return None
-            outputs.append(Output(kind=item["kind"], path=path, sha256=sha))
+            with _folder(self.out_dir, item["file"]) as found:
+                if isinstance(found, str):
+                    return None
+                st = _lstat_at(*found)
+                if st is None or stat.S_ISLNK(st.st_mode):
+                    return None
+                if sha is None and not stat.S_ISDIR(st.st_mode):  # only a frames folder has no hash
+                    return None
+                if sha is not None and (not stat.S_ISREG(st.st_mode) or _sha256_at(*found) != sha):
+                    return None
+            outputs.append(Output(kind=item["kind"], path=self.out_dir / item["file"], sha256=sha))
         return outputs
 
     # ------------------------------------------------------------------ cleaning up
     def clear_stale_temps(self) -> int:
-        """Remove temp files an atomic write left when its process was killed (kill -9, power loss)."""
+        """Remove the writer's temp files that a killed run left (kill -9, power loss), in the
+        folder and in its subfolders that hold recorded outputs."""
         removed = 0
-        for path in sorted(self.out_dir.iterdir()) if self.out_dir.is_dir() else []:
-            st = _lstat(path) if TEMP.match(path.name) else None
-            if st is None or stat.S_ISLNK(st.st_mode):
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(path, ignore_errors=True)  # rmtree unlinks links inside, never follows them
-            else:
-                path.unlink(missing_ok=True)
-            removed += 1
+        folders = {""} | {name.rsplit("/", 1)[0] for name in self.tracked if "/" in name}
+        for folder in sorted(folders):
+            with _folder(self.out_dir, f"{folder}/x" if folder else "x") as found:
+                if isinstance(found, str):
+                    continue
+                dfd = found[0]
+                for entry in os.scandir(dfd):
+                    if not TEMP.match(entry.name) or entry.is_symlink():
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.name, dir_fd=dfd, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.name, dir_fd=dfd)
+                    removed += 1
         return removed
 
     def clear_leftovers(self, job_name: str, tag: str) -> tuple[int, list[str]]:
@@ -164,62 +179,64 @@ class Manifest:
         (killed mid-job), or whose record no longer verifies: the redo replaces them, so that each
         output exists once. Returns (how many were removed, a note for each one kept)."""
         removed, notes = 0, []
-        for name in self.files.get(tag, []):
-            path = self.out_dir / name
-            st = _lstat(path)
-            if st is None:  # deleted by the user: its sidecar goes too, freeing the name
-                self._remove_beside(path, tag)
-                continue
-            why = self._keep_reason(path, st, self.hashes.get(name))
+        for name in dict.fromkeys(self.files.get(tag, [])):
+            gone, why = self._remove_recorded(name, tag)
+            removed += gone
             if why:
-                notes.append(f"keeping {path}: {why}")
-                continue
-            path.unlink(missing_ok=True)
-            self._remove_beside(path, tag)
-            removed += 1
+                notes.append(f"keeping {self.out_dir / name}: {why}")
         # written but killed before its manifest row: the file's own metadata names this very job
-        # (name and parameter key), which no file of the user's carries
-        for path in sorted(self.out_dir.iterdir()) if self.out_dir.is_dir() else []:
-            if (path.name in self.tracked or not path.name.startswith(job_name) or path.name.startswith(".")
-                    or path.name.endswith(".json")):
-                continue
-            st = _lstat(path)
-            if st is None or not stat.S_ISREG(st.st_mode):
+        # (its name and parameter key), which no file of the user's carries
+        for entry in sorted(os.scandir(self.out_dir), key=lambda e: e.name) if self.out_dir.is_dir() else []:
+            if (entry.name in self.tracked or not entry.name.startswith(job_name) or entry.name.startswith(".")
+                    or entry.name.endswith(".json") or not entry.is_file(follow_symlinks=False)):
                 continue
             with contextlib.suppress(Exception):
-                if read_metadata(path).get("job") == tag:
-                    path.unlink(missing_ok=True)
-                    self._remove_beside(path, tag)
-                    removed += 1
+                if read_metadata(entry.path).get("job") == tag:
+                    with _folder(self.out_dir, entry.name) as found:
+                        if not isinstance(found, str):
+                            os.unlink(found[1], dir_fd=found[0])
+                            self._remove_beside(*found, tag)
+                            removed += 1
         return removed, notes
 
-    def _keep_reason(self, path: Path, st: os.stat_result, recorded: str | None) -> str | None:
-        """Why a recorded output must stay (None: it is exactly what studio wrote, so it may go)."""
-        if stat.S_ISLNK(st.st_mode):
-            return "it is a symbolic link, not the file studio wrote"
-        if not stat.S_ISREG(st.st_mode):
-            return "it is not a regular file (a folder has no recorded sha256)"
-        if not within(path, self.out_dir):
-            return "it lies outside the output folder"
-        if recorded is None:
-            return "the manifest records no sha256 for it (written by an older studio); delete it yourself if it is not wanted"
-        if _sha256(path) != recorded:
-            return "it changed since studio wrote it"
-        return None
+    def _remove_recorded(self, name: str, tag: str) -> tuple[int, str | None]:
+        """Remove one recorded output of `tag` (and its sidecar and companions) when it is exactly
+        what studio wrote: (1 if removed else 0, why it stays)."""
+        with _folder(self.out_dir, name) as found:
+            if isinstance(found, str):
+                return 0, found or None
+            dfd, leaf = found
+            st = _lstat_at(dfd, leaf)
+            if st is None:  # deleted by the user: its sidecar goes too, freeing the name
+                self._remove_beside(dfd, leaf, tag)
+                return 0, None
+            if stat.S_ISLNK(st.st_mode):
+                return 0, "it is a symbolic link, not the file studio wrote"
+            if not stat.S_ISREG(st.st_mode):
+                return 0, "it is not a regular file (a frames folder has no recorded sha256)"
+            recorded = self.hashes.get(name)
+            if recorded is None:
+                return 0, "the manifest records no sha256 for it (an older studio wrote it); delete it yourself if unwanted"
+            if _sha256_at(dfd, leaf) != recorded:
+                return 0, "it changed since studio wrote it"
+            os.unlink(leaf, dir_fd=dfd)
+            self._remove_beside(dfd, leaf, tag)
+            return 1, None
 
-    def _remove_beside(self, path: Path, tag: str) -> None:
-        """The sidecar and companion files the writer put beside an output of this job."""
-        sidecar = OutputWriter.sidecar_for(path, path.suffix)
-        st = _lstat(sidecar)
-        if st is None or not stat.S_ISREG(st.st_mode):
-            return
-        meta = _read_json(sidecar)
+    def _remove_beside(self, dfd: int, leaf: str, tag: str) -> None:
+        """The sidecar and companion files the writer put beside an output of this job, when the
+        sidecar says it belongs to this job."""
+        suffix = Path(leaf).suffix
+        sidecar = OutputWriter.sidecar_for(Path(leaf), suffix).name
+        meta = _json_at(dfd, sidecar)
         if not isinstance(meta, dict) or meta.get("job") != tag:
-            return  # not this job's sidecar: leave it
-        for name in (meta.get("companions") or {}).values():
-            companion = path.parent / str(name)
-            if plain_name(name) and str(name).startswith(path.stem + "."):
-                cst = _lstat(companion)
+            return
+        stem = leaf.removesuffix(suffix) if suffix else leaf
+        for companion in (meta.get("companions") or {}).values():
+            # the writer names them NAME.what.png / NAME.what.wav, beside NAME
+            if isinstance(companion, str) and "/" not in companion and companion.startswith(stem + "."):
+                cst = _lstat_at(dfd, companion)
                 if cst is not None and stat.S_ISREG(cst.st_mode):
-                    companion.unlink(missing_ok=True)
-        sidecar.unlink(missing_ok=True)
+                    os.unlink(companion, dir_fd=dfd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sidecar, dir_fd=dfd)

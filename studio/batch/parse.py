@@ -142,19 +142,21 @@ def _check_top(doc: presets.YamlDoc) -> dict[str, Any]:
 
 
 def check_template(template: str, where: str) -> None:
-    """An output name template names one file inside the output folder: no folder separators,
-    no `..`, not absolute (`../../x-{seed}` would write, and later delete, outside --out)."""
-    if "/" in template or "\\" in template or ".." in template or template.startswith("~") or "\0" in template:
-        raise UsageError(f"output name template {template!r} ({where}) must name a file inside the output folder",
-                         f"use only {TEMPLATE_FIELDS} and plain text: no '/', '..' or absolute paths")
+    """An output name template names a file inside the output folder (subfolders allowed): not
+    absolute, no `..` (`../../x-{seed}` would write, and a later --resume delete, outside --out)."""
+    def outside(name: str) -> bool:
+        return name.startswith(("/", "~")) or ".." in name or "\\" in name or "\0" in name
+
+    hint = f"use only {TEMPLATE_FIELDS}, plain text and subfolders: no '..' and no absolute path"
+    if outside(template):
+        raise UsageError(f"output name template {template!r} ({where}) would write outside the output folder", hint)
     probe = template.replace("{job}", "j")
     try:
         name = probe.format(date="d", time="t", task="t", seed=1, slug="s", index=0, model="m")
-    except (KeyError, IndexError, ValueError) as exc:
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
         raise UsageError(f"bad output name template {template!r} ({where}): {exc}", f"fields: {TEMPLATE_FIELDS}") from exc
-    if not name.strip() or "/" in name or "\\" in name:  # `{seed!r:/>3}` and the like
-        raise UsageError(f"output name template {template!r} ({where}) must name a file inside the output folder",
-                         f"use only {TEMPLATE_FIELDS} and plain text")
+    if outside(name) or not name.strip("/ "):  # a format spec can make text too: {seed:/>4}
+        raise UsageError(f"output name template {template!r} ({where}) would write outside the output folder", hint)
 
 
 class _Parser:

@@ -303,13 +303,12 @@ class Runner:
         """The folder's manifest, repaired first on resume (by the main process alone)."""
         if state is None or state.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if self.resume:
-                Manifest(self.out_dir).repair()
+            if self.resume:  # (a line a killed run tore is ended by the next append)
                 stale = Manifest(self.out_dir).clear_stale_temps()
                 if stale:
                     self._note(f"removed {stale} temp file(s) an interrupted run left in {self.out_dir}")
         if state is not None:
-            state.wait_for_everyone()  # nobody reads the manifest while it is being repaired
+            state.wait_for_everyone()  # nobody reads the folder while temps are swept
         manifest = Manifest(self.out_dir)
         if manifest.outside:
             self._warn(f"ignored {manifest.outside} row(s) of {manifest.path} naming files outside {self.out_dir}")
@@ -465,7 +464,8 @@ class Runner:
         seconds = time.perf_counter() - t0
         self._record({"event": "job-done", "job": tag, "name": job.name, "task": job.task, "key": key,
                       "process": getattr(state, "process_index", 0), "seconds": round(seconds, 4),
-                      "outputs": [{"file": o.path.name, "kind": o.kind, "sha256": o.sha256} for o in outputs]})
+                      "outputs": [{"file": self.manifest.relative(o.path), "kind": o.kind, "sha256": o.sha256}
+                                  for o in outputs]})
         self.outputs[job.name] = outputs
         return Outcome(job=job.name, task=job.task, status="done", outputs=outputs, seconds=seconds, tag=tag)
 
