@@ -205,7 +205,7 @@ def collect(paths: list[str | Path]) -> list[Path]:
 def reference_histogram(reference: str, *, limit: int | None = None, progress: Any = None) -> dict[str, Any]:
     """The pooled pitch-class histogram of a reference set (note counts summed over files)."""
     from studio.pipelines.music_render import load_midi
-    from studio.pipelines.training.midi_train import midi_files
+    from studio.pipelines.midi_corpus import midi_files
 
     files = midi_files(reference, limit=limit, progress=progress)
     counts = [0] * 12
