@@ -13,10 +13,12 @@ the output writer stores in every output's metadata.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Iterable
 
 from studio.errors import BackendUnavailable, UsageError
 
@@ -84,6 +86,53 @@ class DeviceSettings:
         return asdict(self)
 
 
+# CPU feature flags that mean bf16 matmuls run natively (x86 AVX512-BF16 and AMX; Arm's BF16
+# extension, "bf16" in /proc/cpuinfo's Features). Without one, torch emulates bf16 through fp32
+# conversions: on a CPU without them a 256 px image took 6.5x longer in bf16 than in fp32.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+# attention choices that skip the fused SDPA kernels: every head's full (tokens x tokens) matrix is
+# materialised (math: 6.7x slower than sdpa at 4096 tokens on this project's 2-core machine)
+SLOW_ATTENTION = {
+    "math": "computes attention without a fused kernel (the full tokens x tokens matrix), several times slower "
+            "than sdpa at image sizes",
+    "sliced": "computes attention slice by slice to save memory, slower than sdpa, which already avoids the "
+              "full matrix",
+}
+
+log = logging.getLogger("studio.device")
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cpuinfo(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def read_cpu_flags(cpuinfo: str | None = None, env: dict[str, str] | None = None) -> frozenset[str] | None:
+    """The CPU's feature flags: STUDIO_CPU_FLAGS (space/comma separated) if set, else the `flags`
+    (x86) or `Features` (Arm) line of `cpuinfo` (default: /proc/cpuinfo). None when unknown
+    (macOS, Windows): studio then warns about nothing it cannot know."""
+    env = os.environ if env is None else env
+    if env.get("STUDIO_CPU_FLAGS") is not None:
+        return frozenset(env["STUDIO_CPU_FLAGS"].replace(",", " ").split())
+    text = cpuinfo if cpuinfo is not None else _read_cpuinfo("/proc/cpuinfo")
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return None
+
+
+def native_bf16(flags: Iterable[str] | None) -> bool | None:
+    """True when the CPU computes bf16 natively, False when its flags say it does not, None unknown."""
+    if flags is None:
+        return None
+    return any(f in set(flags) for f in NATIVE_BF16_FLAGS)
+
+
 def module_available(name: str) -> bool:
     """True when `name` can be imported (without importing it)."""
     try:
@@ -103,6 +152,7 @@ class Resolved:
     quantize: str
     compile: bool
     reasons: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # choices this device runs far slower than the default
 
 
 class DeviceManager:
@@ -113,12 +163,21 @@ class DeviceManager:
     for reproducible noise.
     """
 
-    def __init__(self, settings: DeviceSettings | None = None, *, allow_bf16: bool = True):
+    def __init__(self, settings: DeviceSettings | None = None, *, allow_bf16: bool = True,
+                 cpu_flags: Iterable[str] | None = None):
         import torch
 
         self.torch = torch
         self.settings = settings or DeviceSettings()
+        # the CPU's flags decide whether bf16 is fast here; a parameter so tests (and doctor) can
+        # describe another CPU without mocking torch
+        self.cpu_flags = frozenset(cpu_flags) if cpu_flags is not None else read_cpu_flags()
         self.resolved = self._resolve(self.settings, allow_bf16)
+        for text in self.resolved.warnings:
+            from studio.progress import setup_logging
+
+            setup_logging()
+            log.warning(text)
         self.device = torch.device(self.resolved.device)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             self.resolved.precision
@@ -128,6 +187,7 @@ class DeviceManager:
     def _resolve(self, s: DeviceSettings, allow_bf16: bool) -> Resolved:
         torch = self.torch
         why: dict[str, str] = {}
+        warnings: list[str] = []
         cuda_ok = torch.cuda.is_available()
         mps_ok = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
@@ -168,8 +228,14 @@ class DeviceManager:
                 precision, why["precision"] = "fp16", "fp16 is MPS's fast path"
             else:
                 # bf16 is faster on CPUs with avx512_bf16 but changes outputs; fp32 keeps seeds
-                # reproducible across machines, so CPU bf16 is opt-in (benchmarks/precision.py).
-                precision, why["precision"] = "fp32", "CPU: fp32 keeps outputs exact; pass --precision bf16 for speed"
+                # reproducible across machines, so CPU bf16 is opt-in (benchmarks/precision.py),
+                # and never suggested where the CPU would emulate it
+                precision = "fp32"
+                native = native_bf16(self.cpu_flags)
+                why["precision"] = "CPU: fp32 keeps outputs exact" + (
+                    "; this CPU has native bf16, pass --precision bf16 for speed" if native
+                    else "; this CPU has no native bf16 (no avx512_bf16/amx_bf16), bf16 would be far slower"
+                    if native is False else "")
         else:
             precision = s.precision
             if precision == "fp16" and kind == "cpu":
@@ -179,6 +245,10 @@ class DeviceManager:
             if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
                 raise BackendUnavailable("--precision bf16: this GPU has no bf16 support", "use --precision fp16")
             why["precision"] = "asked for"
+            if precision == "bf16" and kind == "cpu" and native_bf16(self.cpu_flags) is False:
+                why["precision"] = "asked for (this CPU has no native bf16)"
+                warnings.append("--precision bf16 runs far slower than fp32 on this CPU: its flags show no avx512_bf16 "
+                                "or amx_bf16, so torch emulates bf16; use --precision fp32 (or auto)")
 
         # 3. attention
         xformers_ok = module_available("xformers")
@@ -187,6 +257,8 @@ class DeviceManager:
             why["attention"] = "torch SDPA picks the fastest kernel it has for the inputs"
         else:
             attention = s.attention
+            if attention in SLOW_ATTENTION:
+                warnings.append(f"--attention {attention} {SLOW_ATTENTION[attention]}; use --attention sdpa (or auto)")
             if attention == "xformers":
                 if kind != "cuda":
                     raise BackendUnavailable("--attention xformers needs a CUDA GPU",
@@ -217,13 +289,16 @@ class DeviceManager:
                                          "use --quantize int8 on the CPU (or int4 on a CUDA GPU)")
             why["quantize"] = "torchao weight-only " + s.quantize
         return Resolved(device=device, precision=precision, attention=attention, offload=s.offload,
-                        quantize=s.quantize, compile=s.compile, reasons=why)
+                        quantize=s.quantize, compile=s.compile, reasons=why, warnings=warnings)
 
     def describe(self) -> dict[str, Any]:
         """What was asked for and what it became: stored in output metadata and shown by doctor."""
         r = asdict(self.resolved)
-        return {"requested": self.settings.to_dict(), "resolved": {k: v for k, v in r.items() if k != "reasons"},
-                "reasons": r["reasons"]}
+        out = {"requested": self.settings.to_dict(),
+               "resolved": {k: v for k, v in r.items() if k not in ("reasons", "warnings")}, "reasons": r["reasons"]}
+        if r["warnings"]:
+            out["warnings"] = r["warnings"]
+        return out
 
     @property
     def is_cpu(self) -> bool:
@@ -378,14 +453,15 @@ class DeviceManager:
         return module
 
     def with_settings(self, **changes: Any) -> "DeviceManager":
-        return DeviceManager(replace(self.settings, **changes))
+        return DeviceManager(replace(self.settings, **changes), cpu_flags=self.cpu_flags)
 
 
-_MANAGERS: dict[DeviceSettings, DeviceManager] = {}
+_MANAGERS: dict[tuple[DeviceSettings, frozenset[str] | None], DeviceManager] = {}
 
 
 def get_device_manager(settings: DeviceSettings) -> DeviceManager:
-    """One DeviceManager per distinct settings in a process."""
-    if settings not in _MANAGERS:
-        _MANAGERS[settings] = DeviceManager(settings)
-    return _MANAGERS[settings]
+    """One DeviceManager per distinct settings (and CPU flags) in a process: its warnings print once."""
+    key = (settings, read_cpu_flags())
+    if key not in _MANAGERS:
+        _MANAGERS[key] = DeviceManager(settings, cpu_flags=key[1])
+    return _MANAGERS[key]

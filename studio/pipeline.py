@@ -129,7 +129,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 # Inputs above this many pixels are refused before a pixel is decoded. It is where Pillow itself
 # calls an image a decompression bomb (2 x Image.MAX_IMAGE_PIXELS, about 179 MP: a 30000x30000
-# PNG of a few KB would decode to 2.7 GB). A 150 MP medium-format photo still opens; decoding
+# PNG of a few KB would decode to 3.6 GB). A 150 MP medium-format photo still opens; decoding
 # costs up to 4 bytes a pixel (RGBA) before it is shrunk to the size a model works at.
 MAX_INPUT_PIXELS = 178_956_970
 
@@ -146,6 +146,28 @@ def _too_large(path: Path, what: str, size: tuple[int, int] | None, pixels: int 
         "downscale it first, e.g. `magick in.png -resize 4096x4096 out.png`, and pass the smaller file")
 
 
+def image_size(path: str | Path, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the file's header, nothing decoded; over MAX_INPUT_PIXELS, or not an
+    image, is an InputFileError. Lets a caller pick its working size before it decodes."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                size = im.size
+    except Image.DecompressionBombError:
+        return load_image(path, what=what).size  # raises the too-large error, nothing decoded
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        return load_image(path, what=what).size  # raises the matching missing/unreadable error
+    if size[0] * size[1] > MAX_INPUT_PIXELS:
+        raise _too_large(path, what, size, None)
+    return size
+
+
 def _fit(size: tuple[int, int], box: tuple[int, int], cover: bool = False) -> tuple[int, int]:
     """`size` shrunk (aspect kept, never enlarged) to fit inside `box`, or with `cover` only as far
     as it still covers the box (the caller then crops or resizes to the box exactly)."""
@@ -160,9 +182,9 @@ def load_image(path: str | Path, *, mode: str = "RGB", what: str = "image",
     clean InputFileError (exit 2).
 
     The header is read first: above MAX_INPUT_PIXELS nothing is decoded. With `max_size` (a side
-    length, or a (width, height) box) a larger image is shrunk to fit inside it (with `cover`:
-    only as far as it still covers it, for a caller that resizes to the box) while it is
-    opened: a JPEG decodes straight at 1/2..1/8 scale (draft), others are reduced right after
+    length, or a (width, height) box) an image more than twice as large is shrunk to fit inside
+    it (with `cover`: only as far as it still covers it, for a caller that resizes to the box
+    next) while it is opened: a JPEG decodes straight at 1/2..1/8 scale (draft), others are reduced right after
     decoding, before any mode conversion, so a 12000x12000 input never exists as a full-size
     RGB copy, let alone as a float array in a model's processor. `note(text)` hears about it;
     the returned image's `info["original_size"]` and `info["original_mode"]` keep the file's own.
@@ -196,6 +218,10 @@ def load_image(path: str | Path, *, mode: str = "RGB", what: str = "image",
             raise _too_large(path, what, original, None)
         box = (max_size, max_size) if isinstance(max_size, int) else tuple(max_size) if max_size else None
         target = _fit(original, box, cover) if box else original
+        if max(target[0] / original[0], target[1] / original[1]) > 0.5:
+            # under 2x the box, the caller's own single resize is better than two (and keeps
+            # results identical to what a direct resize gave)
+            target = original
         original_mode = im.mode
         if target != original:
             im.draft(None, target)  # JPEG: the decoder scales down by 2, 4 or 8 (no-op elsewhere)

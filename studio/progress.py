@@ -5,8 +5,66 @@ nothing, so pipelines never check flags."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
+import warnings
 from typing import Any, Callable, Iterator
+
+# A library warning longer than this is cut: diffusers' "The following part of your input was
+# truncated because CLIP can only handle sequences up to 77 tokens: [...]" echoes the whole rest of
+# a 10,000-character prompt, which buries everything else on the terminal.
+MAX_MESSAGE_CHARS = 300
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text`, or its first `limit` characters and how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit].rstrip()}... [{len(text) - limit:,} more characters]"
+
+
+class _StudioHandler(logging.Handler):
+    """studio's own log lines as `warning: ...` on the stderr of the moment (a test runner's or
+    rich's redirect included), the way errors print as `error: ...`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"{record.levelname.lower()}: {shorten(record.getMessage())}\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging() -> None:
+    """Once per process: studio's `warning:` lines, and every library's warnings (log records and
+    warnings.warn) cut to MAX_MESSAGE_CHARS. A record factory rather than a handler filter,
+    because diffusers and transformers add their own handlers lazily, each on its own logger."""
+    previous = logging.getLogRecordFactory()
+    if not getattr(previous, "_studio_shortens", False):
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = previous(*args, **kwargs)
+            if record.levelno >= logging.WARNING:
+                with contextlib.suppress(Exception):  # a malformed record stays the library's problem
+                    message = record.getMessage()
+                    if len(message) > MAX_MESSAGE_CHARS:
+                        record.msg, record.args = shorten(message), None
+            return record
+
+        factory._studio_shortens = True  # type: ignore[attr-defined]
+        logging.setLogRecordFactory(factory)
+    format_warning = warnings.formatwarning
+    if not getattr(format_warning, "_studio_shortens", False):
+        def formatwarning(message: Any, *args: Any, **kwargs: Any) -> str:
+            return format_warning(shorten(str(message)), *args, **kwargs)
+
+        formatwarning._studio_shortens = True  # type: ignore[attr-defined]
+        warnings.formatwarning = formatwarning
+    logger = logging.getLogger("studio")
+    if not any(isinstance(h, _StudioHandler) for h in logger.handlers):
+        logger.addHandler(_StudioHandler(logging.WARNING))
+        logger.propagate = False
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -81,6 +139,7 @@ class TaskHandle:
 
 class Progress:
     def __init__(self, enabled: bool = True, console: Any = None):
+        setup_logging()
         self.enabled = enabled and console is not False
         self._console = console
         self._rich = None
