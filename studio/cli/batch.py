@@ -12,11 +12,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from studio.cli.common import DEBUG, GLOBAL_OPTIONS, new_app
+from studio.cli.common import DEVICE, OUTPUT, TRUST, Globals, global_options, new_app
 
 presets_app = new_app("Presets: saved defaults for one task (built-in, and yours in $STUDIO_HOME/presets).")
-
-_OPT = {name: annotation for name, annotation, _ in GLOBAL_OPTIONS}
 
 
 def register(root: typer.Typer) -> None:
@@ -29,36 +27,22 @@ def _stderr(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
+@global_options("out", *DEVICE, *OUTPUT, "offline", *TRUST)
 def run(
     file: Annotated[Path, typer.Argument(help="batch or pipeline file (YAML with jobs: and/or steps:)")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the plan; run nothing")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="skip jobs whose outputs are complete; redo the rest")] = False,
     processes: Annotated[int, typer.Option("--processes", min=1, help="split jobs over N processes (accelerate launch)")] = 1,
-    out: _OPT["out"] = None,
-    device: _OPT["device"] = None,
-    precision: _OPT["precision"] = None,
-    attention: _OPT["attention"] = None,
-    offload: _OPT["offload"] = None,
-    quantize: _OPT["quantize"] = None,
-    compile: _OPT["compile"] = None,
-    quiet: _OPT["quiet"] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="one JSON object per output, then a summary", rich_help_panel="Device and output")] = False,
-    debug: _OPT["debug"] = False,
-    offline: _OPT["offline"] = False,
-    allow_pickle: _OPT["allow_pickle"] = False,
-    trust_remote_code: _OPT["trust_remote_code"] = False,
+    opts: Globals = None,
 ) -> None:
-    """Run a batch file or a multi-step pipeline file. Exit code: how many jobs failed (0 = all done)."""
+    """Run a batch file or a multi-step pipeline file. Exit code: how many jobs failed (0 = all done).
+    With --json: one JSON object per output, then a summary."""
     from studio.batch import Runner, launch
     from studio.engine import print_json
 
-    if debug:
-        DEBUG["on"] = True
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    flags = {"device": device, "precision": precision, "attention": attention, "offload": offload,
-             "quantize": quantize, "compile": compile}
+    out, quiet, json_out, debug, offline = opts.out, opts.quiet, opts.json, opts.debug, opts.offline
+    allow_pickle, trust_remote_code = opts.allow_pickle, opts.trust_remote_code
+    flags = opts.device_flags()
     runner = Runner(file, out_dir=out, resume=resume, device=flags, quiet=quiet, json=json_out, offline=offline,
                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                     emit=print_json if json_out else None)
@@ -76,7 +60,7 @@ def run(
         for key, value in flags.items():
             if value is not None:
                 argv.append(f"--{key}" if value is True else f"--no-{key}" if value is False else f"--{key}={value}")
-        summary = launch(file, processes, argv, cpu=_cpu_only(device, processes))
+        summary = launch(file, processes, argv, cpu=_cpu_only(opts.device, processes))
         _finish(summary, quiet, json_out)
         return
 
@@ -178,9 +162,10 @@ def _plain(value: Any) -> Any:
     return _jsonable(value)
 
 
+@global_options("json")
 def validate(
     file: Annotated[Path, typer.Argument(help="a batch / pipeline file, or a preset file")],
-    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    opts: Globals = None,
 ) -> None:
     """Check a batch, pipeline or preset file without running anything (exit 2 on the first problem)."""
     from studio import presets
@@ -199,7 +184,7 @@ def validate(
         preset = presets.read_preset(file)
         info = {"ok": True, "file": str(file), "kind": "preset", "task": preset.task, "warnings": []}
         line = f"ok: {file}: preset for {preset.task}"
-    if json_out:
+    if opts.json:
         typer.echo(json.dumps(info))
         return
     for warning in info["warnings"]:
@@ -208,9 +193,10 @@ def validate(
 
 
 @presets_app.command("list")
+@global_options("json")
 def list_presets(
     task: Annotated[Optional[str], typer.Option(help="only presets for this task")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+    opts: Globals = None,
 ) -> None:
     """List presets: built-in ones and yours ($STUDIO_HOME/presets), yours winning on a name clash."""
     from studio import presets
@@ -231,7 +217,7 @@ def list_presets(
         rows.append({"name": name, "task": data.get("task"), "model": data.get("model"),
                      "description": data.get("description") or "", "source": "built-in" if builtin else "user",
                      "path": str(path)})
-    if json_out:
+    if opts.json:
         for row in rows:
             typer.echo(json.dumps(row))
         return
@@ -245,15 +231,16 @@ def list_presets(
 
 
 @presets_app.command("show")
+@global_options("json")
 def show_preset(
     name: Annotated[str, typer.Argument(help="preset name (or a path to a preset file)")],
-    json_out: Annotated[bool, typer.Option("--json", help="print the validated values as JSON")] = False,
+    opts: Globals = None,
 ) -> None:
     """Print a preset (validated first: a bad key is reported with its file and line)."""
     from studio import presets
 
     preset = presets.read_preset(name)
-    if json_out:
+    if opts.json:
         typer.echo(json.dumps({"name": preset.name, "path": str(preset.path), "task": preset.task,
                                "description": preset.description, "params": _plain(preset.params),
                                "device": preset.device}))
