@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from studio.cli.common import Globals, generating, new_app
+from studio.cli.common import Globals, generating, global_options, new_app
 
 data_app = new_app("Generate training data: `studio data shapes` (the synthetic shapes world).")
 train_app = new_app("Train models: `studio train starter NAME` reproduces a shipped starter model.")
@@ -17,13 +17,14 @@ STARTER_NAMES = "image, control, caption, vqa, clip, midi, code"
 
 
 @data_app.command("shapes")
+@global_options("quiet")
 def shapes(
     n: Annotated[int, typer.Option("--n", help="number of samples")] = 1000,
     size: Annotated[int, typer.Option(help="image side in pixels")] = 64,
     seed: Annotated[int, typer.Option(help="split seed (0 = the starters' training split, 1 = their held-out split)")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="dataset folder")] = Path("shapes"),
     two_shapes: Annotated[float, typer.Option("--two-shapes", help="share of images with two shapes")] = 0.25,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    opts: Globals = None,
 ) -> None:
     """Write a deterministic shapes-world dataset: images/ (with a .txt caption beside each),
     masks/, edges/, metadata.jsonl (attributes), vqa.jsonl and pairs.csv (for `studio clip train`)."""
@@ -38,14 +39,14 @@ def shapes(
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty", "pass a new --out folder")
     from studio.pipelines.training.shapes import write_dataset
-    from studio.progress import Progress
 
-    with Progress(enabled=not quiet) as progress:
+    with opts.progress() as progress:
         report = write_dataset(out, n=n, size=size, seed=seed, two_shapes=two_shapes, progress=progress)
     sys.stdout.write(json.dumps(report) + "\n")
 
 
 @train_app.command("starter")
+@global_options("quiet")
 def train_starter(
     name: Annotated[str, typer.Argument(help=f"which starter: {STARTER_NAMES}")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="model folder (default ./starter-NAME)", show_default=False)] = None,
@@ -56,7 +57,7 @@ def train_starter(
     smoke: Annotated[bool, typer.Option("--smoke", help="a few steps on a tiny data set (checks the recipe runs)")] = False,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="seconds between checkpoints")] = 180.0,
     init: Annotated[Optional[str], typer.Option("--init", help="start from this model's weights (alias or folder): vqa from starter-caption, control from starter-image by default", show_default=False)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    opts: Globals = None,
 ) -> None:
     """Train a starter model from its data and seed (progress, checkpoints, --resume). The
     shipped weights in presets/starter/NAME came from this command; its model card says how long it took."""
@@ -65,10 +66,8 @@ def train_starter(
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}", "pass --steps 100")
     from studio.pipelines.training.starter import train_starter as train
-    from studio.progress import Progress
-
     out = out or Path(f"starter-{name}")
-    with Progress(enabled=not quiet) as progress:
+    with opts.progress() as progress:
         report = train(name, out, steps=steps, resume=resume, smoke=smoke, work=work, seed=seed, progress=progress, init=init,
                        checkpoint_every_s=checkpoint_every)
     sys.stdout.write(json.dumps(report) + "\n")
@@ -114,6 +113,7 @@ def eval_image(
     sys.stdout.write(text + "\n")
 
 
+@global_options("quiet")
 def eval_control(
     model: Annotated[str, typer.Option(help="mask ControlNet: alias or folder")] = "starter-control",
     base: Annotated[str, typer.Option(help="text-to-image model it steers")] = "starter-image",
@@ -121,7 +121,7 @@ def eval_control(
     data_seed: Annotated[int, typer.Option("--data-seed", help="shapes-world split the masks come from (1 = held out)")] = 1,
     steps: Annotated[int, typer.Option(help="denoising steps")] = 20,
     guidance: Annotated[float, typer.Option(help="guidance scale")] = 4.0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress")] = False,
+    opts: Globals = None,
 ) -> None:
     """Mask-following of a mask ControlNet on held-out shapes-world masks, as JSON: mean IoU of each
     generated shape (the pixel checker's foreground) with the mask it was given, and prompt-following."""
@@ -132,9 +132,8 @@ def eval_control(
     from studio.pipelines.control import load_controlnet
     from studio.pipelines.training.starter import _base_pipeline, control_eval
     from studio.device import DeviceManager, DeviceSettings
-    from studio.progress import Progress
 
-    with Progress(enabled=not quiet).status(f"generating {n} images"):
+    with opts.progress().status(f"generating {n} images"):
         pipe = _base_pipeline(base)
         controlnet, _ = load_controlnet(model, DeviceManager(DeviceSettings()))
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
