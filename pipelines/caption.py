@@ -26,13 +26,18 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from studio import models
 from studio.errors import BackendUnavailable, InputFileError, UsageError
 from studio.outputs import Result
 from studio.paths import PACKAGE_PRESETS
 from studio.pipeline import load_image
+
+
+if TYPE_CHECKING:  # types only (ARCHITECTURE.md, the contract: studio/pipeline.py)
+    from studio.device import DeviceManager
+    from studio.progress import Progress
 
 # What a chat VLM is asked when the user gives no --prompt: one sentence is what training-set
 # captions and prompts want; a VLM's own default would be a paragraph.
@@ -127,7 +132,7 @@ class _VisionLanguage:
     request_type: type = CaptionRequest
     seedless = True  # greedy/beam decoding: nothing random to seed
 
-    def __init__(self, model: Any, processor: Any, family: str, spec: models.ModelSpec, device: Any):
+    def __init__(self, model: Any, processor: Any, family: str, spec: models.ModelSpec, device: DeviceManager):
         self.model = model
         self.processor = processor
         self.family = family
@@ -141,7 +146,7 @@ class _VisionLanguage:
                        allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
 
     @classmethod
-    def load(cls, spec: models.ModelSpec, device: Any) -> "_VisionLanguage":
+    def load(cls, spec: models.ModelSpec, device: DeviceManager) -> "_VisionLanguage":
         try:
             from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForVisualQuestionAnswering, AutoProcessor
         except ImportError as exc:  # pragma: no cover - transformers is a core dependency
@@ -327,7 +332,7 @@ class Captioner(_VisionLanguage):
         elif request.tags:
             raise UsageError("--tags is only used with --interrogate", "add --interrogate, or drop --tags")
 
-    def run(self, request: CaptionRequest, progress: Any) -> list[Result]:
+    def run(self, request: CaptionRequest, progress: Progress) -> list[Result]:
         # 1. check inputs; adapters on (or all off when none are asked for)
         self.check_inputs(request)
         self._apply_adapters(request.adapters)
@@ -413,7 +418,7 @@ class VQA(_VisionLanguage):
         if not request.questions or any(not str(q).strip() for q in request.questions):
             raise UsageError("no question to ask", 'pass one or more questions, e.g. studio vqa photo.jpg "what colour is the car?"')
 
-    def run(self, request: VQARequest, progress: Any) -> list[Result]:
+    def run(self, request: VQARequest, progress: Progress) -> list[Result]:
         # 1. check inputs; adapters on (or all off when none are asked for)
         self.check_inputs(request)
         self._apply_adapters(request.adapters)
@@ -498,7 +503,7 @@ class Interrogator:
     fast mode). Loading is pipelines/clip.py's `load_clip`, so --clip-model takes every name
     `studio clip` takes."""
 
-    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, device: Any, source: Any):
+    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, device: DeviceManager, source: Any):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -507,7 +512,7 @@ class Interrogator:
         self._tag_cache: dict[tuple[str, ...], Any] = {}
 
     @classmethod
-    def load(cls, source: Any, device: Any) -> "Interrogator":
+    def load(cls, source: Any, device: DeviceManager) -> "Interrogator":
         from studio.pipelines.clip import load_clip
 
         model, preprocess, tokenizer = load_clip(source, device)

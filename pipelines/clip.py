@@ -25,11 +25,16 @@ import contextlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from studio.errors import InputFileError, ModelNotAvailable, StudioError, UsageError
 from studio.outputs import Result, atomic_path, write_text_file
 from studio.pipeline import IMAGE_SUFFIXES, load_image
+
+
+if TYPE_CHECKING:  # types only (ARCHITECTURE.md, the contract: studio/pipeline.py)
+    from studio.device import DeviceManager
+    from studio.progress import Progress
 
 TASK = "clip-embed"
 CONFIG_NAME = "open_clip_config.json"  # open_clip's hub layout (open_clip.constants.HF_CONFIG_NAME)
@@ -484,12 +489,12 @@ class ClipEmbedder:
     request_type = ClipEmbedRequest
     seedless = True  # embeddings are deterministic: no seed to record
 
-    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, source: ClipSource, device: Any):
+    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, source: ClipSource, device: DeviceManager | str):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.source = source
-        self.device = device  # a studio DeviceManager
+        self.device = device  # a studio DeviceManager (training and eval scripts may pass "cpu")
 
     @classmethod
     def resolve_model(cls, name: str, *, task: str | None = None, allow_pickle: bool = False,
@@ -504,7 +509,7 @@ class ClipEmbedder:
         return resolve_clip(name, allow_pickle=allow_pickle, offline=offline)
 
     @classmethod
-    def load(cls, spec: Any, device: Any, *, pretrained: str | None = None) -> "ClipEmbedder":
+    def load(cls, spec: Any, device: DeviceManager | str, *, pretrained: str | None = None) -> "ClipEmbedder":
         source = resolve_clip(spec, pretrained=pretrained, allow_pickle=getattr(spec, "allow_pickle", False))
         model, preprocess, tokenizer = load_clip(source, device)
         return cls(model, preprocess, tokenizer, source, device)
@@ -587,7 +592,7 @@ class ClipEmbedder:
             out[texts] = parts["text"]
         return out
 
-    def run(self, request: ClipEmbedRequest, progress: Any) -> list[Result]:
+    def run(self, request: ClipEmbedRequest, progress: Progress) -> list[Result]:
         # 1. check inputs (files exist, kinds known)
         self.check_inputs(request)
         items = expand_inputs(request.inputs, request.kind)

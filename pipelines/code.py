@@ -31,11 +31,16 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from studio import models
 from studio.errors import InputFileError, RuntimeFailure, UsageError
 from studio.outputs import Result
+
+
+if TYPE_CHECKING:  # types only (ARCHITECTURE.md, the contract: studio/pipeline.py)
+    from studio.device import DeviceManager
+    from studio.progress import Progress
 
 # language -> (file suffix, line-comment marker, fence names that count as this language)
 LANGS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -417,7 +422,7 @@ class CodeGenerator:
     task = "code"
     request_type = CodeRequest
 
-    def __init__(self, model: Any, tokenizer: Any, spec: models.ModelSpec, device: Any):
+    def __init__(self, model: Any, tokenizer: Any, spec: models.ModelSpec, device: DeviceManager):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -426,7 +431,7 @@ class CodeGenerator:
         self.chat = bool(getattr(tokenizer, "chat_template", None))
 
     @classmethod
-    def load(cls, spec: models.ModelSpec, device: Any) -> "CodeGenerator":
+    def load(cls, spec: models.ModelSpec, device: DeviceManager) -> "CodeGenerator":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -526,7 +531,7 @@ class CodeGenerator:
         return tests
 
     # ------------------------------------------------------------------ run
-    def run(self, request: CodeRequest, progress: Any) -> list[Result]:
+    def run(self, request: CodeRequest, progress: Progress) -> list[Result]:
         # 1. check inputs; exactly the requested adapters active (none: the base model, bit for bit)
         self.check_inputs(request)
         from studio.adapters.peft_adapters import adapter_records, apply_adapters

@@ -19,11 +19,14 @@ diffusers or OpenCV at module level.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from studio.device import module_available
 from studio.errors import BackendUnavailable, ModelNotAvailable, UsageError
 from studio.progress import quiet_libraries
+
+if TYPE_CHECKING:  # types only
+    from studio.device import DeviceManager
 
 # the hub repo controlnet-aux's detectors load their weights from
 AUX_REPO = "lllyasviel/Annotators"
@@ -200,7 +203,7 @@ def default_control_model(kind: str, family: str) -> str:
 _CONTROLNETS: dict[tuple, Any] = {}
 
 
-def load_controlnet(name: str, device: Any, *, allow_pickle: bool = False, offline: bool = False,
+def load_controlnet(name: str, device: DeviceManager, *, allow_pickle: bool = False, offline: bool = False,
                     trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(ControlNet model prepared for `device`, its ModelSpec), cached per process. The model class
     comes from the folder's config (ControlNetModel, SD3ControlNetModel, FluxControlNetModel, ...)."""

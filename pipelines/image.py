@@ -21,10 +21,17 @@ import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from studio.errors import BackendUnavailable, InputFileError, RuntimeFailure, UsageError
 from studio.progress import quiet_libraries
+
+
+if TYPE_CHECKING:  # types only (ARCHITECTURE.md, the contract: studio/pipeline.py)
+    from studio.device import DeviceManager
+    from studio.models import ModelSpec
+    from studio.outputs import Result
+    from studio.progress import Progress
 
 
 # ----------------------------------------------------------------------------- the request
@@ -285,7 +292,7 @@ class ImagePipeline:
     task = "image"
     request_type = ImageRequest
 
-    def __init__(self, pipe: Any, spec: Any, device: Any, notes: list[str] | None = None):
+    def __init__(self, pipe: Any, spec: ModelSpec, device: DeviceManager, notes: list[str] | None = None):
         from studio.adapters.lora import LoraSet
 
         self.base = pipe  # the text-to-image pipeline; every other mode shares its weights
@@ -298,7 +305,7 @@ class ImagePipeline:
 
     # -------------------------------------------------------------- loading
     @classmethod
-    def load(cls, spec: Any, device: Any) -> "ImagePipeline":
+    def load(cls, spec: ModelSpec, device: DeviceManager) -> ImagePipeline:
         from studio import models
 
         notes: list[str] = []
@@ -409,7 +416,8 @@ class ImagePipeline:
         return 1.0 if (request.mask_image or request.outpaint) else 0.75
 
     # -------------------------------------------------------------- run
-    def run(self, request: ImageRequest, progress: Any) -> list[Any]:
+    def run(self, request: ImageRequest, progress: Progress) -> Iterator[Result]:
+        """Yields each image as soon as it is made (the engine writes it and lets it go)."""
         import torch
 
         from studio.adapters.lora import parse_lora
@@ -487,7 +495,6 @@ class ImagePipeline:
             controls=[s.to_text() for _, s in controls], adapters=[a for a in _as_tuple(request.adapters)],
             control_models=list(_as_tuple(request.control_models)),
         )
-        results = []
         for index, seed in enumerate(seeds):
             handle = progress.task(f"image {index + 1}/{len(seeds)} seed {seed}", total=steps_run)
             if "callback_on_step_end" in accepted:
@@ -524,9 +531,8 @@ class ImagePipeline:
                 note("the model's safety checker blanked this image")
             if notes:
                 extra["notes"] = list(notes)
-            results.append(Result(kind="image", value=image, params={**base_params, "seed": seed},
-                                  extra=extra, companions=companions))
-        return results
+            yield Result(kind="image", value=image, params={**base_params, "seed": seed},
+                         extra=extra, companions=companions)
 
     # -------------------------------------------------------------- steps of run
     def _prepare_images(self, request: ImageRequest, note: Any) -> tuple[int, int, Any, Any]:
@@ -704,7 +710,7 @@ def outpaint_canvas(image: Any, pads: dict[str, int], overlap: int = 8) -> tuple
 
 
 # ----------------------------------------------------------------------------- loading helpers
-def _load_kwargs(spec: Any, device: Any, config: dict[str, Any]) -> dict[str, Any]:
+def _load_kwargs(spec: ModelSpec, device: DeviceManager, config: dict[str, Any]) -> dict[str, Any]:
     kwargs = {"dtype": device.dtype, **spec.load_kwargs(library="diffusers")}
     if "safety_checker" in config:
         # A1111/ComfyUI run without it; loading it costs a second CLIP model
@@ -716,7 +722,7 @@ def _load_kwargs(spec: Any, device: Any, config: dict[str, Any]) -> dict[str, An
     return kwargs
 
 
-def _load_pretrained(spec: Any, device: Any, notes: list[str]) -> Any:
+def _load_pretrained(spec: ModelSpec, device: DeviceManager, notes: list[str]) -> Any:
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
     location = spec.location()
@@ -759,7 +765,7 @@ _SINGLE_FILE_CLASSES = {
 }
 
 
-def _load_single_file(spec: Any, device: Any, notes: list[str]) -> Any:
+def _load_single_file(spec: ModelSpec, device: DeviceManager, notes: list[str]) -> Any:
     """One .safetensors checkpoint (A1111/Civitai style) through diffusers' from_single_file.
 
     The checkpoint holds weights only; the component configs come from, in order: the model

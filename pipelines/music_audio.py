@@ -30,13 +30,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from studio.errors import InputFileError, UsageError
 from studio.models import ModelSpec, loading
 from studio.outputs import Result
 from studio.pipeline import seeds_for
 from studio.progress import quiet_transformers
+
+
+if TYPE_CHECKING:  # types only (ARCHITECTURE.md, the contract: studio/pipeline.py)
+    from studio.device import DeviceManager
+    from studio.progress import Progress
 
 AUDIO_FORMATS = ("wav", "flac")
 MAX_WINDOW_SECONDS = 30.0  # what the released MusicGen models were trained on (audiocraft's max_duration)
@@ -160,7 +165,7 @@ class MusicGenerator:
     task = "music-audio"
     request_type = AudioRequest
 
-    def __init__(self, model: Any, tokenizer: Any, device: Any, spec: ModelSpec, chroma: ChromaExtractor | None):
+    def __init__(self, model: Any, tokenizer: Any, device: DeviceManager, spec: ModelSpec, chroma: ChromaExtractor | None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -178,7 +183,7 @@ class MusicGenerator:
         return self.chroma is not None
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: Any) -> "MusicGenerator":
+    def load(cls, spec: ModelSpec, device: DeviceManager) -> "MusicGenerator":
         from transformers import (AutoConfig, AutoTokenizer, MusicgenForConditionalGeneration,
                                   MusicgenMelodyForConditionalGeneration)
         from transformers.utils import cached_file
@@ -200,7 +205,7 @@ class MusicGenerator:
             tokenizer = AutoTokenizer.from_pretrained(location, **config_kwargs)
             chroma = None
             if model_type == "musicgen_melody":
-                path = cached_file(location, "preprocessor_config.json", **config_kwargs)
+                path = cached_file(location, "preprocessor_config.json", **{k: v for k, v in config_kwargs.items() if k == "revision"})
                 chroma = ChromaExtractor(**json.loads(Path(path).read_text()))
         model.eval()
         with quiet_transformers():
@@ -259,7 +264,8 @@ class MusicGenerator:
         self._window(request, 1)
 
     # -- 2-4
-    def run(self, request: AudioRequest, progress: Any) -> list[Result]:
+    def run(self, request: AudioRequest, progress: Progress) -> Iterator[Result]:
+        """Yields each piece as soon as it is decoded (the engine writes it and lets it go)."""
         import torch
 
         # 1. check inputs; text and melody
@@ -271,7 +277,6 @@ class MusicGenerator:
         total = int(math.ceil(request.duration * self.frame_rate))
         base = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
 
-        results = []
         for index, seed in enumerate(seeds_for(request.seed or 0, request.num_outputs)):
             handle = progress.task(f"music {index + 1}/{request.num_outputs} (s of audio)", total=round(request.duration, 2))
             # 2. tokens, window by window
@@ -288,9 +293,8 @@ class MusicGenerator:
             extra = {"audio": {"sampling_rate": self.sampling_rate, "frame_rate": self.frame_rate, "frames": int(codes.shape[-1]),
                                "windows": windows, "window_s": round(window / self.frame_rate, 3),
                                "stride_s": round(stride / self.frame_rate, 3), "melody_conditioned": melody is not None}}
-            results.append(Result(kind="audio", value=(samples, self.sampling_rate), params={**base, "seed": seed},
-                                  fmt=request.format, extra=extra))
-        return results
+            yield Result(kind="audio", value=(samples, self.sampling_rate), params={**base, "seed": seed},
+                         fmt=request.format, extra=extra)
 
     def _generate_codes(self, text: dict[str, Any], melody: tuple[Any, int] | None, total: int, window: int,
                         stride: int, request: AudioRequest, handle: Any) -> tuple[Any, int]:

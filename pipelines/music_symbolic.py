@@ -43,13 +43,18 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from studio.errors import InputFileError, UsageError
 from studio.models import ModelSpec, loading
 from studio.outputs import Result
 from studio.pipeline import seeds_for
 from studio.progress import quiet_transformers
+
+
+if TYPE_CHECKING:  # types only (ARCHITECTURE.md, the contract: studio/pipeline.py)
+    from studio.device import DeviceManager
+    from studio.progress import Progress
 
 DEFAULT_BARS = 8
 MAX_BARS = 512
@@ -453,7 +458,7 @@ class MidiGenerator:
     task = "music-midi"
     request_type = MidiRequest
 
-    def __init__(self, model: Any, tokenizer: Any, device: Any, spec: ModelSpec):
+    def __init__(self, model: Any, tokenizer: Any, device: DeviceManager, spec: ModelSpec):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -463,7 +468,7 @@ class MidiGenerator:
         self.context = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024)
 
     @classmethod
-    def load(cls, spec: ModelSpec, device: Any) -> "MidiGenerator":
+    def load(cls, spec: ModelSpec, device: DeviceManager) -> "MidiGenerator":
         from transformers import AutoModelForCausalLM
 
         with loading(spec, "MIDI model"), quiet_transformers():
@@ -563,8 +568,8 @@ class MidiGenerator:
         return (list(seq.ids) if seq is not None else []), tempo
 
     # -- 2-4. generate, decode, results
-    def run(self, request: MidiRequest, progress: Any) -> list[Result]:
-        import torch
+    def run(self, request: MidiRequest, progress: Progress) -> Iterator[Result]:
+        """Yields each piece (and its rendering) as soon as it is made."""
 
         # 1. check inputs and resolve the controls; adapters on (or all off when none are asked for)
         ctl = self._resolve(request)
@@ -585,7 +590,6 @@ class MidiGenerator:
         prompt = [self.vocab.bos] + primer
         base = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
 
-        results = []
         for index, seed in enumerate(seeds_for(request.seed or 0, request.num_outputs)):
             handle = progress.task(f"music {index + 1}/{request.num_outputs} (bars)", total=ctl["bars"])
             constraint = RemiConstraint(self.vocab, controls,
@@ -611,8 +615,7 @@ class MidiGenerator:
                 samples, rate, info = render(midi, soundfont=request.soundfont, note=progress.note)
                 result.companions["render"] = (samples, rate)
                 result.extra["render"] = info
-            results.append(result)
-        return results
+            yield result
 
     def _generate(self, prompt: list[int], constraint: RemiConstraint, request: MidiRequest, seed: int) -> list[int]:
         import torch

@@ -35,12 +35,17 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from studio import models
 from studio.errors import InputFileError, UsageError
 from studio.outputs import Result
 from studio.pipeline import IMAGE_SUFFIXES, load_image, seeds_for
+
+
+if TYPE_CHECKING:  # types only (ARCHITECTURE.md, the contract: studio/pipeline.py)
+    from studio.device import DeviceManager
+    from studio.progress import Progress
 
 FORMATS = ("mp4", "gif", "webp", "frames")
 
@@ -278,7 +283,7 @@ class VideoPipeline:
     task = "video"
     request_type = VideoRequest
 
-    def __init__(self, spec: models.ModelSpec, device: Any, family: Family, class_name: str, pipe: Any = None):
+    def __init__(self, spec: models.ModelSpec, device: DeviceManager, family: Family, class_name: str, pipe: Any = None):
         self.spec = spec
         self.device = device
         self.family = family
@@ -289,7 +294,7 @@ class VideoPipeline:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, spec: models.ModelSpec, device: Any) -> "VideoPipeline":
+    def load(cls, spec: models.ModelSpec, device: DeviceManager) -> "VideoPipeline":
         class_name = _class_name(spec)
         if class_name == "MotionAdapter":
             # a motion adapter named as the model (e.g. the animatediff-v3 card): its base comes
@@ -346,7 +351,7 @@ class VideoPipeline:
             from diffusers import DDIMScheduler, MotionAdapter
 
             with models.loading(adapter, "motion adapter"), _quiet_loading():
-                motion = MotionAdapter.from_pretrained(adapter.location(), **adapter.load_kwargs(library="diffusers"))
+                motion = MotionAdapter.from_pretrained(adapter.location(), **adapter.load_kwargs(library="diffusers-model"))
             base_class = _class_name(base)
             cls_name = {"StableDiffusionPipeline": "AnimateDiffPipeline",
                         "StableDiffusionXLPipeline": "AnimateDiffSDXLPipeline"}.get(base_class)
@@ -368,7 +373,7 @@ class VideoPipeline:
             from diffusers import AnimateDiffControlNetPipeline, ControlNetModel
 
             with models.loading(cn_spec, "ControlNet"), _quiet_loading():
-                controlnet = ControlNetModel.from_pretrained(cn_spec.location(), **cn_spec.load_kwargs(library="diffusers"))
+                controlnet = ControlNetModel.from_pretrained(cn_spec.location(), **cn_spec.load_kwargs(library="diffusers-model"))
             controlnet = self.device.prepare(controlnet)
             pipe = AnimateDiffControlNetPipeline.from_pipe(base_pipe, controlnet=controlnet)
             pipe.set_progress_bar_config(disable=True)
@@ -483,7 +488,8 @@ class VideoPipeline:
                                      "pass a folder of images named by frame number")
 
     # ------------------------------------------------------------------ running
-    def run(self, request: VideoRequest, progress: Any) -> list[Result]:
+    def run(self, request: VideoRequest, progress: Progress) -> Iterator[Result]:
+        """Yields each clip as soon as it is made (the engine writes it and lets its frames go)."""
         import torch
 
         from studio.pipelines.interpolate import interpolate_frames
@@ -536,7 +542,6 @@ class VideoPipeline:
             kwargs["decode_chunk_size"] = decode["chunk"]
 
         # 7. generate: one clip per seed
-        results = []
         base_seed = request.seed if request.seed is not None else 0
         for index, seed in enumerate(seeds_for(base_seed, request.num_outputs)):
             handle = progress.task(f"video {index + 1}/{request.num_outputs}" if request.num_outputs > 1 else "video",
@@ -571,8 +576,7 @@ class VideoPipeline:
                                "decode": decode, "control_keyframes": control_keys}}
             if lora_records:
                 extra["adapters"] = lora_records
-            results.append(Result(kind="video", value=frames, params=params, fmt=request.format, extra=extra))
-        return results
+            yield Result(kind="video", value=frames, params=params, fmt=request.format, extra=extra)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

@@ -1,21 +1,26 @@
 """The engine: the one path from a task name and parameters to written outputs.
 
 CLI commands, `studio run` batch files, `studio replay` and the Python API all call
-`Engine.run(task, params)`. Data flows one way (DESIGN.md):
+`Engine.run(task, params)` (or `Engine.stream`). Data flows one way (ARCHITECTURE.md):
 params -> preset/card merge -> Request -> registry -> pipeline.load(spec, device)
--> pipeline.run(request, progress) -> Results -> OutputWriter.
+-> pipeline.run(request, progress) -> each Result -> OutputWriter, as soon as it is made.
+
+Outputs stream: `run` may yield its Results one by one (studio/pipeline.py), and the engine
+writes each before asking for the next, then keeps only its path and metadata. A run of 200
+images holds one image at a time, and what was finished before a failure stays on disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import secrets
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from studio.device import DeviceSettings
 from studio.errors import UsageError
@@ -38,6 +43,11 @@ class RunOptions:
     overwrite: bool = False  # replace outputs of the same name instead of adding -1, -2, ...
     template: str = "{date}-{task}-{seed}-{slug}"  # output file name template
     write: bool = True  # write outputs (False: return Results only, e.g. captions printed)
+
+
+# Result kinds whose payload a written Result keeps: text is small, and callers print it (captions,
+# answers, code); images, audio, video, MIDI and JSON are on disk once written.
+KEEP_WHEN_WRITTEN = frozenset({"text"})
 
 
 def request_fields(request_type: type) -> dict[str, dataclasses.Field]:
@@ -68,6 +78,23 @@ class Engine:
 
     def run(self, task: str, params: dict[str, Any], *, job: str | None = None,
             options: RunOptions | None = None) -> list[Any]:
+        """Run `task` and return its Results, each written as soon as the pipeline made it (unless
+        options.write is False). A written Result keeps its path, params and metadata; its payload
+        (`value`, `companions`) is let go unless it is text, so memory does not grow with the number
+        of outputs: read the file for the pixels. Unwritten Results keep everything."""
+        results = []
+        for result in self.stream(task, params, job=job, options=options):
+            if result.path is not None and result.kind not in KEEP_WHEN_WRITTEN:
+                result.value = None
+                result.companions = {}
+            results.append(result)
+        return results
+
+    def stream(self, task: str, params: dict[str, Any], *, job: str | None = None,
+               options: RunOptions | None = None) -> Iterator[Any]:
+        """The Results of `task` one at a time, as the pipeline makes them; each is written (when
+        options.write) and emitted before it is handed on, payload intact. A caller that writes
+        for itself (the batch runner) streams with write=False and lets each one go."""
         from studio import presets, registry
         from studio.device import get_device_manager
         from studio.outputs import OutputWriter
@@ -85,21 +112,23 @@ class Engine:
         preset_params, preset_device = presets.split_device(preset_values)
         device_settings = DeviceSettings.from_sources(flags=opts.device, preset=preset_device)
 
-        # 2. the model: card defaults sit under the preset
+        # 2. the model: card defaults sit under the preset (a task with `needs_model = False`,
+        # such as mux, loads no weights: no model is resolved and no device is built for it)
         cls = registry.pipeline_class(task)
+        needs_model = getattr(cls, "needs_model", True)
         model_name = given.get("model") or preset_params.get("model") or "auto"
         spec = registry.resolve_model(task, str(model_name), allow_pickle=opts.allow_pickle,
-                                      trust_remote_code=opts.trust_remote_code, offline=opts.offline or None)
-        if spec.notice:
+                                      trust_remote_code=opts.trust_remote_code, offline=opts.offline or None) if needs_model else None
+        if spec is not None and spec.notice:
             if spec.notice not in self._noted:
                 self._noted.add(spec.notice)
                 self.progress.note(spec.notice)
-        card_defaults = dict(spec.card.get("defaults") or {})
+        card_defaults = dict(spec.card.get("defaults") or {}) if spec is not None else {}
         fields = request_fields(cls.request_type)
         merged = {k: v for k, v in card_defaults.items() if k in fields}
         merged.update(preset_params)
         merged.update(given)
-        merged["model"] = spec.name if "model" in fields else merged.get("model")
+        merged["model"] = spec.name if "model" in fields and spec is not None else merged.get("model")
         if "model" not in fields:
             merged.pop("model", None)
         if "seed" in fields and merged.get("seed") is None and not getattr(cls, "seedless", False):
@@ -119,30 +148,38 @@ class Engine:
         for lib in ("transformers", "diffusers"):
             if lib in sys.modules:
                 sys.modules[lib].utils.logging.disable_progress_bar()
-        device = get_device_manager(device_settings)
+        device = get_device_manager(device_settings) if needs_model else None
         t0 = time.perf_counter()
         with self.progress:
             pipeline = registry.load_pipeline(task, spec, device, self.progress)
             t1 = time.perf_counter()
             if hasattr(pipeline, "check_inputs"):
                 pipeline.check_inputs(request)
-            results = pipeline.run(request, self.progress)
-        t2 = time.perf_counter()
 
-        # 4. metadata and writing
-        extra = {"model": spec.identity(), "device": device.describe(),
-                 "timings": {"load_s": round(t1 - t0, 4), "run_s": round(t2 - t1, 4)}}
-        if opts.preset:
-            extra["preset"] = opts.preset
-        if job:
-            extra["job"] = job
-        for index, result in enumerate(results):
-            result.extra = {**extra, **result.extra}
-            if writer is not None:
-                writer.write(result, index)
-            if self.emit is not None:
-                self.emit(self.summary(result))
-        return results
+            # 4. run: each output gets its metadata and is written before the next one is made
+            extra = {"model": spec.identity() if spec is not None else None, "device": device.describe() if device else None,
+                     "timings": {"load_s": round(t1 - t0, 4)}}
+            if opts.preset:
+                extra["preset"] = opts.preset
+            if job:
+                extra["job"] = job
+            outputs = iter(pipeline.run(request, self.progress))
+            making = 0.0  # seconds inside the pipeline so far; writing and the caller's time excluded
+            for index in itertools.count():
+                started = time.perf_counter()
+                result = next(outputs, None)
+                if result is None:
+                    break
+                making += time.perf_counter() - started
+                # run_s: from the start of the run until this output was ready (the last one's is
+                # the whole run's)
+                timings = {**extra["timings"], "run_s": round(making, 4)}
+                result.extra = {**extra, "timings": timings, **result.extra}
+                if writer is not None:
+                    writer.write(result, index)
+                if self.emit is not None:
+                    self.emit(self.summary(result))
+                yield result
 
     @staticmethod
     def summary(result: Any) -> dict[str, Any]:

@@ -24,8 +24,9 @@ payload, so a run of many outputs holds one at a time (`--num 200` peaks like `-
 pipeline whose outputs are many yields them one by one.
 
 Optional class attributes the engine reads: `seedless = True` (nothing random: no seed is drawn
-or recorded), `needs_model = False` (no weights: load gets spec=None, device=None). tests/
-test_contract.py runs every registered task through `contract_problems` and the same checks.
+or recorded), `needs_model = False` (no weights: load gets spec=None, device=None), and a
+`resolve_model` classmethod for a task that names its models its own way (registry.resolve_model).
+tests/test_contract.py runs every registered task through `contract_problems` and the same checks.
 """
 
 from __future__ import annotations

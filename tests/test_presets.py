@@ -9,6 +9,7 @@ import json
 
 import pytest
 import yaml
+from PIL import Image
 
 from studio import presets, registry
 from studio.errors import UsageError
@@ -73,7 +74,7 @@ def test_preset_values_sit_between_card_defaults_and_flags_device_keys_included(
     st = Studio(out_dir=tmp_path / "out")
     [r] = st.run("toy", preset="wide", prompt="p", seed=1, height=3)
     assert (r.params["width"], r.params["height"], r.params["steps"]) == (12, 3, 3)
-    assert r.value.size == (12, 3)
+    assert Image.open(r.path).size == (12, 3)
     assert r.metadata["device"]["requested"]["precision"] == "bf16"  # a preset's device key applies
     flags = Studio(out_dir=tmp_path / "out2", precision="fp32")
     [r2] = flags.run("toy", preset="wide", prompt="p", seed=1)

@@ -36,10 +36,8 @@ class ToyPipeline:
             raise UsageError(f"--steps must be at least 1, got {request.steps}", "pass --steps 1 or more")
 
     def run(self, request, progress):
-        results = []
-        for i in range(request.num_outputs):
+        for i in range(request.num_outputs):  # one at a time, as the contract recommends
             seed = request.seed + i
             pixels = np.random.default_rng(seed).integers(0, 256, (request.height, request.width, 3), dtype=np.uint8)
             params = {**request.__dict__, "seed": seed}
-            results.append(Result(kind="image", value=Image.fromarray(pixels), params=params))
-        return results
+            yield Result(kind="image", value=Image.fromarray(pixels), params=params)

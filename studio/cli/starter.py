@@ -88,6 +88,7 @@ def eval_image(
     generated images are written too."""
     from studio.engine import Engine
     from studio.errors import UsageError
+    from studio.pipeline import load_image
 
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}", "pass --n 100")
@@ -100,7 +101,8 @@ def eval_image(
     for i, target in enumerate(targets):
         params = {"prompt": target.caption, "model": model, "seed": base_seed + i, "steps": steps, "guidance": guidance}
         results = engine.run("image", {k: v for k, v in params.items() if v is not None})
-        images.append(results[0].value)
+        # a written Result lets its pixels go (the engine streams outputs): read them back
+        images.append(results[0].value if results[0].value is not None else load_image(results[0].path))
     report = {"task": "image", "model": model, "data_seed": data_seed, "checker": "shapes pixel checker",
               **S.prompt_following(images, targets)}
     if not samples:
