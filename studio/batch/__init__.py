@@ -30,15 +30,14 @@ The package reads top to bottom in the order a file flows through it:
     manifest.py  the output folder's manifest.jsonl: finished jobs, verified outputs, repair,
                  and what --resume may remove (only what studio provably wrote, inside --out)
     runner.py    Runner, Report, Outcome: plan and run; `run_job` runs one job
-    launch.py    `--processes N` through accelerate launch
+    launch.py    several processes: `--processes N` through accelerate launch, the split, the gather
 """
 
 from studio.batch.graph import field_kind, output_kinds
-from studio.batch.launch import launch
 from studio.batch.manifest import Manifest
 from studio.batch.model import Job, Output, Ref
 from studio.batch.parse import MAX_JOBS, BatchFile, is_batch_data, load, parse
 from studio.batch.runner import Outcome, PlanItem, Report, Runner, run_file, run_job
 
 __all__ = ["BatchFile", "Job", "MAX_JOBS", "Manifest", "Outcome", "Output", "PlanItem", "Ref", "Report", "Runner",
-           "field_kind", "is_batch_data", "launch", "load", "output_kinds", "parse", "run_file", "run_job"]
+           "field_kind", "is_batch_data", "load", "output_kinds", "parse", "run_file", "run_job"]

@@ -1,6 +1,9 @@
-"""`studio run FILE --processes N`: N worker processes started with `accelerate launch`, each
-running `studio run FILE` on its share of the jobs (Runner.run splits them with accelerate's
-PartialState); the main worker writes the run's summary to a file this process reads back."""
+"""Several processes with accelerate: `studio run FILE --processes N` starts N workers with
+`accelerate launch`, each running `studio run FILE` on its share of the jobs; in a worker,
+`process_state` is accelerate's PartialState, the jobs are split with its
+`split_between_processes` (`process_of` says who gets which, for --dry-run), and `gather` brings
+every worker's outcomes together. The main worker writes the run's summary to a file the
+launching process reads back."""
 
 from __future__ import annotations
 
@@ -39,3 +42,32 @@ def launch(path: str | Path, processes: int, argv: list[str], *, cpu: bool) -> d
             raise RuntimeFailure(f"accelerate launch exited with {code} before the run finished",
                                  "rerun with --debug, or without --processes to see the error")
         return json.loads(summary.read_text())
+
+
+def process_state(*, cpu: bool) -> Any:
+    """accelerate's PartialState when launched as several processes, else None (no import)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu or not torch.cuda.is_available())
+
+
+def process_of(unit: int, units: int, processes: int) -> int:
+    """Which process runs unit `unit` of `units`: the split PartialState.split_between_processes
+    makes (contiguous shares, the first `units % processes` one longer)."""
+    per, extra = divmod(units, processes)
+    for p in range(processes):
+        start = p * per + min(p, extra)
+        if start <= unit < start + per + (1 if p < extra else 0):
+            return p
+    return processes - 1
+
+
+def gather(state: Any, rows: list[Any]) -> list[Any]:
+    """Every process's rows, in process order, on every process."""
+    from accelerate.utils import gather_object
+
+    state.wait_for_everyone()
+    return [row for part in gather_object([rows]) for row in part]

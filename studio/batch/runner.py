@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from studio import presets, registry
-from studio.batch import graph
+from studio.batch import graph, launch
 from studio.batch.manifest import Manifest
 from studio.batch.model import Job, Output
 from studio.batch.parse import BatchFile
@@ -265,22 +265,14 @@ class Runner:
             items.append(PlanItem(job=job, status=status))
         units = self.file.components()
         index = {id(job): n for n, unit in enumerate(units) for job in unit}
-        n = len(units)
-        for item in items:  # the same split as PartialState.split_between_processes
-            u = index[id(item.job)]
-            per, extra = divmod(n, processes)
-            for p in range(processes):
-                start = p * per + min(p, extra)
-                end = start + per + (1 if p < extra else 0)
-                if start <= u < end:
-                    item.process = p
-                    break
+        for item in items:
+            item.process = launch.process_of(index[id(item.job)], len(units), processes)
         return items
 
     # ------------------------------------------------------------------ running
     def run(self) -> Report:
         started = time.perf_counter()
-        state = self._state()
+        state = launch.process_state(cpu=self.device_flags.get("device") == "cpu")
         units = self.file.components()
         if state is not None and state.num_processes > 1:
             with state.split_between_processes(units) as mine:
@@ -349,26 +341,11 @@ class Runner:
 
     def _gather(self, state: Any, outcomes: list[Outcome]) -> list[Outcome]:
         """Every process's outcomes, on every process."""
-        from accelerate.utils import gather_object
-
-        state.wait_for_everyone()
-        everyone = gather_object([[dataclasses.asdict(o) for o in outcomes]])
         merged = []
-        for part in everyone:
-            for o in part:
-                o["outputs"] = [Output(**{**x, "path": Path(x["path"])}) for x in o["outputs"]]
-                merged.append(Outcome(**o))
+        for o in launch.gather(state, [dataclasses.asdict(o) for o in outcomes]):
+            o["outputs"] = [Output(**{**x, "path": Path(x["path"])}) for x in o["outputs"]]
+            merged.append(Outcome(**o))
         return merged
-
-    def _state(self) -> Any:
-        """accelerate's PartialState when launched as several processes, else None (no import)."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return None
-        import torch
-        from accelerate import PartialState
-
-        cpu = not torch.cuda.is_available() or self.device_flags.get("device") == "cpu"
-        return PartialState(cpu=cpu)
 
     def _chunks(self, jobs: list[Job]) -> list[list[Job]]:
         """Consecutive jobs that differ only in their seed, for a task whose Request takes `seeds`

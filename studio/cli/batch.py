@@ -37,7 +37,8 @@ def run(
 ) -> None:
     """Run a batch file or a multi-step pipeline file. Exit code: how many jobs failed (0 = all done).
     With --json: one JSON object per output, then a summary."""
-    from studio.batch import Runner, launch
+    from studio.batch import Runner
+    from studio.batch.launch import launch
     from studio.engine import print_json
 
     out, quiet, json_out, debug, offline = opts.out, opts.quiet, opts.json, opts.debug, opts.offline
