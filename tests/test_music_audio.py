@@ -85,7 +85,7 @@ def test_tokens_read_off_generate_decode_to_its_waveform(mg):
     from studio.pipelines.music_audio import AudioRequest
     from studio.progress import Progress
 
-    ours = pipeline(mg).run(AudioRequest(prompt="warm jazz", duration=1.0, seed=11), Progress(enabled=False))[0]
+    [ours] = pipeline(mg).run(AudioRequest(prompt="warm jazz", duration=1.0, seed=11), Progress(enabled=False))
     model = MusicgenForConditionalGeneration.from_pretrained(mg, use_safetensors=True).eval()
     inputs = AutoTokenizer.from_pretrained(mg)(["warm jazz"], padding=True, return_tensors="pt")
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
@@ -145,7 +145,7 @@ def test_progress_counts_seconds_of_audio(mg):
     buffer = io.StringIO()
     progress = Progress(console=Console(file=buffer, width=120, force_terminal=False))
     with progress:
-        pipeline(mg).run(AudioRequest(prompt="lofi", duration=3.0, seed=1), progress)
+        list(pipeline(mg).run(AudioRequest(prompt="lofi", duration=3.0, seed=1), progress))
     text = buffer.getvalue()
     assert "s of audio" in text and "3/3" in text
 
@@ -157,7 +157,7 @@ def test_melody_conditions_the_music(melody_model, melody_wav):
     pipe = pipeline(melody_model)
     chroma = pipe.chroma(*__import__("studio.pipelines.music_audio", fromlist=["load_audio"]).load_audio(melody_wav))
     assert chroma.shape[-1] == 12 and int(chroma[0, 0].argmax()) == 9  # A
-    run = lambda **kw: pipe.run(AudioRequest(prompt="piano", duration=1.0, seed=4, **kw), Progress(enabled=False))[0]  # noqa: E731
+    run = lambda **kw: next(pipe.run(AudioRequest(prompt="piano", duration=1.0, seed=4, **kw), Progress(enabled=False)))  # noqa: E731
     with_melody = run(melody=str(melody_wav))
     without = run()
     assert with_melody.extra["audio"]["melody_conditioned"] is True
