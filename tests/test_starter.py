@@ -58,6 +58,73 @@ def test_pixel_checker_rejects_wrong_images():
     assert S.prompt_following([S.render(swapped, 64)[0]], [s])["prompt_following"] == 0.0
 
 
+def test_prompts_are_pure_and_say_what_they_name():
+    from studio.pipelines.training import shapes as S
+
+    for family in S.FAMILIES:
+        a = [S.prompt(1, i, family) for i in range(30)]
+        assert [S.prompt(1, i, family) for i in range(30)] == a  # a pure function of (seed, index, family)
+        for p in a:
+            want = p.target.shapes[0]
+            text = p.text.lower()
+            assert ("colour" in p.named) == (want.colour in text.replace(f"{p.target.background} background", "")
+                                             .replace(f"{p.target.background} backdrop", "")) or "background" in p.named
+            if "shape" in p.named:
+                assert want.shape in text
+            if "background" not in p.named:
+                assert p.target.background == "white"  # "a red circle" means a red circle on white
+    assert S.prompt(1, 0, "template").text == S.caption_for(S.prompt(1, 0, "template").target.shapes, S.prompt(1, 0, "template").target.background)
+    assert all("shape" not in S.prompt(1, i, "colour-only").named for i in range(20))
+    assert all("colour" not in S.prompt(1, i, "shape-only").named for i in range(20))
+
+
+def test_held_out_phrasings_never_reach_training():
+    import re
+
+    from studio.pipelines.training import shapes as S
+
+    seen = set()
+    families = set()
+    for i in range(3000):
+        p = S.training_prompt(0, i)
+        families.add(p.family)
+        seen |= set(re.findall(r"[a-z]+", p.text.lower()))
+    assert "held-out" not in families and families == set(S.TRAINING_MIX)
+    assert not seen & S.HELDOUT_WORDS
+    vocab = set(S.prompt_words())
+    assert not vocab & S.HELDOUT_WORDS and not vocab & set(S.JUNK)  # both reach the model as unknown pieces
+    assert seen - vocab <= set(S.JUNK)  # every other training word is one token
+    heldout = [S.prompt(1, i, "held-out").text.lower() for i in range(50)]
+    # each held-out prompt has a word training never saw, or "please" where training never puts it (last)
+    assert all(set(re.findall(r"[a-z]+", h)) & S.HELDOUT_WORDS or h.rstrip(".!").endswith(" please") for h in heldout)
+    assert not any(p.rstrip(".!").lower().endswith(" please") for p in (S.training_prompt(0, i).text for i in range(3000)))
+
+
+def test_checker_scores_every_family_position_and_size_on_real_renders():
+    from studio.pipelines.training import shapes as S
+
+    prompts = S.eval_prompts(1, 30)
+    report = S.follow_report([S.render(p.target, 64)[0] for p in prompts], prompts)
+    assert report["min_prompt_following"] == 1.0 and set(report["families"]) == set(S.FAMILIES)
+    assert report["position_accuracy"] == 1.0 and report["size_accuracy"] == 1.0
+    # the same shape moved to the opposite side, or drawn at the other size, is caught
+    p = next(p for p in prompts if p.family == "template" and p.target.shapes[0].position == "left")
+    s = p.target.shapes[0]
+    moved = S.Sample(1, 0, p.target.background, (S.Shape(s.shape, s.colour, s.size, "right", 1 - s.cx, s.cy, s.r),), "")
+    other = "large" if s.size == "small" else "small"
+    resized = S.Sample(1, 0, p.target.background, (S.Shape(s.shape, s.colour, other, s.position, s.cx, s.cy,
+                                                           S.SIZES[other]),), "")
+    assert S.follows(S.render(moved, 64)[0], p)["position_ok"] is False
+    assert S.follows(S.render(resized, 64)[0], p)["size_ok"] is False
+    assert S.follows(S.render(p.target, 64)[0], p)["ok"]
+    # a red circle that paints the whole image red is not a red circle on white
+    from PIL import Image
+
+    short = next(p for p in prompts if p.family == "short" and "background" not in p.named)
+    flood = Image.new("RGB", (64, 64), S.COLOURS[short.target.shapes[0].colour])
+    assert not S.follows(flood, short)["ok"]
+
+
 def test_data_shapes_cli_writes_the_same_dataset_twice(cli, tmp_path):
     r = cli("data", "shapes", "--n", "6", "--size", "32", "--seed", "1", "--out", tmp_path / "a", "--quiet")
     assert r.exit_code == 0, r
@@ -139,7 +206,7 @@ def test_smoke_image_is_a_standard_stable_diffusion_folder(smoke_image):
     pipe = StableDiffusionPipeline.from_pretrained(smoke_image)  # plain diffusers, no dtype argument
     assert pipe.tokenizer.tokenize("a small red circle")[2] == "red</w>"  # one token per shapes word
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (32, 32)
+    assert image.size == (64, 64)  # 16x16 latents, a 4x autoencoder
     sizes = [p.stat().st_size for p in smoke_image.rglob("*.safetensors")]
     assert sizes and max(sizes) < 5_000_000
 
@@ -151,7 +218,7 @@ def test_smoke_image_runs_through_studio_image(cli, smoke_image, tmp_path):
     path = Path(json.loads(r.stdout.splitlines()[0])["path"])
     from PIL import Image
 
-    assert Image.open(path).size == (32, 32)
+    assert Image.open(path).size == (64, 64)
 
 
 def test_smoke_image_resume_reaches_the_same_weights(tmp_path, smoke_image):
@@ -176,11 +243,12 @@ def test_smoke_control_steers_studio_image(cli, smoke_image, tmp_path):
     assert report["recipe"]["init"] == str(smoke_image) and "mask_iou" in report["eval"]
     from diffusers import ControlNetModel
 
-    assert list(ControlNetModel.from_pretrained(tmp_path / "control").config.conditioning_embedding_out_channels) == [16, 32]
+    # one stride-2 stem level per autoencoder level: 64 px masks -> 16x16 latents
+    assert list(ControlNetModel.from_pretrained(tmp_path / "control").config.conditioning_embedding_out_channels) == [16, 32, 64]
     from studio.pipelines.training import shapes as S
 
     s = S.sample(1, 0, two_shapes=0.0)
-    S.render(s, 32)[1].save(tmp_path / "mask.png")
+    S.render(s, 64)[1].save(tmp_path / "mask.png")
     r = cli("image", s.caption, "--model", smoke_image, "--control", f"raw:{tmp_path / 'mask.png'}",
             "--control-model", tmp_path / "control", "--steps", "2", "--seed", "0", "--out", tmp_path / "o",
             "--json", "-q")
@@ -188,7 +256,7 @@ def test_smoke_control_steers_studio_image(cli, smoke_image, tmp_path):
     row = json.loads(r.stdout.splitlines()[0])
     from PIL import Image
 
-    assert Image.open(row["path"]).size == (32, 32)
+    assert Image.open(row["path"]).size == (64, 64)
     r = cli("eval", "control", "--model", tmp_path / "control", "--base", smoke_image, "--n", "1", "--steps", "2", "-q")
     assert r.exit_code == 0, r
     assert 0.0 <= json.loads(r.stdout)["mask_iou"] <= 1.0
@@ -258,13 +326,20 @@ def test_auto_falls_back_to_starter_image_offline(cli, tmp_path):
     assert "using starter-image" in r.stderr and "sd-turbo" in r.stderr  # the one-line notice names both
 
 
-def test_eval_image_reports_json(cli):
+def test_eval_image_reports_each_phrasing_family(cli):
     _shipped("image")
-    r = cli("eval", "image", "--model", "starter-image", "--n", "6", "-q")
+    r = cli("eval", "image", "--model", "starter-image", "--n", "2", "--family", "short", "--family", "held-out",
+            "--samples", "-q")
     assert r.exit_code == 0, r
     report = json.loads(r.stdout)
-    # the shipped starter draws what it is asked (the card: 0.98 on 100 held-out prompts; chance 0.06)
-    assert report["n"] == 6 and report["prompt_following"] >= 0.8
+    assert report["n"] == 4 and set(report["families"]) == {"short", "held-out"}
+    assert report["min_prompt_following"] == min(f["prompt_following"] for f in report["families"].values())
+    assert [s["family"] for s in report["samples"]] == ["short", "short", "held-out", "held-out"]
+
+
+def test_eval_image_unknown_family_is_a_usage_error(cli):
+    r = cli("eval", "image", "--family", "limericks", "--n", "1")
+    assert r.exit_code == 2 and "limericks" in r.stderr and "held-out" in r.stderr
 
 
 def test_starter_control_draws_inside_the_mask(cli, tmp_path):

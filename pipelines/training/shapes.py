@@ -26,6 +26,7 @@ so whatever it scores on a generator's output is the generator's error.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -233,6 +234,8 @@ class Judgement:
     background: str  # detected background colour
     area: float  # shape area as a fraction of the image
     scores: dict[str, float]  # template IoU per shape
+    position: str | None = None  # the POSITIONS name nearest the shape's bounding-box centre
+    size: str | None = None  # small | large, from the bounding box's half extent (SIZES: 0.13 / 0.24)
 
 
 def foreground(image: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -267,7 +270,13 @@ def judge(image: Any) -> Judgement:
         t = _template(name, bh, bw)
         scores[name] = float((t & comp).sum() / max(1, (t | comp).sum()))
     shape = max(scores, key=scores.get)
-    return Judgement(colour, shape, background, area / (h * w), scores)
+    # place and size from the shape's own pixels: the bounding-box centre's nearest named place
+    # (training centres jitter by 0.05 around places 0.23 apart) and the half extent, whose two
+    # classes (0.13 and 0.24 of the side, +-10%) split at their midpoint
+    cx, cy = (x + bw / 2) / w, (y + bh / 2) / h
+    position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+    size = "large" if max(bw / w, bh / h) / 2 > (SIZES["small"] + SIZES["large"]) / 2 else "small"
+    return Judgement(colour, shape, background, area / (h * w), scores, position, size)
 
 
 def prompt_following(images: list[Any], targets: list[Sample]) -> dict[str, Any]:
@@ -285,3 +294,220 @@ def prompt_following(images: list[Any], targets: list[Sample]) -> dict[str, Any]
     n = max(1, len(targets))
     return {"n": len(targets), "prompt_following": both / n, "colour_accuracy": colour_ok / n,
             "shape_accuracy": shape_ok / n, "samples": rows}
+
+
+# ----------------------------------------------------------------------------- prompts as people write them
+# The image starter is trained on, and judged by, prompts phrased the way people type them, not
+# only the canonical caption: attributes left out (the image then draws them at random, and the
+# background WHITE, which is what "a red circle" means to a person), other word orders,
+# "color"/"colour", capitals, filler words, no article. Families (what `studio eval image` reports):
+#   template     the canonical caption                      "a small red circle on the left, blue background"
+#   short        colour + shape (+ maybe a background)      "a red circle", "Draw a blue square on a white background"
+#   paraphrase   colour + shape, any other attribute, any training phrasing   "A picture of a big circle in red, centered"
+#   colour-only  the colour, no shape                       "something red", "a small red shape at the top"
+#   shape-only   the shape, no colour                       "a triangle", "draw a big square on a black background"
+#   held-out     colour + shape in frames and filler words never used in training ("could you draw ...?")
+# Held-out frames and their filler words are kept out of training, and out of the image
+# tokenizer's vocabulary (tests/test_starter.py checks both), so their score says whether the model
+# follows a request phrased another way rather than a memorised template.
+FAMILIES = ("template", "short", "paraphrase", "colour-only", "shape-only", "held-out")
+TRAINING_MIX = {"template": 0.2, "short": 0.2, "paraphrase": 0.4, "colour-only": 0.1, "shape-only": 0.1}
+
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+POSITION_WORDS = {
+    "center": ("in the center", "in the centre", "in the middle", "centered", "centred", "in the center of the image"),
+    "left": ("on the left", "on the left side", "to the left", "at the left", "on the left of the image"),
+    "right": ("on the right", "on the right side", "to the right", "at the right", "on the right of the image"),
+    "top": ("at the top", "on the top", "near the top", "at the top of the image"),
+    "bottom": ("at the bottom", "on the bottom", "near the bottom", "at the bottom of the image"),
+}
+BACKGROUND_FORMS = ("{bg} background", "on a {bg} background", "with a {bg} background", "on {bg}",
+                    "against a {bg} background", "on a {bg} backdrop", "in front of a {bg} background", "background {bg}")
+COLOUR_FORMS = ("{size} {colour} {shape}", "{size} {colour} {shape}", "{size} {colour} {shape}", "{colour} {size} {shape}",
+                "{size} {shape} in {colour}", "{size} {colour} {cw} {shape}", "{size} {colour}-{cw} {shape}",
+                "{size} {shape} {cw} {colour}", "{size} {shape} that is {colour}", "{size} {colour} {shape} shape",
+                "{size} {shape} of {colour} {cwn}")
+NO_SHAPE_NOUNS = ("shape", "object", "thing", "form")
+PREFIXES = ("", "", "", "", "", "a picture of ", "an image of ", "a drawing of ", "a photo of ", "please draw ",
+            "draw ", "draw me ", "make ", "create ", "paint ", "show ", "show me ", "i want ", "give me ")
+ARTICLES = ("a", "a", "a", "a", "one", "the", "")
+# one-word fillers kept OUT of the tokenizer's vocabulary: the model learns that a word it does not
+# know (split into characters by the BPE) changes nothing, which is what a held-out word is
+JUNK = ("nice", "cute", "lovely", "cool", "neat", "pretty", "clean", "flat", "basic", "solid", "bright", "perfect",
+        "single", "proper", "good")
+HELDOUT_FRAMES = ("could you draw {np}{rest}?", "i would like {np}{rest}", "generate {np}{rest}", "render {np}{rest}",
+                  "{np}{rest}, thanks", "there should be {np}{rest}", "an illustration showing {np}{rest}",
+                  "sketch {np}{rest}", "my prompt: {np}{rest}", "{np}{rest} please")
+_PREPOSITIONS = {"on", "at", "in", "to", "near", "with", "against", "centered", "centred"}
+HELDOUT_WORDS = frozenset({"could", "you", "would", "like", "generate", "render", "thanks", "there", "should", "be",
+                           "illustration", "showing", "sketch", "my", "prompt"})
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # what the user types
+    family: str  # a FAMILIES name
+    target: Sample  # an image that answers it: unnamed attributes at random, the background white unless named
+    named: tuple[str, ...]  # what the text names, of: colour, shape, size, position, background
+
+
+def _pick(rng: np.random.Generator, options: tuple | list) -> Any:
+    return options[int(rng.integers(len(options)))]
+
+
+def _article(rng: np.random.Generator, following: str) -> str:
+    art = _pick(rng, ARTICLES)
+    if art == "a" and following[:1] in "aeiou":
+        art = "an"
+    return f"{art} {following}" if art else following
+
+
+def _noun(rng: np.random.Generator, colour: str | None, shape: str | None, size: str | None, junk: bool) -> str:
+    """The noun phrase, article included: 'a small red circle', 'big circle in red', 'something red'."""
+    size_w = _pick(rng, SIZE_WORDS[size]) if size else ""
+    spelled = _pick(rng, ("color", "colour"))
+    if colour and not shape and not size and rng.random() < 0.25:
+        return f"something {colour}"
+    if colour is None:
+        body = f"{size_w} {shape}"
+    elif shape is None:
+        body = f"{size_w} {colour} {_pick(rng, NO_SHAPE_NOUNS)}"
+    else:
+        form = _pick(rng, COLOUR_FORMS)
+        body = form.format(size=size_w, colour=colour, shape=shape, cw=spelled + "ed", cwn=spelled)
+    if junk:
+        body = f"{_pick(rng, JUNK)} {body}"
+    return _article(rng, " ".join(body.split()))
+
+
+def _style(rng: np.random.Generator, text: str) -> str:
+    """Capitals and end punctuation as people type them (the CLIP tokenizer lower-cases anyway)."""
+    r = rng.random()
+    if r < 0.2:
+        text = text[:1].upper() + text[1:]
+    elif r < 0.3:
+        text = text.title()
+    elif r < 0.35:
+        text = text.upper()
+    if not text.endswith("?"):
+        text += _pick(rng, ("", "", "", "", ".", "!"))
+    return text
+
+
+def prompt(seed: int, index: int, family: str) -> Prompt:
+    """Prompt `index` of family `family` in split `seed` (a pure function of the three, like
+    sample()): the attributes, which of them the text names, and the text."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown prompt family {family!r}")
+    rng = np.random.default_rng([seed, index, FAMILIES.index(family), 19])
+    shape, colour = str(_pick(rng, SHAPES)), str(_pick(rng, list(COLOURS)))
+    size, position = str(_pick(rng, list(SIZES))), str(_pick(rng, list(POSITIONS)))
+    background = str(_pick(rng, [b for b in BACKGROUNDS if b != colour]))
+    if family == "template":
+        named = {"colour", "shape", "size", "position", "background"}
+    else:
+        keep = {"short": (1, 1, 0, 0, 0.3), "paraphrase": (1, 1, 0.5, 0.5, 0.5), "colour-only": (1, 0, 0.3, 0.3, 0.3),
+                "shape-only": (0, 1, 0.3, 0.3, 0.3), "held-out": (1, 1, 0.4, 0.4, 0.4)}[family]
+        draws = rng.random(5)
+        named = {a for a, p, d in zip(("colour", "shape", "size", "position", "background"), keep, draws) if d < p}
+    if "background" not in named:
+        background = "white"
+    jitter = rng.uniform(-0.05, 0.05, 2)
+    r = SIZES[size] * float(rng.uniform(0.9, 1.1))
+    px, py = POSITIONS[position]
+    cx = float(np.clip(px + jitter[0], r + 0.02, 1 - r - 0.02))
+    cy = float(np.clip(py + jitter[1], r + 0.02, 1 - r - 0.02))
+    target_shape = Shape(shape, colour, size, position, cx, cy, r)
+    if family == "template":
+        text = caption_for((target_shape,), background)
+    else:
+        np_ = _noun(rng, colour if "colour" in named else None, shape if "shape" in named else None,
+                    size if "size" in named else None, junk=family != "held-out" and rng.random() < 0.1)
+        bg_word = "grey" if background == "gray" and rng.random() < 0.5 else background
+        tail = []
+        if "position" in named:
+            tail.append(_pick(rng, POSITION_WORDS[position]))
+        if "background" in named:
+            tail.append(_pick(rng, BACKGROUND_FORMS).format(bg=bg_word))
+        if len(tail) == 2 and rng.random() < 0.5:
+            tail.reverse()
+        # a place or "on a ... background" may follow the noun directly; "blue background" after a comma
+        rest = "".join((_pick(rng, (" ", ", ", ", ")) if part.split()[0] in _PREPOSITIONS else ", ") + part
+                       for part in tail)
+        if family == "held-out":
+            text = _pick(rng, HELDOUT_FRAMES).format(np=np_, rest=rest)
+        elif family == "short":
+            text = _pick(rng, ("", "", "", "draw ", "please draw ", "a picture of ")) + np_ + rest
+        elif tail and rng.random() < 0.15:  # the place or background first: "on the left, a red circle"
+            text = rest.lstrip(", ") + ", " + _pick(rng, PREFIXES) + np_
+        else:
+            text = _pick(rng, PREFIXES) + np_ + rest
+        text = _style(rng, re.sub(r"\b([aA]) (?=[aeiou])", r"\1n ", text))  # "a orange" -> "an orange"
+    target = Sample(seed, index, background, (target_shape,), text)
+    order = ("colour", "shape", "size", "position", "background")
+    return Prompt(text, family, target, tuple(a for a in order if a in named))
+
+
+def training_prompt(seed: int, index: int) -> Prompt:
+    """Training example `index` of split `seed`: a family drawn by TRAINING_MIX (never held-out)."""
+    u = float(np.random.default_rng([seed, index, 23]).random())
+    for family, share in TRAINING_MIX.items():
+        if u < share:
+            return prompt(seed, index, family)
+        u -= share
+    return prompt(seed, index, "paraphrase")
+
+
+def eval_prompts(seed: int, n: int, families: tuple[str, ...] = FAMILIES) -> list[Prompt]:
+    """n prompts of each family of split `seed` (1 = held out)."""
+    return [prompt(seed, i, f) for f in families for i in range(n)]
+
+
+def prompt_words() -> list[str]:
+    """Every word the training prompts use (the image tokenizer makes each one token); JUNK and
+    the held-out frames' words stay out."""
+    tables = [*SIZE_WORDS.values(), *POSITION_WORDS.values(), BACKGROUND_FORMS, COLOUR_FORMS, NO_SHAPE_NOUNS,
+              PREFIXES, ARTICLES, ("something an grey color colour colored coloured draw please picture background",),
+              SHAPES, tuple(COLOURS), tuple(BACKGROUNDS), ("on the left at the top at the bottom in the center",)]
+    words = {w for table in tables for phrase in table for w in re.findall(r"[a-z]+", phrase.lower())}
+    return sorted(words - {"bg", "size", "colour", "shape", "cw", "cwn"} | {"colour", "shape"})
+
+
+def follows(image: Any, p: Prompt) -> dict[str, Any]:
+    """The pixel checker's verdict on one image for one prompt: each named attribute, the
+    background (the named one, else white), and `ok`: colour, shape and background all right.
+    Position and size are judged only where the prompt names them (None otherwise)."""
+    j = judge(image)
+    want = p.target.shapes[0]
+    row = {"prompt": p.text, "family": p.family, "colour": j.colour, "shape": j.shape, "background": j.background,
+           "position": j.position, "size": j.size}
+    checks = {"colour_ok": j.colour == want.colour if "colour" in p.named else None,
+              "shape_ok": j.shape == want.shape if "shape" in p.named else None,
+              "background_ok": j.background == p.target.background,
+              "position_ok": j.position == want.position if "position" in p.named else None,
+              "size_ok": j.size == want.size if "size" in p.named else None}
+    found = j.shape is not None
+    ok = found and all(checks[k] is not False for k in ("colour_ok", "shape_ok", "background_ok"))
+    return {**row, **checks, "ok": ok}
+
+
+def follow_report(images: list[Any], prompts: list[Prompt]) -> dict[str, Any]:
+    """Prompt-following per family and its minimum; colour/shape/background/position/size
+    accuracy over the prompts that name each; every verdict in `samples`."""
+    rows = [follows(image, p) for image, p in zip(images, prompts)]
+
+    def share(rs: list[dict], key: str) -> float | None:
+        judged = [r[key] for r in rs if r[key] is not None]
+        return round(sum(judged) / len(judged), 4) if judged else None
+
+    families = {}
+    for f in dict.fromkeys(r["family"] for r in rows):
+        rs = [r for r in rows if r["family"] == f]
+        families[f] = {"n": len(rs), "prompt_following": share(rs, "ok"),
+                       **{k: share(rs, k + "_ok") for k in ("colour", "shape", "background", "position", "size")}}
+    following = [v["prompt_following"] for v in families.values()]
+    return {"n": len(rows), "min_prompt_following": min(following) if following else None,
+            "prompt_following": share(rows, "ok"),
+            "position_accuracy": share(rows, "position_ok"), "size_accuracy": share(rows, "size_ok"),
+            "colour_accuracy": share(rows, "colour_ok"), "shape_accuracy": share(rows, "shape_ok"),
+            "background_accuracy": share(rows, "background_ok"), "families": families, "samples": rows}

@@ -238,19 +238,26 @@ def clip_tokenizer(max_length: int = 32) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def diffusion_loss(noise_sched: Any, pred_fn: Callable[[Any, Any], Any], z0: Any, t: Any, noise: Any) -> Any:
+def diffusion_loss(noise_sched: Any, pred_fn: Callable[[Any, Any], Any], z0: Any, t: Any, noise: Any,
+                   weight_floor: float = 0.0) -> Any:
     """The starters' denoising loss: v-prediction or epsilon (as the scheduler's config says) with
     min-SNR-5 weighting (Hang et al. 2023), which converges several times faster than plain MSE.
-    pred_fn(noisy latents, t) -> the model's prediction."""
+    pred_fn(noisy latents, t) -> the model's prediction.
+
+    weight_floor: min-SNR weighs a timestep's x0 error by min(SNR, 5), so the noisiest timesteps
+    (SNR 0.01-0.3), where the layout is decided, count 0.01-0.3 as much. The first 32 px image starter
+    learnt colour and shape but put its shape where it liked (5 of 24 held-out prompts in the named
+    place, chance 1 in 5); a floor of 1 weighs them as plain v-prediction MSE does."""
     import torch
 
     alphas = noise_sched.alphas_cumprod
     pred = pred_fn(noise_sched.add_noise(z0, noise, t), t)
     snr = alphas[t] / (1 - alphas[t])
+    x0_weight = torch.clamp(torch.clamp(snr, max=5.0), min=weight_floor)
     if noise_sched.config.prediction_type == "v_prediction":
-        target, weight = noise_sched.get_velocity(z0, noise, t), torch.clamp(snr, max=5.0) / (snr + 1)
+        target, weight = noise_sched.get_velocity(z0, noise, t), x0_weight / (snr + 1)
     else:
-        target, weight = noise, torch.clamp(snr, max=5.0) / snr
+        target, weight = noise, x0_weight / snr
     return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
@@ -258,19 +265,28 @@ def diffusion_loss(noise_sched: Any, pred_fn: Callable[[Any, Any], Any], z0: Any
 @dataclass(frozen=True)
 class ImageRecipe:
     seed: int = 0  # data seed of the training split (evaluation uses seed 1)
-    size: int = 32  # image side in pixels
-    n_train: int = 8000  # training images (single shape each)
-    vae_steps: int = 1200  # autoencoder steps (batch vae_batch)
+    size: int = 64  # image side in pixels of what the model draws
+    latent_size: int = 16  # the UNet's latent side; its autoencoder sees the image at 2x this (32 px)
+    # training examples, each one prompt as people type it (shapes.training_prompt) and its image
+    n_train: int = 20000
+    # fine-tune from this image model (alias or folder) instead of training text encoder, UNet and
+    # the 32 px autoencoder from scratch: its UNet must have latent_size latents
+    init: str | None = None
+    vae_steps: int = 1200  # 32 px autoencoder steps (from scratch only; batch vae_batch)
     vae_batch: int = 32
-    vae_channels: tuple[int, ...] = (32, 32)  # 2 levels: latents are size/2 a side; TAESD needs one width
-    unet_steps: int = 4000  # denoiser steps (batch unet_batch)
-    decoder_steps: int = 800  # decoder-only steps after the UNet (encoder frozen)
+    vae_channels: tuple[int, ...] = (32, 32)  # 2 levels: 32 px -> 16x16x4 latents; TAESD needs one width
+    unet_steps: int = 5000  # denoiser steps (batch unet_batch)
     unet_batch: int = 32
     unet_channels: tuple[int, ...] = (32, 64, 96)  # attention only below the full latent resolution
     text_width: int = 64  # CLIP text encoder width (2 layers)
+    upscale_steps: int = 1500  # the 64 px autoencoder: decoder from the 16x16 latents, encoder distilled
+    upscale_channels: tuple[int, ...] = (32, 32, 32)  # 3 levels: 64 px <-> 16x16 latents
     lr_vae: float = 2e-3
     lr_unet: float = 2e-3
+    lr_finetune: float = 1e-3  # the UNet's learning rate when it starts from --init
     prediction_type: str = "v_prediction"  # well posed at every noise level, unlike epsilon (see train_image)
+    # loss weight floor at high noise (see diffusion_loss): where the shape goes is decided there
+    weight_floor: float = 1.0
     ema_decay: float = 0.999  # the shipped UNet and text encoder are the EMA of the trained ones
     drop_caption: float = 0.1  # share of empty captions, so classifier-free guidance works
 
@@ -285,121 +301,168 @@ def _render_split(seed: int, n: int, size: int, two_shapes: float = 0.0) -> tupl
     return images, items
 
 
-def cached_split(work: Path, seed: int, n: int, size: int) -> tuple[Any, list]:
+def cached_prompts(work: Path, seed: int, n: int, sizes: tuple[int, ...]) -> tuple[list, dict[int, Any], Any]:
+    """The first n training prompts of split `seed` (shapes.training_prompt), their images at each
+    of `sizes` (uint8 N,H,W,3) and masks at the largest; the pixels are cached in WORK so a resumed
+    run does not draw them again."""
     import numpy as np
 
     from studio.pipelines.training import shapes as S
     from studio.outputs import atomic_path
 
-    path = Path(work) / f"shapes-{seed}-{n}-{size}.npy"
-    if path.exists():
-        return np.load(path), list(S.samples(seed, n, two_shapes=0.0))
-    images, items = _render_split(seed, n, size)
-    with atomic_path(path, overwrite=True) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, images)
-    return images, items
+    prompts = [S.training_prompt(seed, i) for i in range(n)]
+    images = {}
+    for size in sizes:
+        path = Path(work) / f"prompts-{seed}-{n}-{size}.npy"
+        if not path.exists():
+            arr = np.stack([np.asarray(S.render(p.target, size)[0]) for p in prompts])
+            with atomic_path(path, overwrite=True) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+        images[size] = np.load(path)
+    masks = np.stack([np.asarray(S.render(p.target, max(sizes))[1]) for p in prompts])  # (N, H, W) 0/255
+    return prompts, images, masks
 
 
-def autoencoder_ceiling(vae: Any, size: int, n: int = 100, seed: int = 1) -> dict[str, float]:
-    """The pixel checker on the autoencoder's reconstructions of held-out images: what a perfect
-    denoiser could score at best through this VAE."""
+def _to_unit(images_u8: Any) -> Any:
+    import torch
+
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (N, 3, H, W) in [-1, 1]
+
+
+def decode_ceiling(encode: Callable[[Any], Any], decode: Callable[[Any], Any], *, enc_size: int, dec_size: int,
+                   n: int = 20) -> dict[str, Any]:
+    """The pixel checker on the autoencoder's reconstructions of held-out prompts' images (n per
+    family): what a perfect denoiser could score at best through it."""
     import numpy as np
     import torch
 
     from studio.pipelines.training import shapes as S
 
-    images_u8, items = _render_split(seed, n, size)
-    x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    prompts = S.eval_prompts(1, n)
+    x = _to_unit(np.stack([np.asarray(S.render(p.target, enc_size)[0]) for p in prompts]))
     with torch.no_grad():
-        rec = vae.decode(vae.encode(x).latents).sample
+        rec = decode(encode(x))
     rec_u8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    report = S.prompt_following([np.ascontiguousarray(r) for r in rec_u8], items)
-    return {k: report[k] for k in ("prompt_following", "colour_accuracy", "shape_accuracy")}
+    assert rec_u8.shape[1] == dec_size
+    report = S.follow_report([np.ascontiguousarray(r) for r in rec_u8], prompts)
+    return {k: report[k] for k in ("min_prompt_following", "prompt_following", "position_accuracy", "size_accuracy")}
 
 
-def finetune_decoder(run: Run, recipe: ImageRecipe, vae: Any, images: Any) -> None:
+def image_tokenizer(work: Path) -> Any:
+    """The BPE in which every word of the training prompts is one token (shapes.prompt_words),
+    kept in WORK: a resumed run must reuse the ids the text encoder learned."""
+    from transformers import CLIPTokenizer
+
+    from studio.pipelines.training import shapes as S
+
+    if not (work / "tokenizer").is_dir():
+        vocab, merges = clip_bpe(S.prompt_words())
+        CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=32).save_pretrained(work / "tokenizer")
+    return CLIPTokenizer.from_pretrained(work / "tokenizer")  # loaded either way: same saved bytes
+
+
+def _text_encoder(recipe: ImageRecipe, tokenizer: Any, init: Any = None) -> Any:
+    """A 2-layer CLIP text encoder for `tokenizer`; with `init` (a CLIPTextModel with another
+    vocabulary), its weights, and the embedding of each token both vocabularies share."""
     import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    vae.encoder.requires_grad_(False)
-
-    def loss_fn(step: int, g: Any) -> Any:
-        idx = torch.randint(0, len(images), (recipe.vae_batch,), generator=g)
-        x = images[idx]
+    vocab = tokenizer.get_vocab()
+    base = dict(hidden_size=recipe.text_width, intermediate_size=2 * recipe.text_width, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=32, projection_dim=recipe.text_width)
+    if init is not None:
+        base = {k: getattr(init[0].config, k) for k in base}
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+                                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], **base))
+    if init is not None:
+        old_model, old_tokenizer = init
+        state = {k: v for k, v in old_model.state_dict().items() if "token_embedding" not in k}
+        model.load_state_dict(state, strict=False)
+        old_vocab, old_emb = old_tokenizer.get_vocab(), old_model.get_input_embeddings().weight
         with torch.no_grad():
-            z = vae.encode(x).latents
-        return torch.nn.functional.l1_loss(vae.decode(z).sample, x)  # L1: sharper edges than MSE
-
-    train_loop(run, "decoder", steps=recipe.decoder_steps, params=list(vae.decoder.parameters()), lr=recipe.lr_vae / 2,
-               modules={"vae": vae}, loss_fn=loss_fn)
-    vae.eval()
+            emb = model.get_input_embeddings().weight
+            for token, i in vocab.items():
+                if token in old_vocab:
+                    emb[i] = old_emb[old_vocab[token]]
+    return model
 
 
 def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
     import copy
 
     import torch
-    from diffusers import AutoencoderTiny, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(recipe.seed)
-    # 1. data: shapes world, one shape per image (the image prompts name one shape); the rendered
-    # pixels are cached in WORK so a resumed run does not draw them again
-    images_u8, items = cached_split(run.work, recipe.seed, recipe.n_train, recipe.size)
-    images = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (N, 3, H, W) in [-1, 1]
-    captions = [s.caption for s in items]
-    run.log(stage="data", n=len(items))
+    # the side the latent autoencoder sees: 32 px from scratch; an init model's own (32 px for the
+    # first starter, 64 px for one made by this recipe, whose autoencoder is then kept)
+    init = _base_pipeline(recipe.init) if recipe.init else None
+    base_size = recipe.latent_size * (init.vae_scale_factor if init is not None else 2)
+    # 1. data: prompts as people type them, one shape each; unnamed attributes drawn at random and
+    # the background white unless named (shapes.prompt)
+    prompts, pixels, _ = cached_prompts(run.work, recipe.seed, recipe.n_train, (base_size, recipe.size))
+    captions = [p.text for p in prompts]
+    run.log(stage="data", n=len(prompts), families={f: sum(p.family == f for p in prompts) for f in dict.fromkeys(p.family for p in prompts)})
 
-    # 2. the autoencoder: diffusers' AutoencoderTiny (the TAESD architecture; StableDiffusionPipeline
-    # takes it as its vae). Measured here: a GroupNorm AutoencoderKL of this size still returned
-    # washed-out mean colours after 190 and 380 steps (MSE 0.20), because per-image normalisation makes it
-    # learn absolute colours slowly; TAESD's plain conv+ReLU blocks have no such normalisation. Two
-    # levels (16x16x4 latents for 32 px): with three (8x8x4) the checker scored only 0.50 on the
-    # VAE's own reconstructions (blurred squares read as circles), a ceiling no denoiser can pass.
-    levels = len(recipe.vae_channels)
-    vae = AutoencoderTiny(in_channels=3, out_channels=3, encoder_block_out_channels=recipe.vae_channels,
-                          decoder_block_out_channels=recipe.vae_channels,
-                          num_encoder_blocks=(1,) * levels, num_decoder_blocks=(1,) * levels, latent_channels=4)
+    tokenizer = image_tokenizer(run.work)
+    if recipe.init:
+        # 2a. fine-tune: the init model's 32 px autoencoder (its latents are what its UNet draws),
+        # UNet, and text encoder moved onto the new vocabulary
+        if init.unet.config.sample_size != recipe.latent_size or init.unet.config.in_channels != 4:
+            raise UsageError(f"--init {recipe.init}: its UNet draws {init.unet.config.sample_size}x"
+                             f"{init.unet.config.sample_size} latents, this recipe {recipe.latent_size}x{recipe.latent_size}",
+                             "start from a starter-image model, or leave out --init")
+        if base_size not in (2 * recipe.latent_size, recipe.size):
+            raise UsageError(f"--init {recipe.init}: its autoencoder maps {base_size} px to latents, this recipe "
+                             f"{2 * recipe.latent_size} or {recipe.size} px", "start from a starter-image model")
+        vae = init.vae
+        scaling = float(vae.config.scaling_factor)
+        unet = init.unet
+        text_encoder = _text_encoder(recipe, tokenizer, (init.text_encoder, init.tokenizer))
+        run.log(stage="init", init=str(recipe.init), scaling_factor=scaling)
+    else:
+        # 2b. the autoencoder: diffusers' AutoencoderTiny (the TAESD architecture; StableDiffusionPipeline
+        # takes it as its vae). Measured here: a GroupNorm AutoencoderKL of this size still returned
+        # washed-out mean colours after 190 and 380 steps (MSE 0.20), because per-image normalisation makes it
+        # learn absolute colours slowly; TAESD's plain conv+ReLU blocks have no such normalisation. Two
+        # levels (16x16x4 latents for 32 px): with three (8x8x4) the checker scored only 0.50 on the
+        # VAE's own reconstructions (blurred squares read as circles), a ceiling no denoiser can pass.
+        levels = len(recipe.vae_channels)
+        vae = AutoencoderTiny(in_channels=3, out_channels=3, encoder_block_out_channels=recipe.vae_channels,
+                              decoder_block_out_channels=recipe.vae_channels,
+                              num_encoder_blocks=(1,) * levels, num_decoder_blocks=(1,) * levels, latent_channels=4)
+        images = _to_unit(pixels[base_size])
 
-    def vae_loss(step: int, g: Any) -> Any:
-        idx = torch.randint(0, len(images), (recipe.vae_batch,), generator=g)
-        x = images[idx]
-        return torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latents).sample, x)
+        def vae_loss(step: int, g: Any) -> Any:
+            x = images[torch.randint(0, len(images), (recipe.vae_batch,), generator=g)]
+            return torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latents).sample, x)
 
-    train_loop(run, "vae", steps=recipe.vae_steps, params=list(vae.parameters()), lr=recipe.lr_vae,
-               modules={"vae": vae}, loss_fn=vae_loss)
-    run.log(stage="vae", ceiling=autoencoder_ceiling(vae, recipe.size))
+        train_loop(run, "vae", steps=recipe.vae_steps, params=list(vae.parameters()), lr=recipe.lr_vae,
+                   modules={"vae": vae}, loss_fn=vae_loss)
+        scaling = None
+        text_encoder = _text_encoder(recipe, tokenizer)
+        depth = len(recipe.unet_channels)
+        # self/cross attention at the full 16x16 latent resolution cost 2x the step time and the
+        # prompt's attributes are global (colour, shape, place): attention only on the coarser levels
+        unet = UNet2DConditionModel(
+            sample_size=recipe.latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=recipe.unet_channels, norm_num_groups=16,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
+            cross_attention_dim=recipe.text_width, attention_head_dim=8)
+    vae.requires_grad_(False).eval()
 
-    # 3. encode the training set once (posterior means); scale latents to unit variance as SD does
+    # 3. encode the training set once (posterior means); latents scaled to unit variance as SD does
+    # (a fine-tuned UNet keeps its model's scale)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 256]).latents for i in range(0, len(images), 256)])
-    scaling = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scaling)
-    latents = latents * scaling  # (N, 4, h, w)
+        raw = torch.cat([vae.encode(_to_unit(pixels[base_size][i:i + 256])).latents
+                         for i in range(0, recipe.n_train, 256)])  # (N, 4, h, w)
+    scaling = scaling or float(1.0 / raw.std())
+    latents = raw * scaling
     run.log(stage="latents", shape=list(latents.shape), scaling_factor=scaling)
 
-    # 4. text encoder + tokenizer + UNet, trained together from scratch
-    # the tokenizer is kept in WORK: a resumed run must reuse the ids the text encoder learned
-    from transformers import CLIPTokenizer
-
-    if not (run.work / "tokenizer").is_dir():
-        clip_tokenizer(32).save_pretrained(run.work / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(run.work / "tokenizer")  # loaded either way: same saved bytes
-    vocab = tokenizer.get_vocab()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=recipe.text_width, intermediate_size=2 * recipe.text_width,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32, projection_dim=recipe.text_width,
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
-    latent_side = recipe.size // 2 ** (levels - 1)
-    depth = len(recipe.unet_channels)
-    # self/cross attention at the full 16x16 latent resolution cost 2x the step time and the
-    # prompt's attributes are global (colour, shape, place): attention only on the coarser levels
-    unet = UNet2DConditionModel(
-        sample_size=latent_side, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=recipe.unet_channels, norm_num_groups=16,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
-        cross_attention_dim=recipe.text_width, attention_head_dim=8)
+    # 4. text encoder + UNet, trained together
     # v-prediction: with the cosine schedule alpha reaches ~0 at the last timesteps, where an epsilon
     # model cannot say anything about the image (the first session's epsilon UNet sampled latents
     # at 4-5x the data's std); v = alpha*eps - sigma*x0 is well posed at every noise level
@@ -410,6 +473,8 @@ def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
     empty = tokenizer([""], padding="max_length", max_length=32, return_tensors="pt").input_ids
     # exponential moving average of the weights, the standard for diffusion models: it samples far
     # cleaner than the last iterate of a short, high learning rate run
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     live = list(unet.parameters()) + list(text_encoder.parameters())
     shadow = list(ema_unet.parameters()) + list(ema_text.parameters())
@@ -428,17 +493,54 @@ def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
         t = torch.randint(0, 1000, (recipe.unet_batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         text = text_encoder(tok).last_hidden_state
-        return diffusion_loss(noise_sched, lambda zt, t: unet(zt, t, text).sample, z0, t, noise)
+        return diffusion_loss(noise_sched, lambda zt, t: unet(zt, t, text).sample, z0, t, noise,
+                              weight_floor=recipe.weight_floor)
 
-    train_loop(run, "unet", steps=recipe.unet_steps, params=live, lr=recipe.lr_unet,
+    train_loop(run, "unet", steps=recipe.unet_steps, params=live,
+               lr=recipe.lr_finetune if recipe.init else recipe.lr_unet,
                modules={"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text},
                loss_fn=unet_loss, after_step=ema_update if recipe.ema_decay else None)
     if recipe.ema_decay:
         unet, text_encoder = ema_unet, ema_text
 
-    # 5. sharpen the decoder with the encoder frozen: the latents (and so the UNet) stay valid,
-    # and the decoder, which draws the edges, gets the steps the joint stage could not afford
-    finetune_decoder(run, recipe, vae, images)
+    # 5. the 64 px autoencoder (a 3-level AutoencoderTiny, so the pipeline's vae_scale_factor is 4 and
+    # `height=64` means 16x16 latents): its decoder learns to draw the 64 px image from the 16x16
+    # latents the UNet makes (shapes world renders exactly at any size), its encoder to give the
+    # latents the 32 px encoder gives (img2img and the ControlNet's training go through it). Cheaper
+    # than a UNet on 32x32 latents (4x the step time) and the UNet stays as it is.
+    if base_size == recipe.size:  # the init model's autoencoder already draws `size` px
+        vae64 = vae
+        return _save_image(run, vae64, text_encoder, tokenizer, unet, noise_sched)
+    levels = len(recipe.upscale_channels)
+    vae64 = AutoencoderTiny(in_channels=3, out_channels=3, encoder_block_out_channels=recipe.upscale_channels,
+                            decoder_block_out_channels=recipe.upscale_channels, num_encoder_blocks=(1,) * levels,
+                            num_decoder_blocks=(1,) * levels, latent_channels=4, scaling_factor=scaling)
+    if 2 ** (levels - 1) * recipe.latent_size != recipe.size:
+        raise UsageError(f"{levels} autoencoder levels do not map {recipe.latent_size}x{recipe.latent_size} latents "
+                         f"to {recipe.size} px", "pick upscale_channels with log2(size / latent_size) + 1 entries")
+    big = pixels[recipe.size]
+
+    def upscale_loss(step: int, g: Any) -> Any:
+        idx = torch.randint(0, len(big), (recipe.vae_batch,), generator=g)
+        x = _to_unit(big[idx.numpy()])
+        z = raw[idx]
+        # L1: sharper edges than MSE; the encoder matches the 32 px encoder's latents
+        return (torch.nn.functional.l1_loss(vae64.decode(z).sample, x)
+                + torch.nn.functional.mse_loss(vae64.encode(x).latents, z))
+
+    train_loop(run, "upscale", steps=recipe.upscale_steps, params=list(vae64.parameters()), lr=recipe.lr_vae,
+               modules={"vae": vae64}, loss_fn=upscale_loss)
+    vae64.eval()
+    run.log(stage="upscale", ceiling_from_32px_latents=decode_ceiling(
+        lambda x: vae.encode(x).latents, lambda z: vae64.decode(z).sample, enc_size=base_size, dec_size=recipe.size),
+        ceiling_own=decode_ceiling(lambda x: vae64.encode(x).latents, lambda z: vae64.decode(z).sample,
+                                   enc_size=recipe.size, dec_size=recipe.size))
+
+    return _save_image(run, vae64, text_encoder, tokenizer, unet, noise_sched)
+
+
+def _save_image(run: Run, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, noise_sched: Any) -> dict[str, Any]:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     # 6. one standard diffusers folder, fp16 safetensors
     # lambda_min_clipped: diffusers' DPM-Solver needs it with the cosine schedule, whose last
@@ -462,7 +564,7 @@ def train_image(run: Run, recipe: ImageRecipe) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- entry point
 SMOKE: dict[str, dict[str, Any]] = {
-    "image": dict(n_train=64, vae_steps=2, unet_steps=2, decoder_steps=2, vae_batch=4, unet_batch=4),
+    "image": dict(n_train=64, vae_steps=2, unet_steps=2, upscale_steps=2, vae_batch=4, unet_batch=4),
 }
 RECIPES: dict[str, tuple[type, Callable]] = {
     "image": (ImageRecipe, train_image),
@@ -470,7 +572,7 @@ RECIPES: dict[str, tuple[type, Callable]] = {
 
 
 # per-starter recipe defaults beyond the dataclass's (caption and vqa share BlipRecipe)
-RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {"vqa": {"init": "starter-caption", "steps": 6000}}
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {"vqa": {"init": "starter-caption", "steps": 6000, "phrasings": True}}
 
 
 def train_starter(name: str, out: Path, *, steps: int | None = None, resume: bool = False, smoke: bool = False,
@@ -946,7 +1048,9 @@ class ControlRecipe:
     steps: int = 1500
     batch: int = 16
     lr: float = 1e-3
-    cond_channels: tuple[int, ...] = (16, 32)  # conditioning stem: one stride-2 conv per extra width
+    # conditioning stem: one stride-2 conv per extra width, so one width per autoencoder level
+    # (None: 16, 32, 64, ... as many as the base's VAE has levels)
+    cond_channels: tuple[int, ...] | None = None
     drop_caption: float = 0.1
     n_eval: int = 50
     guidance: float = 4.0
@@ -1003,11 +1107,8 @@ def control_eval(pipe: Any, controlnet: Any, *, n: int, size: int, steps: int, g
 
 
 def train_control(run: Run, recipe: ControlRecipe) -> dict[str, Any]:
-    import numpy as np
     import torch
     from diffusers import ControlNetModel, DDPMScheduler
-
-    from studio.pipelines.training import shapes as S
 
     torch.manual_seed(recipe.seed)
     # 1. the frozen base: its VAE latents, its text features, its UNet
@@ -1016,14 +1117,14 @@ def train_control(run: Run, recipe: ControlRecipe) -> dict[str, Any]:
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False).eval()
     size = unet.config.sample_size * pipe.vae_scale_factor
-    images_u8, items = cached_split(run.work, recipe.seed, recipe.n_train, size)
-    masks = torch.from_numpy(np.stack([np.asarray(S.render(s, size)[1]) for s in items]))  # (N, H, W) 0/255
+    # prompts as people type them (shapes.training_prompt), each drawn inside its image's mask
+    items, pixels, masks_u8 = cached_prompts(run.work, recipe.seed, recipe.n_train, (size,))
+    masks = torch.from_numpy(masks_u8)  # (N, H, W) 0/255
     cond = (masks.float() / 255).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (N, 3, H, W) in [0, 1], as the pipeline feeds it
-    images = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 256]).latents for i in range(0, len(images), 256)])
+        latents = torch.cat([vae.encode(_to_unit(pixels[size][i:i + 256])).latents for i in range(0, len(items), 256)])
         latents = latents * vae.config.scaling_factor
-        ids = tokenizer([s.caption for s in items], padding="max_length", max_length=tokenizer.model_max_length,
+        ids = tokenizer([p.text for p in items], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         feats = torch.cat([text_encoder(ids[i:i + 512]).last_hidden_state for i in range(0, len(ids), 512)])
         empty = text_encoder(tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
@@ -1031,7 +1132,12 @@ def train_control(run: Run, recipe: ControlRecipe) -> dict[str, Any]:
     run.log(stage="data", n=len(items), size=size)
 
     # 2. the ControlNet: the base UNet's encoder copied (diffusers' from_unet), zero-initialised outputs
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=recipe.cond_channels)
+    levels = len(pipe.vae.config.block_out_channels)
+    cond_channels = recipe.cond_channels or tuple(16 * 2**i for i in range(levels))
+    if len(cond_channels) != levels:
+        raise UsageError(f"cond_channels {cond_channels} need {levels} entries for {recipe.init}'s {size} px images",
+                         "leave cond_channels to the recipe")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cond_channels)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def loss_fn(step: int, g: Any) -> Any:
