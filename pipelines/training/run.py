@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from studio.errors import RuntimeFailure, UsageError
-from studio.outputs import append_jsonl, write_text_file
+from studio.outputs import write_text_file
 from studio.pipelines.training.checkpoint import (CHECKPOINTS, CONFIG_JSON, Checkpoint, TrainerState,
                                                   capture_rng, find_checkpoints, prune, restore_rng,
                                                   write_checkpoint)
@@ -141,6 +141,7 @@ class TrainingRun:
         self._tracked: dict[str, Any] = {}
         self._rng: dict[str, Any] | None = None
         self._elapsed0, self._t0 = 0.0, time.perf_counter()
+        self._metrics: Any = None  # OUT/metrics.jsonl, open for appending while the run writes rows
         if self.dist.main:
             self._trim_metrics(self.start)
 
@@ -275,8 +276,8 @@ class TrainingRun:
                 handle.advance(1)
                 handle.update(loss=row["loss"], lr=row["lr"], samples_s=row["samples_per_s"],
                               **{label: row[k] for k, label in (show or {}).items() if row.get(k) is not None})
-                if self.dist.main and (self.step % max(1, log_every) == 0 or self.step == total):
-                    append_jsonl(self.out / METRICS, row)
+                if self.step % max(1, log_every) == 0 or self.step == total:
+                    self._write_row(row)
                 due = (save_every and self.step % save_every == 0) or (
                     save_every_s and time.perf_counter() - t_saved >= save_every_s)
                 if due and self.step < total:
@@ -290,6 +291,8 @@ class TrainingRun:
                 self.progress.note(f"interrupted at step {self.step}; " + (
                     f"`--resume` continues from {found[-1].path.name}" if found else "no checkpoint yet"))
             raise
+        finally:
+            self._close_metrics()
         self.save()
         return self.last
 
@@ -307,8 +310,24 @@ class TrainingRun:
 
     def record(self, row: dict[str, Any]) -> None:
         """A metrics row outside the loop (a final validation), stamped with step and time."""
-        if self.dist.main:
-            append_jsonl(self.out / METRICS, {"step": self.step, **row, "elapsed_s": round(self.elapsed(), 3)})
+        self._write_row({"step": self.step, **row, "elapsed_s": round(self.elapsed(), 3)})
+        self._close_metrics()
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        # Flushed, not fsynced: studio.outputs.append_jsonl fsyncs every row, measured at 2.2 ms
+        # a row here against ~0.02 ms this way. A crash loses at most rows after the last
+        # checkpoint, which a resume drops and computes again (a torn last line with them).
+        if not self.dist.main:
+            return
+        if self._metrics is None:
+            self._metrics = open(self.out / METRICS, "a", encoding="utf-8")
+        self._metrics.write(json.dumps(row, default=str) + "\n")
+        self._metrics.flush()
+
+    def _close_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
 
     def _trim_metrics(self, step: int) -> None:
         """Drop metric rows past `step`: a resumed run computes them again (a fresh one: all)."""
