@@ -75,7 +75,8 @@ def train_starter(
 
 def eval_image(
     model: Annotated[str, typer.Option(help="image model: alias, folder or hub id")] = "starter-image",
-    n: Annotated[int, typer.Option("--n", help="held-out prompts to generate")] = 100,
+    n: Annotated[int, typer.Option("--n", help="held-out prompts per phrasing family")] = 100,
+    family: Annotated[Optional[list[str]], typer.Option("--family", help="only this phrasing family (repeatable): template, short, paraphrase, colour-only, shape-only, held-out", show_default=False)] = None,
     data_seed: Annotated[int, typer.Option("--data-seed", help="shapes-world split the prompts come from (1 = held out)")] = 1,
     steps: Annotated[Optional[int], typer.Option(help="denoising steps (default: the model card's)", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option(help="guidance scale (default: the model card's)", show_default=False)] = None,
@@ -83,9 +84,11 @@ def eval_image(
     samples: Annotated[bool, typer.Option("--samples", help="include each prompt's verdict in the report")] = False,
     opts: Globals = None,
 ) -> None:
-    """Prompt-following of a text-to-image model on held-out shapes-world prompts, judged by the
-    deterministic pixel checker (colour and shape of the largest shape), as JSON. With --out the
-    generated images are written too."""
+    """Prompt-following of a text-to-image model on held-out shapes-world prompts phrased as people
+    type them, per phrasing family (template, short, paraphrase, colour-only, shape-only, held-out:
+    frames never used in training), judged by the deterministic pixel checker: the named colour
+    and shape and the background (white when the prompt names none), and separately the named
+    position and size, from the shape's pixels. JSON; with --out the images are written too."""
     from studio.engine import Engine
     from studio.errors import UsageError
     from studio.pipeline import load_image
@@ -94,17 +97,23 @@ def eval_image(
         raise UsageError(f"--n must be at least 1, got {n}", "pass --n 100")
     from studio.pipelines.training import shapes as S
 
-    targets = list(S.samples(data_seed, n, two_shapes=0.0))
+    families = tuple(dict.fromkeys(family or S.FAMILIES))
+    unknown = [f for f in families if f not in S.FAMILIES]
+    if unknown:
+        raise UsageError(f"unknown phrasing family {unknown[0]!r}", f"pick from: {', '.join(S.FAMILIES)}")
+    prompts = S.eval_prompts(data_seed, n, families)
     engine = Engine(opts.run_options("image", write=opts.out is not None))
     images = []
     base_seed = opts.seed if opts.seed is not None else 0
-    for i, target in enumerate(targets):
-        params = {"prompt": target.caption, "model": model, "seed": base_seed + i, "steps": steps, "guidance": guidance}
+    for i, p in enumerate(prompts):
+        params = {"prompt": p.text, "model": model, "seed": base_seed + i, "steps": steps, "guidance": guidance}
         results = engine.run("image", {k: v for k, v in params.items() if v is not None})
         # a written Result lets its pixels go (the engine streams outputs): read them back
         images.append(results[0].value if results[0].value is not None else load_image(results[0].path))
-    report = {"task": "image", "model": model, "data_seed": data_seed, "checker": "shapes pixel checker",
-              **S.prompt_following(images, targets)}
+    report = {"task": "image", "model": model, "data_seed": data_seed, "n_per_family": n,
+              "checker": "shapes pixel checker", "size": list(images[0].size) if images else None,
+              "bars": {"min_prompt_following": 0.9, "position_accuracy": 0.85, "size_accuracy": 0.85},
+              **S.follow_report(images, prompts)}
     if not samples:
         report.pop("samples")
     text = json.dumps(report, indent=2)
