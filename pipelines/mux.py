@@ -23,10 +23,15 @@ import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from studio.errors import InputFileError, RuntimeFailure, UsageError
 from studio.outputs import Result
+
+if TYPE_CHECKING:  # types only (the contract: studio/pipeline.py)
+    from studio.device import DeviceManager
+    from studio.models import ModelSpec
+    from studio.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class Mux:
     output_kinds = ("video",)  # a `file` result that later steps read as ${step.video}
 
     @classmethod
-    def load(cls, spec: Any = None, device: Any = None) -> "Mux":
+    def load(cls, spec: ModelSpec | None = None, device: DeviceManager | None = None) -> "Mux":
         return cls()
 
     def check_inputs(self, request: MuxRequest) -> None:
@@ -57,7 +62,7 @@ class Mux:
         if not re.fullmatch(r"[1-9]\d{0,3}k", request.audio_bitrate):
             raise UsageError(f"mux: audio_bitrate {request.audio_bitrate!r} is not like 192k", "use e.g. 128k or 192k")
 
-    def run(self, request: MuxRequest, progress: Any = None) -> list[Result]:
+    def run(self, request: MuxRequest, progress: Progress | None = None) -> list[Result]:
         import imageio_ffmpeg
 
         # 1. check inputs

@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # types only: the contract imports nothing heavy (the CLI rea
     from studio.outputs import Result
     from studio.progress import Progress
 
-# The argument names tasks share (DESIGN.md "Contracts"), and the spellings that mean one of them:
+# The argument names tasks share (ARCHITECTURE.md, the contract), and the spellings that mean one of them:
 # a request field spelled the second way is a contract problem, so `--seed`, `--steps` and friends
 # read the same in every command, preset and batch file.
 SHARED_NAMES = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "num_outputs",
