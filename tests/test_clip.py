@@ -206,6 +206,59 @@ def test_eval_reports_zero_shot_and_retrieval_as_table_and_json(cli, tiny, tmp_p
     assert r.exit_code == 2 and "not among" in r.stderr
 
 
+def test_eval_through_the_engine_equals_in_process_scoring_on_a_folder_and_on_shards(cli, tiny, tmp_path):
+    """`studio eval clip` embeds images, captions and class prompts through the engine (the
+    clip-embed task) and scores the embeddings; training's validation scores in-process with the
+    model. Same model, same data: the same numbers, also when the data come as webdataset shards,
+    whose images have no path of their own (they go through a temp folder that is removed)."""
+    import tempfile
+
+    import webdataset as wds
+
+    from studio.pipelines.clip import ClipEmbedder, load_templates
+    from studio.pipelines.training.clip_train import open_data
+
+    data = make_shapes(tmp_path / "classes", variants=2, classes=True)
+    folder = open_data(str(data), need_captions=False)
+    direct = ClipEmbedder.load(tiny("clip"), "cpu").evaluate(folder.iter_samples(), templates=load_templates("simple"))
+    r = cli("eval", "clip", "--model", tiny("clip"), "--data", data, "--templates", "simple", "--json")
+    assert r.exit_code == 0, r
+    report = json.loads(r.stdout)
+    assert report["samples"] == 24 and report["classes"] == 12
+    assert {k: report[k] for k in direct} == pytest.approx(direct, abs=1e-6)
+
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "shapes-000.tar")) as sink:
+        for i, (_, image, caption, label) in enumerate(folder.rows):
+            sink.write({"__key__": f"s{i:03d}", "png": image.read_bytes(), "txt": caption, "cls": label})
+    before = set(Path(tempfile.gettempdir()).glob("studio-clip-eval-*"))
+    r = cli("eval", "clip", "--model", tiny("clip"), "--data", tmp_path / "shards" / "shapes-000.tar",
+            "--templates", "simple", "--json")
+    assert r.exit_code == 0, r
+    assert {k: json.loads(r.stdout)[k] for k in direct} == pytest.approx(direct, abs=1e-6)
+    assert set(Path(tempfile.gettempdir()).glob("studio-clip-eval-*")) == before
+
+
+def test_pretrained_folds_into_one_model_name_on_every_clip_command(cli, tiny, tmp_path):
+    """--model CONFIG.json --pretrained FILE (an architecture and its weights) embeds exactly as the
+    folder holding both; --pretrained with a folder or with auto says what goes with it."""
+    cfg = tmp_path / "tiny-arch.json"
+    cfg.write_text(json.dumps(json.loads((tiny("clip") / "open_clip_config.json").read_text())["model_cfg"]))
+    weights = tiny("clip") / "open_clip_model.safetensors"
+    a = cli("clip", "embed", "a red circle", "--model", tiny("clip"), "--out", tmp_path / "a", "--json")
+    b = cli("clip", "embed", "a red circle", "--model", cfg, "--pretrained", weights, "--out", tmp_path / "b", "--json")
+    assert a.exit_code == 0 and b.exit_code == 0, (a, b)
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    meta = json.loads((tmp_path / "b.json").read_text())
+    assert meta["load"] == {"model": str(cfg.resolve()), "pretrained": str(weights.resolve())}
+    hit = cli("clip", "search", "--index", tmp_path / "b", "a red circle", "-k", "1", "--json")  # reloads cfg@weights
+    assert hit.exit_code == 0 and json.loads(hit.stdout)["score"] == pytest.approx(1.0, abs=1e-3)
+    r = cli("clip", "embed", "x", "--model", tiny("clip"), "--pretrained", weights, "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "--pretrained goes with an architecture name" in r.stderr
+    r = cli("clip", "eval", "--data", tmp_path, "--pretrained", "laion2b_s34b_b79k")
+    assert r.exit_code == 2 and "--model ViT-B-32 --pretrained laion2b_s34b_b79k" in r.stderr
+
+
 def test_eval_data_errors_name_the_fix(cli, tiny, shapes, tmp_path):
     r = cli("clip", "eval", "--model", tiny("clip"), "--data", shapes / "pairs.csv", "--img-key", "path")
     assert r.exit_code == 2 and "no column 'path'" in r.stderr and "--img-key" in r.stderr
