@@ -247,3 +247,53 @@ def test_a_bomb_preset_is_refused_and_does_not_stall_presets_list(isolated_home,
     row = next(json.loads(line) for line in listed.stdout.splitlines() if json.loads(line)["name"] == "boom")
     assert "not a valid preset" in row["description"]
     assert time.perf_counter() - started < 3.0
+
+
+# --------------------------------------------------------------------------- outputs stream to disk
+class Counter:
+    """A toy task that yields its images one by one and notes, before making each, how many of
+    its outputs are already on disk (a runner that collected them first would see 0 each time)."""
+
+    task = "toy-count"
+    output_kinds = ("image",)
+    folder: Path | None = None
+    seen: list[int] = []
+
+    @classmethod
+    def load(cls, spec, device):
+        return cls()
+
+    def check_inputs(self, request):
+        pass
+
+    def run(self, request, progress):
+        from PIL import Image
+
+        from studio.outputs import Result
+
+        for k in range(request.num_outputs):
+            Counter.seen.append(len(list(Counter.folder.glob("*.png"))))
+            yield Result(kind="image", value=Image.new("RGB", (8, 8), (k, 0, 0)),
+                         params={"prompt": request.prompt, "seed": request.seed + k, "num_outputs": 1})
+
+
+def test_a_jobs_outputs_are_written_as_the_pipeline_makes_them(toys, tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from studio import registry
+    from studio.batch import run_file
+
+    @dataclass(frozen=True)
+    class CountRequest:
+        prompt: str  # text
+        model: str = "auto"  # unused
+        seed: int | None = None  # first seed
+        num_outputs: int = 1  # images
+
+    Counter.request_type = CountRequest
+    monkeypatch.setitem(registry.BUILTIN_TASKS, "toy-count", f"{__name__}:Counter")
+    Counter.folder, Counter.seen = tmp_path / "out", []
+    report = run_file({"jobs": [{"task": "toy-count", "prompt": "n", "seed": 1, "num_outputs": 5, "model": str(toys)}]},
+                      out_dir=tmp_path / "out")
+    assert report.failed == 0 and len(report.paths("job1")) == 5
+    assert Counter.seen == [0, 1, 2, 3, 4]

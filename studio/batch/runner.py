@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from studio import presets, registry
 from studio.batch import graph, launch
@@ -108,13 +108,15 @@ class PlanItem:
 
 # =========================================================================== one job
 def execute(job: Job, params: dict[str, Any], *, engine: Any, options: Any, tag: str | None) -> list[Any]:
-    """One pipeline call for `job` with its resolved `params`: Results, nothing written."""
+    """One pipeline call for `job` with its resolved `params`: all its Results, nothing written
+    (a merged seed sweep needs them all to hand each job its own)."""
     return engine.run(job.task, params, job=tag, options=options)
 
 
-def write_results(job: Job, results: list[Any], *, out_dir: Path, template: str, tag: str,
+def write_results(job: Job, results: Iterable[Any], *, out_dir: Path, template: str, tag: str,
                   emit: Callable[[dict[str, Any]], None] | None = None) -> list[Output]:
-    """Write a job's Results through the OutputWriter; each must land inside `out_dir`."""
+    """Write a job's Results through the OutputWriter as they come, each checked to land inside
+    `out_dir`; only the Outputs (paths, hashes, texts) are kept."""
     from studio.engine import Engine
     from studio.outputs import OutputWriter, sha256_file, within
 
@@ -142,8 +144,10 @@ def write_results(job: Job, results: list[Any], *, out_dir: Path, template: str,
 def run_job(job: Job, params: dict[str, Any], *, engine: Any, options: Any, tag: str, template: str,
             emit: Callable[[dict[str, Any]], None] | None = None) -> list[Output]:
     """Run one job on `engine` and write its outputs into `options.out_dir`: the unit another
-    executor (a worker process, a cluster task) runs. The caller records the job-done row."""
-    results = execute(job, params, engine=engine, options=options, tag=tag)
+    executor (a worker process, a cluster task) runs. The caller records the job-done row.
+    Results stream (Engine.stream): each is written before the pipeline makes the next, so a job
+    of 200 images holds one at a time."""
+    results = engine.stream(job.task, params, job=tag, options=options)
     return write_results(job, results, out_dir=options.out_dir, template=template, tag=tag, emit=emit)
 
 
