@@ -42,8 +42,10 @@ def _model_name(model: str, pretrained: Optional[str]) -> str:
     return f"{model}@{pretrained}"
 
 
-def _embed(engine: Any, model: str, inputs: list[str], kind: str, batch_size: int) -> tuple[Any, Any]:
-    """(N, D) float32 embeddings of image paths or texts from the clip-embed task, and its Result."""
+def clip_embeddings(engine: Any, model: str, inputs: list[str], kind: str, batch_size: int) -> tuple[Any, Any]:
+    """(N, D) float32 embeddings of image paths or texts from the clip-embed task, and its Result:
+    how every command that needs CLIP embeddings gets them (through the engine, which resolves,
+    loads once and applies the device flags)."""
     import numpy as np
 
     [result] = engine.run("clip-embed", {"inputs": tuple(inputs), "model": model, "kind": kind, "batch_size": batch_size})
@@ -152,9 +154,10 @@ def evaluate(
     with progress, tempfile.TemporaryDirectory(prefix="studio-clip-eval-") as tmp:
         paths, captions, found = _eval_images(source, Path(tmp), progress)
         captioned, classnames = eval_plan(captions, found, load_labels(labels) if labels else None)
-        images, result = _embed(engine, name, paths, "image", batch_size)
-        texts = _embed(engine, name, captions, "text", batch_size)[0] if captioned else None
-        classes = _embed(engine, name, template_texts(classnames, prompts), "text", batch_size)[0] if classnames else None
+        images, result = clip_embeddings(engine, name, paths, "image", batch_size)
+        texts = clip_embeddings(engine, name, captions, "text", batch_size)[0] if captioned else None
+        classes = (clip_embeddings(engine, name, template_texts(classnames, prompts), "text", batch_size)[0]
+                   if classnames else None)
     metrics = embedding_metrics(images, captions, found, text_emb=texts, classnames=classnames, class_text_emb=classes)
     report = {"model": result.value["model"], "data": str(data), "templates": templates, **metrics}
     if out is not None:
@@ -225,7 +228,7 @@ def embed(
     progress = opts.progress()
     with progress:
         engine = Engine(opts.run_options("clip-embed", write=False), progress=progress)
-        vectors, result = _embed(engine, _model_name(model, pretrained), list(inputs), kind, batch_size)
+        vectors, result = clip_embeddings(engine, _model_name(model, pretrained), list(inputs), kind, batch_size)
     meta = {"model": result.value["model"], "load": result.value["load"], "normalized": True,
             "device": result.extra["device"]["resolved"],
             "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "versions": library_versions()}
@@ -270,7 +273,7 @@ def search(
     progress = opts.progress()
     with progress:
         engine = Engine(opts.run_options("clip-embed", write=False), progress=progress)
-        vectors, _ = _embed(engine, _model_name(name, None if model else load.get("pretrained")),
+        vectors, _ = clip_embeddings(engine, _model_name(name, None if model else load.get("pretrained")),
                             [str(image) if image is not None else query], "image" if image is not None else "text", 1)
     hits = search_index(idx, vectors[0], k=k, kind=kind)
     if opts.json:
