@@ -11,6 +11,11 @@ Prints wall-clock seconds of
 and the ratio A / B (the goal is <= 0.2). It also runs the batch in-process with and without
 merging, to show what merging alone is worth. Nothing here is a test: numbers vary with the
 machine and its load, which is why A and B run in the same invocation.
+
+    python benchmarks/batch.py --yaml          # what bounding YAML costs (no model needed)
+
+reads a file of N jobs (default 5000) with and without the streaming bounds check of
+studio/presets.py, side by side, and times how fast a 370-byte alias bomb is refused.
 """
 
 from __future__ import annotations
@@ -36,13 +41,48 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+def yaml_bounds(jobs: int) -> None:
+    """Reading a big legitimate batch file with and without the bounds check, and a bomb."""
+    from studio import presets
+    from studio.errors import UsageError
+
+    work = Path(tempfile.mkdtemp(prefix="studio-bench-yaml-"))
+    big = work / "big.yaml"
+    big.write_text("jobs:\n" + "".join(f'  - {{task: image, prompt: "a photo of a cat number {i:07d}", seed: {i}, '
+                                        f"steps: 2, width: 256}}\n" for i in range(jobs)))
+    check = presets._check_bounds
+    runs = {}
+    for label, bounded in [("bounded", True), ("unbounded", False)] * 3:  # interleaved: load drifts
+        presets._check_bounds = check if bounded else (lambda *a, **k: None)
+        t0 = time.perf_counter()
+        presets.read_yaml(big)
+        runs.setdefault(label, []).append(time.perf_counter() - t0)
+    presets._check_bounds = check
+    with_, without = min(runs["bounded"]), min(runs["unbounded"])
+    print(f"{jobs} jobs, {big.stat().st_size / 1e6:.1f} MB: read_yaml {with_:.3f} s bounded, {without:.3f} s "
+          f"without the check (ratio {with_ / without:.2f})")
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{n}: &{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in zip("abcdefgh", "bcdefghi")]
+    bomb = work / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    try:
+        presets.read_yaml(bomb)
+    except UsageError as exc:
+        print(f"{bomb.stat().st_size}-byte alias bomb refused in {time.perf_counter() - t0:.4f} s: {exc.message}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a tiny SD folder (default: build one with studio.pipelines.tiny)")
     ap.add_argument("--jobs", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--yaml", action="store_true", help="measure the YAML bounds instead (jobs default 5000)")
     args = ap.parse_args()
+    if args.yaml:
+        yaml_bounds(args.jobs if args.jobs != 16 else 5000)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="studio-bench-batch-"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "STUDIO_HOME": str(work / "home"),
