@@ -72,9 +72,12 @@ class LoraSet:
     def _resolve(self, spec: LoraSpec, *, allow_pickle: bool, offline: bool) -> tuple[str, dict[str, Any], Any]:
         """(what load_lora_weights gets, its kwargs, the ModelSpec) for a LoRA source."""
         from studio import models
+        from studio.safety import PickleRefused
 
         try:
             mspec = models.resolve(spec.source, allow_pickle=allow_pickle, offline=offline)
+        except PickleRefused:
+            raise
         except UsageError as exc:
             raise UsageError(f"LoRA {spec.source!r}: {exc.message}",
                              "pass a .safetensors file, a folder with pytorch_lora_weights.safetensors, or a hub id") from exc

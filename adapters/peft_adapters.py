@@ -163,14 +163,19 @@ def _resolve(source: str, *, allow_pickle: bool = False, offline: bool | None = 
     """A local adapter folder, or a hub id / alias through the model resolver."""
     from studio import models
 
+    from studio.safety import PickleRefused, check_pickle
+
     path = Path(source).expanduser()
     if path.is_dir():
+        check_pickle(path, allow_pickle=allow_pickle, what="adapter")  # peft falls back to adapter_model.bin
         return str(path.resolve())
     if path.is_file():
         raise UsageError(f"adapter {source} is a file; transformers adapters are peft folders",
                          "pass the folder holding adapter_config.json and adapter_model.safetensors")
     try:
         spec = models.resolve(source, allow_pickle=allow_pickle, offline=offline)
+    except PickleRefused:
+        raise
     except UsageError as exc:
         raise UsageError(f"adapter {source!r}: {exc.message}", "pass the folder `studio adapt train` wrote") from exc
     return spec.location()

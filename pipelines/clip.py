@@ -115,9 +115,12 @@ def resolve_clip(model: Any, *, pretrained: str | None = None, allow_pickle: boo
     import open_clip
 
     from studio import models
+    from studio.safety import check_pickle
 
     if isinstance(model, ClipSource):
         return model
+    if pretrained and Path(pretrained).expanduser().is_file():  # --pretrained FILE, for every kind of model
+        check_pickle(Path(pretrained).expanduser(), allow_pickle=allow_pickle, what="--pretrained")
     if isinstance(model, models.ModelSpec):
         return _from_spec(model, pretrained, allow_pickle)
     name = str(model or "auto").strip()
@@ -137,8 +140,8 @@ def resolve_clip(model: Any, *, pretrained: str | None = None, allow_pickle: boo
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(base)) or "none"
             raise UsageError(f"{tag!r} is neither a pretrained tag of {base} nor a checkpoint file",
                              f"tags of {base}: {tags}")
-        if tag and Path(tag).expanduser().suffix in (".bin", ".pt", ".pth", ".ckpt") and not allow_pickle:
-            raise UsageError(f"{Path(tag).name} is a pickle checkpoint", "convert it to .safetensors or pass --allow-pickle")
+        if tag and Path(tag).expanduser().is_file():
+            check_pickle(Path(tag).expanduser(), allow_pickle=allow_pickle, what="checkpoint")
         if not tag and require_weights:
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(base)) or "none"
             raise UsageError(f"{base} is an architecture without weights",
@@ -214,6 +217,12 @@ def _from_folder(folder: Path, label: str, allow_pickle: bool, pretrained: str |
         if not allow_pickle:
             raise UsageError(f"{folder} has only pickle weights ({pickles[0].name}), which can run code when loaded",
                              "convert them to .safetensors, or pass --allow-pickle if you trust the source")
+    from studio.safety import check_pickle
+
+    check_pickle(folder, allow_pickle=allow_pickle)  # a decoy .safetensors beside a pickle .bin too
+    from studio.safety import check_pickle
+
+    check_pickle(folder, allow_pickle=allow_pickle)  # a decoy .safetensors beside a pickle .bin too
     ident = (("kind", "folder"), ("path", str(folder.resolve()))) + ((("alias", alias),) if alias else ())
     return ClipSource(model_name=f"local-dir:{folder.resolve()}", label=label, folder=str(folder.resolve()),
                       ident=ident, notice=notice)
@@ -221,9 +230,9 @@ def _from_folder(folder: Path, label: str, allow_pickle: bool, pretrained: str |
 
 def _from_checkpoint_file(path: Path, label: str, allow_pickle: bool) -> ClipSource:
     from studio.models import file_sha256
+    from studio.safety import check_pickle
 
-    if path.suffix != ".safetensors" and not allow_pickle:
-        raise UsageError(f"{path.name} is a pickle checkpoint", "convert it to .safetensors or pass --allow-pickle")
+    check_pickle(path, allow_pickle=allow_pickle)
     config = path.parent / CONFIG_NAME
     if not config.exists():
         raise UsageError(f"{path.name} has no {CONFIG_NAME} beside it, so its architecture is unknown",
@@ -293,6 +302,12 @@ def create(source: ClipSource, *, device: Any = "cpu", load_weights: bool = True
 
     # open_clip logs "initialized randomly" on the root logger when asked for no weights; that
     # is the point of load_weights=False (tiny models, training from scratch), so keep it quiet
+    from studio.safety import forbid_remote_code_prompt
+
+    forbid_remote_code_prompt()  # open_clip's Hugging Face text towers load without trust_remote_code
+    from studio.safety import forbid_remote_code_prompt
+
+    forbid_remote_code_prompt()  # open_clip's Hugging Face text towers load without trust_remote_code
     level = logging.root.level
     if not load_weights or not source.has_weights:
         logging.root.setLevel(logging.ERROR)

@@ -226,7 +226,7 @@ def load_controlnet(name: str, device: DeviceManager, *, allow_pickle: bool = Fa
                 if cls is None or "ControlNet" not in class_name:
                     raise UsageError(f"{name} is a {class_name}, not a ControlNet",
                                      "pass a ControlNet with --control-model")
-                model = cls.from_pretrained(location, dtype=device.dtype, **spec.load_kwargs(library="diffusers"))
+                model = cls.from_pretrained(location, dtype=device.dtype, **spec.load_kwargs(library="diffusers-model"))
             model = device.prepare(model)
         _CONTROLNETS[key] = (model, spec)
     return _CONTROLNETS[key]

@@ -775,9 +775,10 @@ def _load_single_file(spec: ModelSpec, device: DeviceManager, notes: list[str]) 
     import diffusers
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
+    from studio.safety import check_pickle
+
     path = Path(spec.source)
-    if path.suffix != ".safetensors" and not spec.allow_pickle:
-        raise UsageError(f"{path.name} is a pickle checkpoint", "convert it to .safetensors or pass --allow-pickle")
+    check_pickle(path, allow_pickle=spec.allow_pickle)
     try:
         model_type = infer_diffusers_model_type(_LazyCheckpoint(str(path))) if path.suffix == ".safetensors" else "v1"
     except Exception as exc:
@@ -790,6 +791,8 @@ def _load_single_file(spec: ModelSpec, device: DeviceManager, notes: list[str]) 
     config = ((spec.card or {}).get("components") or {}).get("config")
     if config is None and (path.parent / "model_index.json").exists():
         config = str(path.parent)
+    if config and Path(config).is_dir():  # components may load from the config folder too
+        check_pickle(config, allow_pickle=spec.allow_pickle, what="config folder")
     kwargs: dict[str, Any] = {"torch_dtype": device.dtype}
     if config:
         kwargs["config"] = config

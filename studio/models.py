@@ -27,10 +27,10 @@ from typing import Any, Iterator, Mapping
 
 from studio.errors import ModelNotAvailable, StudioError, UsageError
 from studio.paths import PACKAGE_PRESETS, hf_cache_dir, is_offline, user_models_dir
+from studio.safety import check_pickle, check_remote_code, forbid_remote_code_prompt
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CARD_KEYS = {"name", "source", "task", "description", "default_for", "starter_for", "defaults", "license",
              "revision", "pipeline", "files", "params", "training", "eval", "components", "notes"}
 
@@ -57,23 +57,41 @@ class ModelSpec:
 
     def location(self) -> str:
         """What `from_pretrained` gets: a local path, or the hub id (online). Offline, a hub id
-        becomes its cached snapshot folder, or a clear error naming the fix."""
+        becomes its cached snapshot folder, or a clear error naming the fix. A local path that
+        holds a pickle is refused here, the one door every loader takes (unless --allow-pickle);
+        online, `use_safetensors` keeps the libraries from fetching pickles."""
+        label = f"model {self.alias or ''}".strip() if self.is_local else f"model {self.alias or self.source}"
         if self.is_local:
+            folder = Path(self.source)
+        elif self.offline or is_offline():
+            folder = cached_snapshot(self)
+        else:
             return self.source
-        if self.offline or is_offline():
-            return str(cached_snapshot(self))
-        return self.source
+        check_pickle(folder, allow_pickle=self.allow_pickle, what=label)
+        if folder.is_dir():
+            check_remote_code(folder, trust_remote_code=self.trust_remote_code, what=label)
+        return str(folder)
 
     def load_kwargs(self, *, library: str = "transformers") -> dict[str, Any]:
-        """Safe defaults for from_pretrained: safetensors only, no remote code, pinned revision."""
+        """Safe defaults for from_pretrained: safetensors only, no remote code, pinned revision.
+
+        `trust_remote_code` is always there, False unless --trust-remote-code: left unset,
+        transformers asks on stdin and `echo y |` would answer. library="diffusers-model" is for
+        diffusers' ModelMixin classes (UNet, ControlNet, MotionAdapter): they have no remote-code
+        path and warn about the unknown argument, so it is left out there."""
+        forbid_remote_code_prompt()
         kwargs: dict[str, Any] = {}
         if not self.allow_pickle:
             kwargs["use_safetensors"] = True
         if self.revision and not self.is_local and not (self.offline or is_offline()):
             kwargs["revision"] = self.revision
-        if self.trust_remote_code:
-            kwargs["trust_remote_code"] = True
+        if library != "diffusers-model":
+            kwargs["trust_remote_code"] = bool(self.trust_remote_code)
         return kwargs
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """For AutoConfig / AutoTokenizer / AutoProcessor: revision and an explicit trust_remote_code."""
+        return {k: v for k, v in self.load_kwargs().items() if k in ("revision", "trust_remote_code")}
 
     def identity(self) -> dict[str, Any]:
         """How outputs record the model: enough to find the same weights again."""
@@ -208,13 +226,12 @@ def resolve(name: str, *, task: str | None = None, allow_pickle: bool = False,
     if path.exists():
         path = path.resolve()
         if path.is_dir():
+            check_pickle(path, allow_pickle=allow_pickle)  # now, not after minutes of other work
             return ModelSpec(name=name, source=str(path), kind="folder", task=task, **common)
         if path.suffix not in CHECKPOINT_SUFFIXES:
             raise UsageError(f"{name} is not a model folder or checkpoint file",
                              f"expected a folder or a file ending in {', '.join(CHECKPOINT_SUFFIXES)}")
-        if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
-            raise UsageError(f"{path.name} is a pickle checkpoint, which can run code when loaded",
-                             "convert it to .safetensors, or pass --allow-pickle if you trust it")
+        check_pickle(path, allow_pickle=allow_pickle)
         return ModelSpec(name=name, source=str(path), kind="file", task=task, **common)
     if name.startswith(("./", "../", "/", "~")) or name.endswith(CHECKPOINT_SUFFIXES):
         raise UsageError(f"model path {name} does not exist", "check the path")
@@ -268,6 +285,7 @@ def _resolve_auto(task: str | None, common: dict[str, Any]) -> ModelSpec:
 @contextlib.contextmanager
 def loading(spec: ModelSpec, what: str = "model") -> Iterator[None]:
     """Turn library load errors into one-line StudioErrors that say what to do."""
+    forbid_remote_code_prompt()  # the libraries are imported by now
     try:
         yield
     except StudioError:
@@ -278,7 +296,7 @@ def loading(spec: ModelSpec, what: str = "model") -> Iterator[None]:
         if "safetensors" in text.lower() and not spec.allow_pickle:
             raise UsageError(f"{label} has no .safetensors weights (only pickle files)",
                              "pass --allow-pickle if you trust the source") from exc
-        if "trust_remote_code" in text:
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):  # transformers says so on a later line
             raise UsageError(f"{label} needs its own modelling code", "pass --trust-remote-code if you trust it") from exc
         if spec.kind == "hub" and isinstance(exc, OSError):
             raise ModelNotAvailable(f"could not load {what} {label} from the hub: {text}",

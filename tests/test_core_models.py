@@ -31,7 +31,9 @@ def test_card_with_unknown_key_is_rejected_naming_it(isolated_home):
 def test_hub_id_with_revision_and_safe_load_kwargs():
     spec = models.resolve("org/model@abc123", task="image", offline=False)
     assert spec.kind == "hub" and spec.revision == "abc123"
-    assert spec.load_kwargs() == {"use_safetensors": True}  # offline env in tests drops revision
+    # offline env in tests drops revision; trust_remote_code is always said (unset, transformers asks on stdin)
+    assert spec.load_kwargs() == {"use_safetensors": True, "trust_remote_code": False}
+    assert spec.load_kwargs(library="diffusers-model") == {"use_safetensors": True}  # ModelMixin has no remote code
     assert models.resolve("org/model", allow_pickle=True, trust_remote_code=True).load_kwargs() == {"trust_remote_code": True}
 
 

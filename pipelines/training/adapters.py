@@ -583,7 +583,7 @@ def train(config: TrainConfig, device: Any, progress: Any, *, allow_pickle: bool
     if (out / pa.META_FILE).exists():
         raise UsageError(f"{out} already holds a finished adapter", "pick a new --out (studio never overwrites)")
     run = TrainingRun(out, config, device=device, progress=progress, resume=config.resume,
-                      samples_per_step=config.batch_size * config.accum, must_match=MUST_MATCH)
+                      samples_per_step=config.batch_size * config.accum, must_match=MUST_MATCH, allow_pickle=allow_pickle)
 
     # 2. base model + adapter + data
     task_for_model = {"image": "image", "caption": "caption", "code": "code", "midi": "music-midi"}[config.task]

@@ -124,8 +124,9 @@ class TrainingRun:
 
     def __init__(self, out: str | Path, config: Any, *, device: Any, progress: Any = None, resume: bool = False,
                  dist: Dist | None = None, samples_per_step: int = 1, keep: int | None = None,
-                 must_match: Sequence[str] = ()):
+                 must_match: Sequence[str] = (), allow_pickle: bool = False):
         self.out = Path(out).expanduser()
+        self.allow_pickle = allow_pickle  # a resumed checkpoint may hold pickles (older layouts' optimizer.pt)
         self.config = config
         self.device = device  # a studio.device.DeviceManager
         self.dist = dist or Dist()
@@ -155,6 +156,10 @@ class TrainingRun:
                              "pass --resume to continue it, or a new --out folder")
         if resume and not found:
             raise UsageError(f"nothing to resume: {self.out} holds no checkpoint", "drop --resume to start a new run")
+        if resume:
+            from studio.safety import check_pickle
+
+            check_pickle(found[-1].path, allow_pickle=self.allow_pickle, what="checkpoint")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

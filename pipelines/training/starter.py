@@ -664,10 +664,13 @@ def _init_blip(model: Any, source: str) -> dict[str, Any]:
 
     from studio.models import resolve
 
+    from studio.safety import check_pickle
+
     folder = Path(source) if Path(source).is_dir() else Path(resolve(source).source)
-    arch = (AutoConfig.from_pretrained(folder).architectures or [""])[0]
+    check_pickle(folder, allow_pickle=False, what="--init model")
+    arch = (AutoConfig.from_pretrained(folder, trust_remote_code=False).architectures or [""])[0]
     src = (BlipForQuestionAnswering if "Question" in arch else BlipForConditionalGeneration).from_pretrained(
-        folder, dtype=torch.float32)
+        folder, dtype=torch.float32, use_safetensors=True)
     state = src.state_dict()
     if hasattr(model, "text_encoder") and not hasattr(src, "text_encoder"):
         state.update({"text_encoder." + k[len("text_decoder.bert."):]: v for k, v in state.items()
@@ -939,7 +942,7 @@ def train_midi(run: Run, recipe: MidiRecipe) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM
 
         final = Path(summary["final"])
-        model = AutoModelForCausalLM.from_pretrained(final, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(final, use_safetensors=True, trust_remote_code=False)
         model.half().save_pretrained(folder)
         shutil.copy2(final / "tokenizer.json", folder / "tokenizer.json")
 
@@ -1063,8 +1066,12 @@ def _base_pipeline(base: str) -> Any:
 
     from studio.models import resolve
 
+    from studio.safety import check_pickle
+
     folder = Path(base) if Path(base).is_dir() else Path(resolve(base, task="image").source)
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    check_pickle(folder, allow_pickle=False, what="--init model")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True,
+                                                   trust_remote_code=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
