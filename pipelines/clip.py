@@ -220,9 +220,6 @@ def _from_folder(folder: Path, label: str, allow_pickle: bool, pretrained: str |
     from studio.safety import check_pickle
 
     check_pickle(folder, allow_pickle=allow_pickle)  # a decoy .safetensors beside a pickle .bin too
-    from studio.safety import check_pickle
-
-    check_pickle(folder, allow_pickle=allow_pickle)  # a decoy .safetensors beside a pickle .bin too
     ident = (("kind", "folder"), ("path", str(folder.resolve()))) + ((("alias", alias),) if alias else ())
     return ClipSource(model_name=f"local-dir:{folder.resolve()}", label=label, folder=str(folder.resolve()),
                       ident=ident, notice=notice)
@@ -300,14 +297,11 @@ def create(source: ClipSource, *, device: Any = "cpu", load_weights: bool = True
 
     import open_clip
 
+    from studio.safety import forbid_remote_code_prompt
+
+    forbid_remote_code_prompt()  # open_clip's Hugging Face text towers load without trust_remote_code
     # open_clip logs "initialized randomly" on the root logger when asked for no weights; that
     # is the point of load_weights=False (tiny models, training from scratch), so keep it quiet
-    from studio.safety import forbid_remote_code_prompt
-
-    forbid_remote_code_prompt()  # open_clip's Hugging Face text towers load without trust_remote_code
-    from studio.safety import forbid_remote_code_prompt
-
-    forbid_remote_code_prompt()  # open_clip's Hugging Face text towers load without trust_remote_code
     level = logging.root.level
     if not load_weights or not source.has_weights:
         logging.root.setLevel(logging.ERROR)
