@@ -225,8 +225,8 @@ def test_job_entries_are_counted_while_the_file_streams_in(toys, tmp_path, cli):
     ("a: &a [1, *a]\njobs: [{task: toy-image, prompt: x}]\n", "recursive alias"),
     ("jobs:\n  - {task: toy-image, prompt: x, seed: " + "[" * 80 + "]" * 80 + "}\n", "nested more than"),
     ("jobs:\n  - task: toy-image\n    prompt: '" + "{a|b}" * 20 + "'\n", "expands to more than 100000 jobs"),
-    ("jobs:\n  - task: toy-image\n    prompt: x\n    seeds: [" + ", ".join(map(str, range(100_001))) + "]\n",
-     "expands to more than 100000 jobs"),
+    ("jobs:\n  - task: toy-image\n    prompt: '{a|b|c|d|e|f|g|h|i|j}'\n    seeds: [" + ", ".join(map(str, range(10_001)))
+     + "]\n", "expands to more than 100000 jobs"),  # 10 x 10001 seeds
 ])
 def test_other_expansions_are_bounded_before_they_are_built(toys, tmp_path, cli, text, says):
     f = write(tmp_path / "b.yaml", text)
