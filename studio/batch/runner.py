@@ -35,6 +35,7 @@ from studio.batch.manifest import Manifest
 from studio.batch.model import Job, Output
 from studio.batch.parse import BatchFile
 from studio.errors import RuntimeFailure, StudioError
+from studio.outputs import OutputWriter, _jsonable, sha256_file, within
 
 
 # =========================================================================== what a run returns
@@ -118,7 +119,6 @@ def write_results(job: Job, results: Iterable[Any], *, out_dir: Path, template: 
     """Write a job's Results through the OutputWriter as they come, each checked to land inside
     `out_dir`; only the Outputs (paths, hashes, texts) are kept."""
     from studio.engine import Engine
-    from studio.outputs import OutputWriter, sha256_file, within
 
     writer = OutputWriter(out_dir, task=job.task, template=template)
     makes = graph.output_kinds(job.task, registry.pipeline_class(job.task))
@@ -159,12 +159,6 @@ def run_file(source: str | Path | dict[str, Any], **options: Any) -> Report:
         report.failed, report.paths("hero"), report.text("desc")
     """
     return Runner(source, **options).run()
-
-
-def _jsonable(value: Any) -> Any:
-    from studio.outputs import _jsonable as j
-
-    return j(value)
 
 
 # =========================================================================== the runner
