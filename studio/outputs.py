@@ -612,6 +612,7 @@ class OutputWriter:
         temps: list[Path] = []
         claims: list[_Claim] = []
         final = folder / f"{stem}{suffix}"
+        current = final  # what was being written when something failed: the error names it
         try:
             # 1. encode
             main = _stage(folder, stem, suffix, is_dir=is_dir)
@@ -629,6 +630,7 @@ class OutputWriter:
                 else:
                     value.save(tmp, format="PNG")
                 staged_companions.append((name, ext, tmp))
+            current = self.sidecar_for(final, suffix)
             side_tmp = _stage(folder, stem, ".json") if self.sidecar else None
             if side_tmp is not None:
                 temps.append(side_tmp)
@@ -665,6 +667,7 @@ class OutputWriter:
 
             # 3. the manifest row
             if self.manifest:
+                current = self.out_dir / MANIFEST
                 row = {"file": final.relative_to(self.out_dir).as_posix(), "task": self.task,
                        "seed": params.get("seed"), "params": params, "model": result.extra.get("model"),
                        "created": meta["created"]}
@@ -680,7 +683,7 @@ class OutputWriter:
                 _discard(tmp)
             full = _no_space(exc) if isinstance(exc, Exception) else None
             if full is not None:
-                raise disk_full_error(full, final, "outputs written before this one are complete") from exc
+                raise disk_full_error(full, current, f"{final.name} was not kept; outputs written before it are complete") from exc
             if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
                 raise UsageError(f"output name {final.name!r} is too long for the filesystem",
                                  f"use a shorter name template than {self.template!r}") from exc

@@ -113,3 +113,60 @@ def test_generator_is_seeded_and_device_independent():
     a = torch.randn(4, generator=dm.generator(7))
     b = torch.randn(4, generator=dm.generator(7))
     assert torch.equal(a, b) and not torch.equal(a, torch.randn(4, generator=dm.generator(8)))
+
+
+# ----------------------------------------------------------------------------- slow choices say so
+NO_BF16 = ["fpu", "sse2", "avx2", "avx512f"]  # an AVX-512 CPU from before AVX512-BF16 (e.g. Skylake-X)
+
+
+def test_cpu_flags_come_from_cpuinfo_or_the_environment():
+    from studio.device import native_bf16, read_cpu_flags
+
+    x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve bf16\n"
+    assert native_bf16(read_cpu_flags(x86, env={})) is True
+    assert native_bf16(read_cpu_flags(arm, env={})) is True
+    assert native_bf16(read_cpu_flags("flags : fpu sse2 avx2\n", env={})) is False
+    assert read_cpu_flags("", env={}) is None and native_bf16(None) is None  # unknown: no claim either way
+    assert read_cpu_flags(x86, env={"STUDIO_CPU_FLAGS": "fpu,amx_bf16"}) == {"fpu", "amx_bf16"}
+
+
+def test_bf16_on_a_cpu_without_native_support_warns_with_the_reason_and_auto_never_picks_it(capsys):
+    slow = DeviceManager(DeviceSettings(precision="bf16"), cpu_flags=NO_BF16)
+    [warning] = slow.resolved.warnings
+    assert "far slower than fp32" in warning and "avx512_bf16" in warning and "--precision fp32" in warning
+    assert slow.describe()["warnings"] == [warning]  # recorded in every output's metadata
+    assert capsys.readouterr().err == f"warning: {warning}\n"  # one line
+    auto = DeviceManager(DeviceSettings(), cpu_flags=NO_BF16)
+    assert auto.resolved.precision == "fp32" and not auto.resolved.warnings
+    assert "no native bf16" in auto.describe()["reasons"]["precision"]
+    fast = DeviceManager(DeviceSettings(precision="bf16"), cpu_flags=NO_BF16 + ["avx512_bf16"])
+    assert fast.resolved.precision == "bf16" and not fast.resolved.warnings
+    # auto stays fp32 where bf16 is native too (exact outputs), and says bf16 is there for speed
+    auto_fast = DeviceManager(DeviceSettings(), cpu_flags=["amx_bf16"])
+    assert auto_fast.resolved.precision == "fp32" and "--precision bf16" in auto_fast.describe()["reasons"]["precision"]
+
+
+def test_math_attention_warns_that_it_skips_the_fused_kernel(capsys):
+    dm = DeviceManager(DeviceSettings(attention="math"), cpu_flags=NO_BF16)
+    [warning] = dm.resolved.warnings
+    assert "--attention math" in warning and "sdpa" in warning
+    assert not DeviceManager(DeviceSettings(), cpu_flags=NO_BF16).resolved.warnings
+
+
+def test_the_cli_prints_the_bf16_warning_once_and_records_it(cli, tiny, monkeypatch):
+    import json
+    from pathlib import Path
+
+    monkeypatch.setenv("STUDIO_CPU_FLAGS", " ".join(NO_BF16))
+    said = []
+    for out in ("a", "b"):  # the second run reuses the process's device manager: no second line
+        r = cli("image", "a red cat", "--model", tiny("sd"), "--precision", "bf16", "--steps", "1",
+                "--width", "32", "--height", "32", "--seed", "1", "-o", out)
+        assert r.exit_code == 0, r
+        said.append([line for line in r.stderr.splitlines() if line.startswith("warning:")])
+    [[warning], again] = said
+    assert "--precision bf16 runs far slower than fp32" in warning and again == []
+    [sidecar] = Path("a").glob("*.json")
+    device = json.loads(sidecar.read_text())["device"]
+    assert device["resolved"]["precision"] == "bf16" and "avx512_bf16" in device["warnings"][0]
