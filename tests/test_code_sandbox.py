@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,30 @@ def test_selection_without_a_passing_candidate_keeps_the_one_passing_most_tests(
     assert not selection.passed
     assert [o["status"] for o in selection.outcomes] == ["syntax", "failed", "failed", "memory"]
     assert selection.index == 2 and selection.outcomes[2]["passed"] == 1
+
+
+def test_the_cli_refuses_without_bubblewrap_and_records_unsafe_exec(cli, tiny, monkeypatch, tmp_path):
+    import json
+
+    lm = tiny("code-lm")
+    tests = tmp_path / "test_add.py"
+    tests.write_text(ADD_TESTS)
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no bwrap anywhere
+    sandbox._availability.cache_clear()
+    try:
+        refused = cli("code", "def add(a, b):", "--model", lm, "--tests", tests, "--max-tokens", "4")
+        assert refused.exit_code == 2, refused
+        assert "bubblewrap (bwrap) is not installed" in refused.stderr and "--unsafe-exec" in refused.stderr
+        assert len([line for line in refused.stderr.splitlines() if line.startswith("error:")]) == 1
+        assert cli("eval", "code", "--model", lm, "--limit", "1").exit_code == 2  # before loading the model
+        ran = cli("code", "def add(a, b):", "--model", lm, "--tests", tests, "--max-tokens", "4", "--unsafe-exec",
+                  "--json", "-o", tmp_path / "out")
+        assert ran.exit_code == 0, ran
+        row = json.loads(ran.stdout.splitlines()[-1])
+        assert row["sandbox"]["isolated"] is False and row["sandbox"]["unsafe_exec"] is True
+        sidecar = json.loads(Path(row["path"]).with_suffix(".json").read_text())
+        assert sidecar["sandbox"]["unsafe_exec"] is True  # the output's own metadata says it ran unisolated
+    finally:
+        sandbox._availability.cache_clear()
