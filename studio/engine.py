@@ -66,6 +66,19 @@ def build_request(request_type: type, values: dict[str, Any], sources: dict[str,
     return request_type(**values)
 
 
+@dataclass
+class Plan:
+    """A run planned but not started (Engine.plan): everything decided before a model loads."""
+
+    task: str  # the registry name
+    cls: type  # the pipeline class the registry names
+    spec: Any  # the resolved ModelSpec (None for a task that loads no model)
+    device_settings: DeviceSettings  # flags < preset < environment, as the device manager takes them
+    request: Any  # the frozen Request (seed drawn when none was given)
+    options: RunOptions  # the run options it was planned with
+    given: dict[str, Any]  # the parameters as given (None dropped): what --save-preset records
+
+
 class Engine:
     """Runs tasks with one set of run options; caches loaded pipelines through the registry."""
 
@@ -95,9 +108,13 @@ class Engine:
         """The Results of `task` one at a time, as the pipeline makes them; each is written (when
         options.write) and emitted before it is handed on, payload intact. A caller that writes
         for itself (the batch runner) streams with write=False and lets each one go."""
+        yield from self.execute(self.plan(task, params, options=options), job=job)
+
+    def plan(self, task: str, params: dict[str, Any], *, options: RunOptions | None = None) -> "Plan":
+        """Steps 1-2 of a run, nothing loaded: preset, device settings, model and the frozen
+        Request. Bad input fails here (UsageError). The server plans a job when it is submitted,
+        so a bad request is a 4xx at once, not a failed job later in the queue."""
         from studio import presets, registry
-        from studio.device import get_device_manager
-        from studio.outputs import OutputWriter
 
         opts = options or self.options
         given = {k: v for k, v in params.items() if v is not None}
@@ -134,10 +151,24 @@ class Engine:
         if "seed" in fields and merged.get("seed") is None and not getattr(cls, "seedless", False):
             merged["seed"] = secrets.randbelow(2**31)  # recorded, so any output can be replayed
         request = build_request(cls.request_type, merged, sources)
+        return Plan(task=task, cls=cls, spec=spec, device_settings=device_settings, request=request,
+                    options=opts, given=given)
 
+    def device_for(self, plan: "Plan") -> Any:
+        """The DeviceManager a plan runs on (None for a task that loads no model)."""
+        from studio.device import get_device_manager
+
+        return get_device_manager(plan.device_settings) if getattr(plan.cls, "needs_model", True) else None
+
+    def execute(self, plan: "Plan", *, job: str | None = None) -> Iterator[Any]:
+        """Steps 3-4 of a planned run: load (cached), check, run, write each Result as it comes."""
+        from studio import presets, registry
+        from studio.outputs import OutputWriter
+
+        opts, task, spec, request = plan.options, plan.task, plan.spec, plan.request
         if opts.save_preset:
             path = presets.save_preset(opts.save_preset, task,
-                                       {**{k: v for k, v in given.items() if k != "seed"},
+                                       {**{k: v for k, v in plan.given.items() if k != "seed"},
                                         **{k: v for k, v in opts.device.items() if v is not None}})
             self.progress.note(f"saved preset {opts.save_preset} to {path}")
 
@@ -148,7 +179,7 @@ class Engine:
         for lib in ("transformers", "diffusers"):
             if lib in sys.modules:
                 sys.modules[lib].utils.logging.disable_progress_bar()
-        device = get_device_manager(device_settings) if needs_model else None
+        device = self.device_for(plan)
         t0 = time.perf_counter()
         with self.progress:
             pipeline = registry.load_pipeline(task, spec, device, self.progress)
