@@ -260,16 +260,61 @@ def read_prompt_set(path: str | Path) -> list[str]:
     return prompts
 
 
+def code_lines(text: str, start: int = 0) -> int:
+    """How many lines of `text`, from character `start` on, hold code: a name, keyword, number,
+    operator, or a string inside a statement, not only a comment, blank space, a docstring or the
+    inside of a string. codeop (and ast) accept comment lines, blank lines and docstring text as
+    valid Python, so a validity rate that counted those would credit a model that writes no code."""
+    return len(code_rows(text, start))
+
+
+def code_rows(text: str, start: int = 0) -> set[int]:
+    """The line numbers (1-based) of code_lines, by the standard tokenizer. A statement made of
+    string literals alone (a docstring) is not code; text cut off inside a bracket or a string is
+    read up to where it stops."""
+    import io
+    import tokenize
+
+    layout = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+              tokenize.ENDMARKER, tokenize.ERRORTOKEN}
+    strings = {tokenize.STRING} | {getattr(tokenize, name) for name in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END")
+                                   if hasattr(tokenize, name)}
+    first_row = text.count("\n", 0, start) + 1  # tokenize counts rows from 1
+    first_col = start - (text.rfind("\n", 0, start) + 1)
+    rows: set[int] = set()
+    statement: list = []
+
+    def flush() -> None:  # one logical line (statement) read: its rows hold code unless it is strings only
+        significant = [t for t in statement if t.type not in layout]
+        if significant and not all(t.type in strings for t in significant):
+            rows.update(t.start[0] for t in significant
+                        if t.start[0] > first_row or (t.start[0] == first_row and t.start[1] >= first_col))
+        statement.clear()
+
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.NEWLINE:
+                flush()
+            else:
+                statement.append(token)
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass  # cut off mid-statement or mid-string: what was read so far counts
+    flush()
+    return rows
+
+
 def syntax_validity(generator: Any, prompts: list[str], settings: EvalSettings, progress: Any) -> EvalReport:
     """The share of samples that are valid Python: prompt + continuation for completion models,
-    the reply's code block for chat models (what `studio code` would hand the user)."""
+    the reply's code block for chat models (what `studio code` would hand the user).
+    `valid_code` also asks for at least one line of code in what the model wrote (code_lines):
+    a sample of comments, blank lines or docstring text parses but is not code."""
     from studio.pipelines.code import extract_code
     from studio.pipelines.sandbox import parses
 
     settings.check()
     prompts = prompts[: settings.limit] if settings.limit else prompts
     handle = progress.task("syntax: generating", total=len(prompts))
-    rows, valid, mode = [], 0, "completion"
+    rows, valid, with_code, mode = [], 0, 0, "completion"
     for j, prompt in enumerate(prompts):
         mode, generations = generator.sample(prompt, n=settings.samples, max_tokens=settings.max_tokens,
                                              temperature=settings.temp, top_p=settings.top_p, stop=HUMANEVAL_STOPS,
@@ -277,11 +322,14 @@ def syntax_validity(generator: Any, prompts: list[str], settings: EvalSettings, 
         for i, g in enumerate(generations):
             code = prompt + g.text if mode == "completion" else extract_code(g.text, "python")
             problem = parses(code)
+            has_code = code_lines(code, len(prompt) if mode == "completion" else 0) > 0
             valid += problem is None
+            with_code += problem is None and has_code
             rows.append({"prompt_id": j, "sample": i, "completion": g.text, "syntax_ok": problem is None,
-                         "error": problem})
+                         "has_code": has_code, "error": problem})
         handle.advance(1)
     summary = {"benchmark": "syntax", "prompts": len(prompts), "samples_per_prompt": settings.samples,
                "temperature": settings.temp, "mode": mode,
+               "valid_code": round(with_code / len(rows), 6) if rows else 0.0,
                "syntax_valid": round(valid / len(rows), 6) if rows else 0.0}
     return EvalReport(summary, rows, [])

@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "studio.cli.adapt",
     "studio.cli.starter",
     "studio.cli.eval",
+    "studio.cli.evals",
     "studio.cli.models",
     "studio.cli.doctor",
     "studio.cli.replay",
