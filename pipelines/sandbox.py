@@ -67,6 +67,9 @@ SAMPLE_S = 0.02  # how often the summed memory and CPU of a many-process sandbox
 SAFE_ENV_KEYS = ("PATH", "LANG", "HOME", "TMPDIR", "OMP/OPENBLAS/MKL_NUM_THREADS=1")
 INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap; "
                 "or `make install`), or pass --unsafe-exec to run the code without isolation (recorded in the output)")
+NAMESPACES_HINT = ("allow user namespaces (sysctl user.max_user_namespaces=15000, kernel.unprivileged_userns_clone=1 "
+                   "where it exists; in a container, a seccomp/AppArmor profile that permits them), "
+                   "or pass --unsafe-exec to run the code without isolation (recorded in the output)")
 
 
 class SandboxUnavailable(UsageError):
@@ -416,7 +419,7 @@ def _availability() -> tuple[str | None, str]:
     try:
         outcome = _run_isolated(bwrap, PROBE, "", Limits(timeout_s=20, processes=1), harness=False)
     except OSError as exc:
-        return f"bwrap cannot create the sandbox's namespaces here ({exc})", ""
+        return f"this machine refuses the sandbox's user namespace ({exc})", ""
     if outcome.returncode != 0 or "probe-ok" not in outcome.stdout:
         last = next((line for line in reversed(outcome.stderr.strip().splitlines()) if line.strip()), "no message")
         return f"bwrap cannot create the sandbox here ({last[:160]})", ""
@@ -434,7 +437,8 @@ def require(limits: Limits | None = None) -> None:
         return
     missing, _ = _availability()
     if missing:
-        raise SandboxUnavailable(f"refusing to run generated code: {missing}", INSTALL_HINT)
+        hint = NAMESPACES_HINT if _bwrap() and sys.platform.startswith("linux") else INSTALL_HINT
+        raise SandboxUnavailable(f"refusing to run generated code: {missing}", hint)
 
 
 def isolation_report(limits: Limits | None = None) -> dict[str, Any]:

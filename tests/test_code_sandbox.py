@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,23 @@ def test_the_cli_refuses_without_bubblewrap_and_records_unsafe_exec(cli, tiny, m
         assert sidecar["sandbox"]["unsafe_exec"] is True  # the output's own metadata says it ran unisolated
     finally:
         sandbox._availability.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None or shutil.which("unshare") is None,
+                    reason="needs bwrap and unshare(1) to build a machine that refuses user namespaces")
+def test_where_namespaces_are_refused_studio_refuses_too_and_says_how_to_allow_them():
+    # a user namespace whose limit of nested user namespaces is 0: what a locked-down container is
+    script = ("from studio.pipelines import sandbox\n"
+              "try:\n    sandbox.run_tests('x = 1')\nexcept sandbox.SandboxUnavailable as e:\n"
+              "    print('REFUSED', e.exit_code, e.message, '|', e.hint)\n"
+              "o = sandbox.run_tests('def f():\\n    return 1\\n', 'assert f() == 1', sandbox.Limits(unsafe_exec=True))\n"
+              "print('UNSAFE', o.summary(), o.isolation['isolated'])\n")
+    setup = ["unshare", "--user", "--map-root-user", "sh", "-c", "echo 0 > /proc/sys/user/max_user_namespaces"]
+    probe = subprocess.run(setup, capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"this machine cannot build a user namespace to lock down: {probe.stderr.strip()[:200]}")
+    proc = subprocess.run([*setup[:-1], f"{setup[-1]} && exec {sys.executable} -c \"$0\"", script],
+                          capture_output=True, text=True, timeout=120)
+    assert "REFUSED 2 refusing to run generated code: this machine refuses the sandbox's user namespace" in proc.stdout, proc
+    assert "allow user namespaces" in proc.stdout and "--unsafe-exec" in proc.stdout
+    assert "UNSAFE passed 1/1 False" in proc.stdout, proc
