@@ -102,3 +102,21 @@ def test_manifest_appends_from_concurrent_processes_never_tear(tmp_path):
         p.join()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 400 and {(r["worker"], r["i"]) for r in rows} == {(w, i) for w in range(2) for i in range(200)}
+
+
+def test_companions_and_frames_follow_the_free_name_and_never_merge_into_a_folder(tmp_path):
+    (tmp_path / "image-1").mkdir()  # a user's folder where a frames output would go
+    (tmp_path / "image-1" / "mine.txt").write_text("keep")
+    writer = OutputWriter(tmp_path, task="image", template="{task}-{seed}")
+    frames = writer.write(Result(kind="video", value=[image_result(i).value for i in range(3)], params={"seed": 1},
+                                 fmt="frames"))
+    assert frames.name == "image-1-1" and sorted(p.name for p in frames.iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    assert sorted(p.name for p in (tmp_path / "image-1").iterdir()) == ["mine.txt"]
+    (tmp_path / "image-1.control.png").write_bytes(b"user's")  # only a companion's name is taken
+    result = image_result()
+    result.companions = {"control": image_result(2).value}
+    main = writer.write(result)
+    # image-1: its companion's name is taken; image-1-1: the frames' sidecar image-1-1.json is
+    assert main.name == "image-1-2.png" and (tmp_path / "image-1-2.control.png").exists()
+    assert (tmp_path / "image-1.control.png").read_bytes() == b"user's" and not (tmp_path / "image-1.png").exists()
+    assert json.loads(main.with_suffix(".json").read_text())["companions"] == {"control": "image-1-2.control.png"}
