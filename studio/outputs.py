@@ -322,6 +322,8 @@ def _open_log(path: Path, flags: int) -> int:
                              "remove the link (or pass another --out)") from exc
         if exc.errno == errno.ENXIO:  # a FIFO nobody reads
             raise UsageError(f"{path} is not a regular file", "remove it (or pass another --out)") from exc
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UsageError(f"cannot open {path}: {exc.strerror}", "check its permissions (or pass another --out)") from exc
         raise
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
