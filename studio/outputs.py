@@ -632,7 +632,6 @@ class OutputWriter:
                 else:
                     value.save(tmp, format="PNG")
                 staged_companions.append((name, ext, tmp))
-            current = self.sidecar_for(final, suffix)
             side_tmp = _stage(folder, stem, ".json") if self.sidecar else None
             if side_tmp is not None:
                 temps.append(side_tmp)
@@ -654,7 +653,9 @@ class OutputWriter:
                     meta["companions"] = {name: f"{base}.{name}{ext}" for name, ext, _ in staged_companions}
                 meta["write_seconds"] = round(time.perf_counter() - started, 4)
                 if side_tmp is not None:
+                    current = sidecar
                     side_tmp.write_text(json.dumps(_jsonable(meta), indent=2, ensure_ascii=False), encoding="utf-8")
+                current = final
                 claims = []
                 for tmp, target in wanted:
                     claim = _Claim(tmp, target)
