@@ -20,7 +20,8 @@ Generated code never runs inside studio. Every run is a fresh Python process ins
   per sandbox), memory (RLIMIT_AS per process, and the resident memory of all its processes
   summed every 20 ms by studio, which kills the sandbox over the limit), CPU time (RLIMIT_CPU
   per process, summed likewise), disk (the tmpfs size), wall time and output (studio reads at
-  most `output_mb` of stdout+stderr, then kills it).
+  most `output_mb` of stdout+stderr, then kills it). With one process allowed (the default,
+  threads count), the per-process limits are the totals and nothing is sampled.
 
 Why not a cgroup: the memory and pids controllers are rarely delegated to an unprivileged
 process (not on this machine: cgroup v1 holds them), and a cgroup nobody can create is no
@@ -462,7 +463,8 @@ def isolation_report(limits: Limits | None = None) -> dict[str, Any]:
             "filesystem": ("read-only binds of the interpreter, its libraries and site-packages; "
                            f"a private {limits.disk_mb} MiB tmpfs at {WORK} (also /tmp); no host /proc, home, project or sockets"),
             "network": "none: empty network namespace (no TCP/UDP, no abstract Unix sockets)",
-            "memory": f"{limits.memory_mb} MiB for all its processes (RLIMIT_AS each; their resident memory summed every {SAMPLE_S * 1000:.0f} ms)",
+            "memory": (f"{limits.memory_mb} MiB for all its processes (RLIMIT_AS each; their resident memory summed "
+                       f"every {SAMPLE_S * 1000:.0f} ms)" if limits.processes > 1 else f"{limits.memory_mb} MiB (RLIMIT_AS, one process)"),
             "disk": f"{limits.disk_mb} MiB in all (tmpfs size)",
             **common,
         }
