@@ -1,4 +1,4 @@
-"""`studio adapt train|merge|info`: thin commands over adapters/train.py and
+"""`studio adapt train|merge|info`: thin commands over pipelines/training/adapters.py and
 adapters/peft_adapters.py. Nothing heavy is imported here."""
 
 import json
@@ -62,7 +62,7 @@ def train(
 
     --precision is the frozen base's (adapters train in fp32).
     """
-    from studio.adapters.train import config_from, train as run_train
+    from studio.pipelines.training.adapters import config_from, train as run_train
 
     config = config_from(base=base, data=str(data), task=task, out=str(out), method=method, rank=rank, alpha=alpha,
                          targets=targets, dropout=dropout, quantize_base=quantize_base,

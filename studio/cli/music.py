@@ -131,7 +131,7 @@ def render_cmd(
 @global_options("device", "precision", *OUTPUT, "offline", "allow_pickle")
 def train(
     data: Annotated[str, typer.Option(help="folder of MIDI files, or `bach` (music21's Bach chorales, converted to MIDI)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="run folder: checkpoint-NNNNNN/, final/, train_log.jsonl")] = Path("runs/midi-lm"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder: checkpoints/step-NNNNNN/, final/, metrics.jsonl")] = Path("runs/midi-lm"),
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="MIDI model to fine-tune (alias, hub id, folder); default: a new one")] = None,
     size: Annotated[str, typer.Option(help="new model size: tiny | small | base")] = "small",
     steps: Annotated[int, typer.Option(help="optimizer steps in total (a resumed run continues up to this)")] = 1000,
