@@ -28,7 +28,6 @@ denoiser fit; the pick is recorded in each output's metadata.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -41,6 +40,7 @@ from studio import models
 from studio.errors import InputFileError, UsageError
 from studio.outputs import Result
 from studio.pipeline import IMAGE_SUFFIXES, load_image, seeds_for
+from studio.progress import quiet_libraries
 
 
 if TYPE_CHECKING:  # types only (ARCHITECTURE.md, the contract: studio/pipeline.py)
@@ -171,25 +171,6 @@ def _class_name(spec: models.ModelSpec) -> str:
                      "pass a diffusers video model folder or hub id (`studio models list --task video`)")
 
 
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """diffusers' and transformers' own tqdm bars off while loading: studio shows its own
-    `loading ...` status, and --quiet must mean quiet."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was[0]:
-            dlog.enable_progress_bar()
-        if was[1]:
-            tlog.enable_progress_bar()
-
-
 def _diffusers_class(name: str) -> Any:
     import diffusers
 
@@ -306,14 +287,17 @@ class VideoPipeline:
         family = FAMILIES[CLASS_FAMILY[class_name][0]]
         self = cls(spec, device, family, class_name)
         if not self._needs_adapter:
-            with models.loading(spec, "video model"), _quiet_loading():
+            with models.loading(spec, "video model"), quiet_libraries():
                 pipe = _diffusers_class(class_name).from_pretrained(spec.location(), **spec.load_kwargs(library="diffusers"))
             self.pipe = self._prepare(pipe)
         return self
 
     def _prepare(self, pipe: Any) -> Any:
         pipe.set_progress_bar_config(disable=True)  # studio's own bar shows the steps
-        return self.device.prepare(pipe)
+        # loading and the precision cast make diffusers warn "modules in UNetMotionModel should be
+        # kept in float32: []" (there are none): noise on stderr, printed even under --quiet
+        with quiet_libraries():
+            return self.device.prepare(pipe)
 
     @property
     def is_i2v_model(self) -> bool:
@@ -350,7 +334,7 @@ class VideoPipeline:
         if key not in self._variants:
             from diffusers import DDIMScheduler, MotionAdapter
 
-            with models.loading(adapter, "motion adapter"), _quiet_loading():
+            with models.loading(adapter, "motion adapter"), quiet_libraries():
                 motion = MotionAdapter.from_pretrained(adapter.location(), **adapter.load_kwargs(library="diffusers-model"))
             base_class = _class_name(base)
             cls_name = {"StableDiffusionPipeline": "AnimateDiffPipeline",
@@ -358,7 +342,7 @@ class VideoPipeline:
             if cls_name is None:
                 raise UsageError(f"AnimateDiff's base must be a Stable Diffusion 1.5 or SDXL model, not a {base_class}",
                                  "pass an SD base with --model (e.g. sd15)")
-            with models.loading(base, "AnimateDiff base model"), _quiet_loading():
+            with models.loading(base, "AnimateDiff base model"), quiet_libraries():
                 # diffusers turns the base's UNet2D into a UNetMotionModel with the adapter's motion modules
                 pipe = _diffusers_class(cls_name).from_pretrained(base.location(), motion_adapter=motion,
                                                                   **base.load_kwargs(library="diffusers"))
@@ -372,7 +356,7 @@ class VideoPipeline:
         if key not in self._variants:
             from diffusers import AnimateDiffControlNetPipeline, ControlNetModel
 
-            with models.loading(cn_spec, "ControlNet"), _quiet_loading():
+            with models.loading(cn_spec, "ControlNet"), quiet_libraries():
                 controlnet = ControlNetModel.from_pretrained(cn_spec.location(), **cn_spec.load_kwargs(library="diffusers-model"))
             controlnet = self.device.prepare(controlnet)
             pipe = AnimateDiffControlNetPipeline.from_pipe(base_pipe, controlnet=controlnet)
