@@ -95,7 +95,7 @@ class LoraSet:
         pipe = self.pipe
         if specs and not hasattr(pipe, "load_lora_weights"):
             raise UsageError(f"{type(pipe).__name__} does not take LoRA adapters", "drop --lora for this model")
-        wanted: list[tuple[str, float, dict[str, Any]]] = []
+        wanted: list[tuple[str, float, dict[str, Any], dict[str, Any]]] = []
         for spec in specs:
             location, kwargs, mspec = self._resolve(spec, allow_pickle=allow_pickle, offline=offline)
             key = f"{location}|{kwargs.get('weight_name', '')}"
@@ -104,12 +104,12 @@ class LoraSet:
                 name = _adapter_name(len(self.loaded), spec.source)
                 self._load(location, kwargs, name, spec.source)
                 self.loaded[key] = name
-            wanted.append((self.loaded[key], spec.scale, mspec.identity()))
+            wanted.append((self.loaded[key], spec.scale, mspec.identity(), _a1111_identity(location, kwargs)))
 
-        names = [n for n, _, _ in wanted]
+        names = [n for n, _, _, _ in wanted]
         if len(set(names)) != len(names):
             raise UsageError("the same LoRA is given twice", "pass each --lora once, with one scale")
-        state = (tuple(names), tuple(s for _, s, _ in wanted)) if fuse else None
+        state = (tuple(names), tuple(s for _, s, _, _ in wanted)) if fuse else None
         if self.fused is not None and self.fused != state:
             self._unfuse()
         if not wanted:
@@ -117,13 +117,14 @@ class LoraSet:
                 pipe.disable_lora()  # bypassed: outputs equal the base model's exactly
             return []
         pipe.enable_lora()
-        pipe.set_adapters(names, adapter_weights=[s for _, s, _ in wanted])
+        pipe.set_adapters(names, adapter_weights=[s for _, s, _, _ in wanted])
         if fuse and self.fused is None:
             self._unfused = {key: p.detach().clone() for key, p in self._base_params().items()}
             pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
             self.fused = state
-        return [{"source": spec.source, "scale": scale, "adapter": name, "model": ident, "fused": bool(fuse)}
-                for spec, (name, scale, ident) in zip(specs, wanted)]
+        # name and hash: what A1111 writes for a LoRA (<lora:NAME:SCALE>, `Lora hashes: "NAME: HASH"`)
+        return [{"source": spec.source, "scale": scale, "adapter": name, "model": ident, "fused": bool(fuse), **a1111}
+                for spec, (name, scale, ident, a1111) in zip(specs, wanted)]
 
     def _forget(self, name: str) -> None:
         if name in _all_adapters(self.pipe):
@@ -189,6 +190,56 @@ class LoraSet:
             self._forget(name)
             raise UsageError(f"LoRA {label} does not fit {self.base_label}: none of its weights match the model's layers",
                              "use a LoRA trained for this base model (an SD 1.5 LoRA does not fit SDXL, and so on)")
+
+
+def weight_file(location: str, weight_name: str | None = None) -> Path | None:
+    """The .safetensors file load_lora_weights reads from a LoRA location (file, folder), if local."""
+    path = Path(location)
+    if weight_name:
+        path = path / weight_name
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / "pytorch_lora_weights.safetensors").is_file():
+            return path / "pytorch_lora_weights.safetensors"
+        found = sorted(path.glob("*.safetensors"))
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def a1111_hash(path: Path, _cache: dict = {}) -> str:
+    """A1111's short hash of a LoRA .safetensors file: the first 12 hex digits of the sha256 of its
+    tensor data, the safetensors header left out (kohya's / sd-webui-additional-networks' "addnet
+    hash", hashes.addnet_hash_safetensors), or the `sshs_model_hash` a kohya trainer stored."""
+    import hashlib
+    import json
+
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _cache:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n) or b"{}")
+            stored = (header.get("__metadata__") or {}).get("sshs_model_hash")
+            if stored:
+                _cache[key] = str(stored)
+            else:
+                h = hashlib.sha256()
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+                _cache[key] = h.hexdigest()
+    return _cache[key][:12]
+
+
+def _a1111_identity(location: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    path = weight_file(location, kwargs.get("weight_name"))
+    if path is None:
+        return {"name": Path(location.rstrip("/")).name}
+    name = path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
+    try:
+        return {"name": name, "hash": a1111_hash(path)}
+    except (OSError, ValueError):  # an unreadable header: the loader reports the real problem
+        return {"name": name}
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ Reproducibility: each image gets its own CPU generator seeded with its seed (see
 A prompt without emphasis goes to diffusers verbatim: studio's output then equals a plain
 diffusers script's (tests/test_image.py checks max pixel difference 0).
 
-Nothing heavy is imported at module level: the CLI reads SCHEDULERS without importing torch.
+Nothing heavy is imported at module level: the CLI reads SCHEDULERS (and resolves A1111 sampler
+labels) without importing torch.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class ImageRequest:
     guidance: float = 7.0  # classifier-free guidance scale; 0 or 1 turns it off (turbo models)
     width: int | None = None  # pixels; None: the init image's size, else the model's default
     height: int | None = None  # pixels; same rule as width
-    scheduler: str | None = None  # sampler name (see SCHEDULERS); None keeps the model's own
+    scheduler: str | None = None  # studio name or A1111 label (see SCHEDULERS), any case; None keeps the model's own
     init_image: str | None = None  # img2img / inpaint source image
     strength: float | None = None  # how much of the init image to repaint; None: 0.75 img2img, 1.0 inpaint
     mask_image: str | None = None  # inpaint mask: white = repaint, black = keep
@@ -61,25 +62,33 @@ class ImageRequest:
 
 
 # ----------------------------------------------------------------------------- schedulers
-# name -> (diffusers class, config overrides, A1111 sampler name). "flow" classes serve
-# flow-matching models (SD3, Flux); the others serve epsilon/v-prediction models (SD, SDXL).
+# name -> (diffusers class, config overrides, A1111 sampler label). The classes and overrides
+# follow diffusers' own A1111 table (docs: api/schedulers/overview, "DPM++ 2M Karras" =
+# DPMSolverMultistepScheduler + use_karras_sigmas, "DPM++ SDE" = DPMSolverSinglestepScheduler, ...);
+# the labels are A1111's own (modules/sd_samplers_kdiffusion.py samplers_k_diffusion,
+# sd_samplers_timesteps.py, sd_samplers_lcm.py). A1111 (1.9+) writes the noise schedule apart,
+# as `Schedule type` (a1111_schedule below). "flow" classes serve flow-matching models (SD3,
+# Flux), labelled as Forge labels them; DDPM, DEIS and TCD have no A1111 sampler and keep their
+# diffusers names. Old studio names (dpm++_2s = "DPM++ SDE") are kept so old outputs replay.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler"),
-    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "Euler Karras"),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "Euler"),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
     "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": False}, "Heun"),
     "lms": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}, "LMS"),
-    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "LMS Karras"),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "LMS"),
     "dpm2": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": False}, "DPM2"),
-    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, "DPM2 Karras"),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, "DPM2"),
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": False}, "DPM2 a"),
-    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}, "DPM2 a Karras"),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}, "DPM2 a"),
     "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}, "DPM++ 2M"),
-    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}, "DPM++ 2M"),
     "dpm++_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}, "DPM++ 2M SDE"),
-    "dpm++_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, "DPM++ 2M SDE Karras"),
+    "dpm++_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, "DPM++ 2M SDE"),
+    "dpm++_2m_sde_exponential": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False,
+                                                                  "use_exponential_sigmas": True}, "DPM++ 2M SDE"),
     "dpm++_2s": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": False}, "DPM++ SDE"),
-    "dpm++_2s_karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}, "DPM++ SDE Karras"),
+    "dpm++_2s_karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}, "DPM++ SDE"),
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "ddpm": ("DDPMScheduler", {}, "DDPM"),
     "pndm": ("PNDMScheduler", {}, "PLMS"),
@@ -87,22 +96,122 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "deis": ("DEISMultistepScheduler", {}, "DEIS"),
     "lcm": ("LCMScheduler", {}, "LCM"),
     "tcd": ("TCDScheduler", {}, "TCD"),
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler (flow matching)"),
-    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}, "Heun (flow matching)"),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
 }
+
+# A1111's schedule when `Schedule type` is Automatic (the `scheduler` option of its sampler table);
+# samplers not named here use the model's own sigmas. Needed both ways: "DPM++ 2M" pasted from
+# A1111 means Karras, and studio's plain dpm++_2m must say "Uniform" to mean the model's sigmas.
+A1111_DEFAULT_SCHEDULE = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",
+                          "DPM++ 2M SDE Heun": "Exponential", "DPM++ 2S a": "Karras", "DPM++ 3M SDE": "Exponential",
+                          "DPM2": "Karras", "DPM2 a": "Karras", "Restart": "Karras"}
+# A1111's schedule labels (modules/sd_schedulers.py) by the diffusers config switch that makes them
+_SIGMA_SCHEDULES = (("use_karras_sigmas", "Karras"), ("use_exponential_sigmas", "Exponential"), ("use_beta_sigmas", "Beta"))
+A1111_SCHEDULES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+                   "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
 
 
 def scheduler_family(class_name: str) -> str:
     return "flow" if class_name.startswith("FlowMatch") else "diffusion"
 
 
+def a1111_schedule(class_name: str, config: dict[str, Any], sampler: str) -> str:
+    """The `Schedule type` A1111 would write for this scheduler config and sampler label: the
+    sigma schedule it uses, or Automatic where that is the sampler's own (as A1111's UI writes)."""
+    for key, label in _SIGMA_SCHEDULES:
+        if config.get(key):
+            return label
+    if scheduler_family(class_name) == "flow":
+        return "Simple"  # Forge's label for the flow models' shifted linear sigmas
+    if config.get("timestep_spacing") == "trailing":
+        return "SGM Uniform"  # diffusers' table: sgm_uniform = timestep_spacing="trailing"
+    return "Uniform" if sampler in A1111_DEFAULT_SCHEDULE else "Automatic"
+
+
+def a1111_sampler(scheduler: Any) -> dict[str, str]:
+    """{"sampler", "schedule"}: A1111's labels for a live diffusers scheduler (the model's own
+    default included), so every image's infotext names a sampler A1111 knows."""
+    class_name = type(scheduler).__name__
+    config = dict(getattr(scheduler, "config", {}) or {})
+    sampler = None
+    for _, (cls, overrides, label) in SCHEDULERS.items():
+        if cls == class_name and overrides.get("algorithm_type", config.get("algorithm_type")) == config.get("algorithm_type"):
+            sampler = label
+            break
+    if sampler is None and class_name == "DPMSolverMultistepScheduler":  # dpmsolver / sde-dpmsolver (not ++)
+        sampler = "DPM++ 2M SDE" if str(config.get("algorithm_type", "")).startswith("sde") else "DPM++ 2M"
+    sampler = sampler or class_name.removesuffix("Scheduler")
+    return {"sampler": sampler, "schedule": a1111_schedule(class_name, config, sampler)}
+
+
+def scheduler_labels(name: str) -> tuple[str, str]:
+    """(A1111 sampler, Schedule type) of a studio scheduler name, as --list-schedulers shows them."""
+    cls, overrides, label = SCHEDULERS[name]
+    return label, a1111_schedule(cls, overrides, label)
+
+
+def _schedule_of(name: str) -> str:
+    cls, overrides, _ = SCHEDULERS[name]
+    return next((label for key, label in _SIGMA_SCHEDULES if overrides.get(key)), "")
+
+
+def split_a1111_label(text: str) -> tuple[str, str]:
+    """"DPM++ 2M Karras" -> ("DPM++ 2M", "Karras"): the pre-1.9 A1111 labels carried the schedule
+    in the sampler name (A1111 splits them the same way, sd_samplers.get_sampler_and_scheduler)."""
+    text = " ".join(str(text).split())
+    for schedule in sorted(A1111_SCHEDULES, key=len, reverse=True):
+        if text.lower().endswith(" " + schedule.lower()):
+            return text[: -len(schedule) - 1], schedule
+    return text, "Automatic"
+
+
+def resolve_scheduler(text: str, family: str | None = None) -> tuple[str | None, list[str]]:
+    """A studio name ("dpm++_2m_karras") or an A1111 label ("DPM++ 2M Karras", "dpm++ 2m",
+    "Euler a", "DPM++ 2M SDE Exponential"), any case -> (studio name, notes). family ("diffusion"
+    or "flow") picks between same-labelled samplers (A1111's "Euler" is euler on SD, flow_euler
+    on Flux); None prefers the diffusion one. (None, notes) when nothing matches."""
+    key = str(text).strip()
+    if key.lower() in SCHEDULERS:
+        return key.lower(), []
+    sampler, schedule = split_a1111_label(key)
+    wanted = A1111_DEFAULT_SCHEDULE.get(_canonical_sampler(sampler) or "", "") if schedule == "Automatic" else schedule
+    names = [n for n, (cls, _, label) in SCHEDULERS.items() if label.lower() == sampler.lower()]
+    if not names:
+        return None, [f"sampler {sampler!r} has no diffusers counterpart in studio"]
+    if family is not None:
+        names = [n for n in names if scheduler_family(SCHEDULERS[n][0]) == family] or names
+    else:
+        names = sorted(names, key=lambda n: scheduler_family(SCHEDULERS[n][0]) == "flow")
+    for name in names:
+        if _schedule_of(name) == wanted or (not _schedule_of(name) and wanted in ("", "Uniform", "Automatic", "Normal",
+                                                                               "Simple", "SGM Uniform")):
+            return name, []
+    plain = next((n for n in names if not _schedule_of(n)), names[0])
+    return plain, [f"schedule type {schedule} of {sampler} is not in studio's table; used {plain}"]
+
+
+def _canonical_sampler(sampler: str) -> str | None:
+    known = {label.lower(): label for _, _, label in SCHEDULERS.values()} | {s.lower(): s for s in A1111_DEFAULT_SCHEDULE}
+    return known.get(sampler.lower())
+
+
+def scheduler_name(text: str, current: Any) -> str:
+    """The studio name that --scheduler TEXT means for this model (its family), or a UsageError."""
+    family = scheduler_family(type(current).__name__)
+    name, _ = resolve_scheduler(text, family)
+    if name is None:
+        raise UsageError(f"unknown scheduler {text!r}",
+                         "`studio image --list-schedulers` lists studio's names and A1111's labels (either works)")
+    return name
+
+
 def make_scheduler(name: str, current: Any) -> Any:
     """A fresh scheduler of `name`'s class from the model's own scheduler config (so beta schedule,
-    prediction type and timestep spacing stay the model's)."""
+    prediction type and timestep spacing stay the model's). `name` may be an A1111 label."""
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise UsageError(f"unknown scheduler {name!r}", "`studio image --list-schedulers` lists them")
+    name = scheduler_name(name, current)
     class_name, overrides, _ = SCHEDULERS[name]
     base = type(current).__name__
     if scheduler_family(class_name) != scheduler_family(base):
@@ -494,7 +603,10 @@ class ImagePipeline:
             mask_image=_abs(request.mask_image) if request.mask_image else None,
             controls=[s.to_text() for _, s in controls], adapters=[a for a in _as_tuple(request.adapters)],
             control_models=list(_as_tuple(request.control_models)),
+            # the studio name, also when the request named an A1111 label ("DPM++ 2M Karras")
+            scheduler=scheduler_name(request.scheduler, self._default_scheduler) if request.scheduler else None,
         )
+        sampler = a1111_sampler(pipe.scheduler)  # A1111's labels for the infotext, the model's default too
         for index, seed in enumerate(seeds):
             handle = progress.task(f"image {index + 1}/{len(seeds)} seed {seed}", total=steps_run)
             if "callback_on_step_end" in accepted:
@@ -510,7 +622,7 @@ class ImagePipeline:
             image = output.images[0]
             companions: dict[str, Any] = {}
             extra: dict[str, Any] = {"mode": mode, "pipeline": type(pipe).__name__,
-                                     "scheduler": type(pipe.scheduler).__name__,
+                                     "scheduler": type(pipe.scheduler).__name__, "sampler": sampler,
                                      "weighting": "compel (A1111 syntax)" if weighted else "none"}
             if control_maps:
                 for i, cmap in enumerate(control_maps):

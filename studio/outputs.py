@@ -78,23 +78,11 @@ def _library_versions() -> tuple[tuple[str, str], ...]:
     return tuple(out.items())
 
 
-def a1111_parameters(params: dict[str, Any], model_name: str | None) -> str:
-    """The A1111 `parameters` text: prompt, `Negative prompt:` line, then `Key: value, ...`."""
-    lines = [str(params.get("prompt") or "")]
-    if params.get("negative_prompt"):
-        lines.append(f"Negative prompt: {params['negative_prompt']}")
-    fields = []
-    for key, label in (("steps", "Steps"), ("scheduler", "Sampler"), ("guidance", "CFG scale"), ("seed", "Seed")):
-        if params.get(key) is not None:
-            fields.append(f"{label}: {params[key]}")
-    if params.get("width") and params.get("height"):
-        fields.append(f"Size: {params['width']}x{params['height']}")
-    if model_name:
-        fields.append(f"Model: {model_name}")
-    if params.get("strength") is not None and params.get("init_image"):
-        fields.append(f"Denoising strength: {params['strength']}")
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
+def a1111_parameters(params: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The A1111 `parameters` text of an image output (studio/infotext.py writes it as A1111 does)."""
+    from studio.infotext import a1111_infotext
+
+    return a1111_infotext(params, meta)
 
 
 def _jsonable(value: Any) -> Any:
@@ -396,7 +384,9 @@ def _write_png(tmp: Path, value: Any, meta: dict[str, Any], params: dict[str, An
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("parameters", a1111_parameters(params, (meta.get("model") or {}).get("name")))
+    text = a1111_parameters(params, meta)
+    if text:  # a generated image; a control map or other derived image has no recipe to write
+        info.add_text("parameters", text)
     info.add_itxt("studio", json.dumps(_jsonable(meta), ensure_ascii=False))
     value.save(tmp, format="PNG", pnginfo=info)
 

@@ -16,7 +16,9 @@ def image_result(seed=1, prompt="a red fox, (snow:1.2)"):
     img = Image.fromarray((np.random.default_rng(seed).random((16, 24, 3)) * 255).astype("uint8"))
     params = {"prompt": prompt, "negative_prompt": "blurry", "steps": 4, "guidance": 7.5, "seed": seed,
               "width": 24, "height": 16, "scheduler": "euler_a"}
-    return Result(kind="image", value=img, params=params, extra={"model": {"name": "tiny-sd", "alias": "tiny-sd"}})
+    # the image pipeline records A1111's sampler labels beside the studio name (studio/infotext.py writes them)
+    return Result(kind="image", value=img, params=params, extra={"model": {"name": "tiny-sd", "alias": "tiny-sd"},
+                                                                 "sampler": {"sampler": "Euler a", "schedule": "Automatic"}})
 
 
 def test_png_carries_a1111_parameters_and_studio_json(tmp_path):
@@ -26,7 +28,7 @@ def test_png_carries_a1111_parameters_and_studio_json(tmp_path):
     lines = text["parameters"].splitlines()
     assert lines[0] == "a red fox, (snow:1.2)"
     assert lines[1] == "Negative prompt: blurry"
-    assert lines[2] == "Steps: 4, Sampler: euler_a, CFG scale: 7.5, Seed: 1, Size: 24x16, Model: tiny-sd"
+    assert lines[2] == "Steps: 4, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7.5, Seed: 1, Size: 24x16, Model: tiny-sd"
     assert json.loads(text["studio"])["params"]["seed"] == 1
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["task"] == "image" and sidecar["versions"]["torch"]
