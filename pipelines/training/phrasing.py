@@ -293,8 +293,16 @@ def clip_caption(s: S.Sample, rng: np.random.Generator, *, shape: str | None = N
     return text.upper() if rng.random() < 0.05 else (text.capitalize() if rng.random() < 0.2 else text)
 
 
-def clip_class_prompts(template: str, classes: Sequence[tuple[str, str]]) -> list[str]:
+def clip_class_prompts(template: Any, classes: Sequence[tuple[str, str]]) -> list[str]:
+    """Each class's prompt: "{}" in the template filled with "red circle"; a callable template
+    (open_clip's own ImageNet templates are lambdas) is called with it."""
+    if callable(template):
+        return [template(f"{colour} {shape}") for colour, shape in classes]
     return [template.replace("{}", f"{colour} {shape}") for colour, shape in classes]
+
+
+def template_name(template: Any) -> str:
+    return template("{}") if callable(template) else template
 
 
 def iter_split(seed: int, n: int, *, two_shapes: float = 0.25) -> Iterator[S.Sample]:

@@ -891,7 +891,7 @@ def clip_zero_shot(model: Any, preprocess: Any, tokenizer: Any, items: list, siz
     import torch
 
     from studio.pipelines.training import shapes as S
-    from studio.pipelines.training.phrasing import CLIP_HELDOUT, clip_class_prompts
+    from studio.pipelines.training.phrasing import CLIP_HELDOUT, clip_class_prompts, template_name
 
     classes = [(c, s) for c in S.COLOURS for s in S.SHAPES]
     truth = torch.tensor([classes.index((s.shapes[0].colour, s.shapes[0].shape)) for s in items])
@@ -914,7 +914,7 @@ def clip_zero_shot(model: Any, preprocess: Any, tokenizer: Any, items: list, siz
         per_template = {}
         for template in CLIP_HELDOUT if templates is None else templates:
             t = encode_text(clip_class_prompts(template, classes))
-            per_template[template] = round(float(((feats @ t.T).argmax(1) == truth).float().mean()), 4)
+            per_template[template_name(template)] = round(float(((feats @ t.T).argmax(1) == truth).float().mean()), 4)
     pred = (feats @ text.T).argmax(1)
     return {"zero_shot_top1": float((pred == truth).float().mean()), "templates": per_template,
             "heldout_min": min(per_template.values()) if per_template else None,
