@@ -24,6 +24,13 @@ install: $(BIN)/python
 	    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1))) || \
 	  echo "note: bubblewrap not installed; studio code --tests and studio eval code will refuse to run generated code"; \
 	fi
+	@# chromium runs the gallery's browser tests (tests/test_serve_browser.py); without it they skip
+	@if ! command -v chromium >/dev/null; then \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1))) || \
+	  echo "note: chromium not installed; the gallery's browser tests will skip"; \
+	fi
 	$(BIN)/pip install -q -e '.[dev]'
 
 demo: install

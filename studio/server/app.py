@@ -333,6 +333,8 @@ def _typed_route(app: FastAPI, server: Server, task: str) -> None:
         job = JobIn(task=task, params=raw, options=body.options, return_files=body.return_files)
         return server.submit(job, request.client.host if request.client else None)
 
+    # the annotations are strings in this module (PEP 563); FastAPI needs this body's real model
+    submit_task.__annotations__ = {"body": body_model, "request": Request, "return": dict[str, Any]}
     app.post(f"/api/tasks/{task}", status_code=202, tags=["tasks"], summary=f"Submit a {task} job",
              name=f"submit_{task.replace('-', '_')}")(submit_task)
 

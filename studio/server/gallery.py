@@ -53,7 +53,7 @@ class Item:
 
     def summary(self) -> dict[str, Any]:
         return {"id": self.id, "task": self.task, "kind": self.kind, "prompt": self.prompt, "model": self.model,
-                "created": self.created, "seed": self.seed, "file": f"/files/{self.folder}/{self.rel}",
+                "model_label": _label(self.model), "created": self.created, "seed": self.seed, "file": f"/files/{self.folder}/{self.rel}",
                 "thumb": f"/api/thumbs/{self.id}.png", "name": Path(self.rel).name}
 
 
@@ -188,6 +188,15 @@ class Gallery:
             while len(self._thumbs) > 2000:
                 self._thumbs.popitem(last=False)
         return data
+
+
+def _label(model: str) -> str:
+    """What a card shows for a model: the alias, or a path's last folder name ("model" folders,
+    as `make-tiny` and training runs name them, by their parent's name too)."""
+    if "/" not in model or not model.startswith(("/", ".", "~")):
+        return model
+    path = Path(model)
+    return f"{path.parent.name}/{path.name}" if path.name in ("model", "final", "checkpoint") else path.name
 
 
 def _item(index: int, base: Path, row: dict[str, Any], order: int) -> Item | None:

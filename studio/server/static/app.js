@@ -73,7 +73,7 @@ function card(item) {
   const img = el("img", { src: item.thumb, alt: item.prompt || item.name, loading: "lazy" });
   const caption = el("figcaption");
   caption.append(el("span", { class: "prompt" }, item.prompt || item.name),
-                 el("span", { class: "meta" }, [item.task, item.model, item.created.slice(0, 16).replace("T", " ")]
+                 el("span", { class: "meta", title: item.model }, [item.task, item.model_label, item.created.slice(0, 16).replace("T", " ")]
                    .filter(Boolean).join(" · ")));
   figure.append(img, caption);
   figure.addEventListener("click", () => openDetail(item.id));
