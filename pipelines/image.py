@@ -206,6 +206,64 @@ def scheduler_name(text: str, current: Any) -> str:
     return name
 
 
+# infotext keys params_from_infotext turns into request fields (the rest are named in a note)
+_INFOTEXT_USED = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Model",
+                  "Model hash", "Lora hashes"}
+
+
+def params_from_infotext(recipe: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """ImageRequest fields from A1111/Forge infotext or a simple ComfyUI graph, as
+    studio/infotext.py parsed it ({"prompt", "negative_prompt", "fields"}), and notes for what
+    does not carry over: LoRAs and ControlNets (their files are not in the PNG), the model (named,
+    not included), samplers diffusers lacks, and every other field (ignored, named). The
+    denoising strength comes back as "strength" and only means something with an init image."""
+    from studio.infotext import CONTROLNET_MODULES, parse_controlnet_unit, split_lora_tags
+
+    fields = dict(recipe.get("fields") or {})
+    notes: list[str] = []
+    prompt, loras = split_lora_tags(str(recipe.get("prompt") or ""))
+    params: dict[str, Any] = {"prompt": prompt, "negative_prompt": str(recipe.get("negative_prompt") or "")}
+    for name, scale in loras:
+        notes.append(f"the prompt names LoRA {name} at {scale:g}: pass --lora FILE:{scale:g} to use it")
+
+    def number(key: str, kind: type, field: str) -> None:
+        if key in fields:
+            try:
+                params[field] = kind(float(fields[key])) if kind is int else kind(fields[key])
+            except ValueError:
+                notes.append(f"{key}: {fields[key]!r} is not a number; ignored")
+
+    number("Steps", int, "steps")
+    number("CFG scale", float, "guidance")
+    number("Seed", int, "seed")
+    number("Denoising strength", float, "strength")
+    if "Size" in fields:
+        m = re.match(r"^\s*(\d+)\s*x\s*(\d+)\s*$", str(fields["Size"]))
+        if m:
+            params["width"], params["height"] = int(m.group(1)), int(m.group(2))
+        else:
+            notes.append(f"Size: {fields['Size']!r} is not WIDTHxHEIGHT; ignored")
+    if fields.get("Sampler"):
+        schedule = str(fields.get("Schedule type") or "Automatic")
+        label = str(fields["Sampler"]) if schedule == "Automatic" else f"{fields['Sampler']} {schedule}"
+        name, why = resolve_scheduler(label)
+        if name is None:
+            notes.append(f"{why[0]}; the model's own sampler is used")
+        else:
+            params["scheduler"] = label  # the pipeline picks the entry that fits the model (Euler on Flux: flow_euler)
+            notes.extend(why)
+    for key in sorted(k for k in fields if re.fullmatch(r"ControlNet \d+", k)):
+        unit = parse_controlnet_unit(fields[key])
+        module = unit.get("Module", "?")
+        kind = next((t for t, m in CONTROLNET_MODULES.items() if m == module), None) or module.split("_")[0]
+        notes.append(f"{key} ({module}, {unit.get('Model', '?')}, weight {unit.get('Weight', '1')}) is not applied: "
+                     f"pass --control {kind}:IMAGE:{unit.get('Weight', '1')} and --control-model")
+    ignored = [k for k in fields if k not in _INFOTEXT_USED and not re.fullmatch(r"ControlNet \d+", k)]
+    if ignored:
+        notes.append(f"ignored (no studio setting): {', '.join(ignored)}")
+    return params, notes
+
+
 def make_scheduler(name: str, current: Any) -> Any:
     """A fresh scheduler of `name`'s class from the model's own scheduler config (so beta schedule,
     prediction type and timestep spacing stay the model's). `name` may be an A1111 label."""

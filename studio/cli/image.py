@@ -64,17 +64,48 @@ def _num(text: str) -> bool:
 
 
 def list_schedulers() -> None:
-    """Plain columns (not a rich table): pipe-friendly and never truncated."""
-    from studio.pipelines.image import SCHEDULERS, scheduler_family
+    """Plain columns (not a rich table): pipe-friendly and never truncated. Either the studio name
+    or the A1111 label works with --scheduler ("DPM++ 2M Karras"; "DPM++ 2M" alone is Karras, as
+    in A1111)."""
+    from studio.pipelines.image import SCHEDULERS, scheduler_family, scheduler_labels
 
-    rows = [("name", "A1111 sampler", "diffusers class", "settings", "fits")]
-    for name, (cls, overrides, label) in SCHEDULERS.items():
+    rows = [("name", "A1111 sampler", "schedule type", "diffusers class", "settings", "fits")]
+    for name, (cls, overrides, _) in SCHEDULERS.items():
+        label, schedule = scheduler_labels(name)
         settings = ",".join(f"{k}={v}" for k, v in overrides.items() if v is not False) or "-"
         fits = "SD3/Flux (flow matching)" if scheduler_family(cls) == "flow" else "SD 1.x/2.x, SDXL"
-        rows.append((name, label, cls, settings, fits))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        rows.append((name, label, schedule, cls, settings, fits))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5])
+
+
+def recipe_from_png(path: Path) -> tuple[dict, list[str]]:
+    """Image request fields from any PNG's own chunks (studio, A1111/Forge, ComfyUI) and notes on
+    what did not carry over. A studio PNG gives its whole request, model included."""
+    from studio.infotext import png_recipe
+    from studio.pipelines.image import params_from_infotext
+
+    if not path.is_file():
+        raise UsageError(f"--from {path} does not exist" if not path.exists() else f"--from {path} is not a file",
+                         "pass a PNG written by studio, A1111, Forge or ComfyUI")
+    recipe = png_recipe(path)
+    if recipe["source"] == "studio":
+        meta = recipe["meta"]
+        if meta.get("task") != "image":
+            raise UsageError(f"{path.name} is a studio {meta.get('task')} output, not an image",
+                             f"`studio replay {path.name}` runs it again")
+        params = dict(meta.get("params") or {})
+        params.update(seeds=None, num_outputs=None)  # this image's own seed, one image
+        model = meta.get("model") or {}
+        params["model"] = model.get("alias") or model.get("source") or params.get("model")
+        return params, []
+    params, notes = params_from_infotext(recipe)
+    model = recipe["fields"].get("Model")
+    if model:
+        made_with = f"{model} (hash {recipe['fields']['Model hash']})" if recipe["fields"].get("Model hash") else model
+        notes.insert(0, f"{path.name} was made with {made_with}, which the PNG does not hold: pass --model to use the same weights")
+    return params, notes
 
 
 @generating
@@ -88,8 +119,9 @@ def image(
     height: Annotated[Optional[int], typer.Option(help="height in pixels", rich_help_panel=_GEN)] = None,
     seeds: Annotated[Optional[str], typer.Option(help="one image per seed, e.g. 1,2,3", rich_help_panel=_GEN)] = None,
     num: Annotated[Optional[int], typer.Option("--num", help="images to make: seeds S, S+1, ... from --seed", rich_help_panel=_GEN)] = None,
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", "--sampler", help="sampler name (see --list-schedulers)", rich_help_panel=_GEN)] = None,
-    list_schedulers_: Annotated[bool, typer.Option("--list-schedulers", help="list the sampler names and exit", rich_help_panel=_GEN)] = False,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", "--sampler", help="sampler: studio name or A1111 label, e.g. dpm++_2m_karras or \"DPM++ 2M Karras\" (see --list-schedulers)", rich_help_panel=_GEN)] = None,
+    list_schedulers_: Annotated[bool, typer.Option("--list-schedulers", help="list the sampler names (and A1111 labels) and exit", rich_help_panel=_GEN)] = False,
+    from_png: Annotated[Optional[Path], typer.Option("--from", help="take prompt and settings from a PNG (studio, A1111, Forge, ComfyUI); flags override", rich_help_panel=_GEN, show_default=False)] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="init image for img2img / inpaint / outpaint", rich_help_panel=_IMG)] = None,
     strength: Annotated[Optional[float], typer.Option(help="how much of --init to repaint, 0-1 (0.75; inpaint 1.0)", rich_help_panel=_IMG)] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="inpaint mask: white = repaint", rich_help_panel=_IMG)] = None,
@@ -108,8 +140,8 @@ def image(
     if list_schedulers_:
         list_schedulers()
         return
-    if prompt is None:
-        raise UsageError("missing PROMPT", 'e.g. studio image "a lighthouse at dusk" (or --list-schedulers)')
+    if prompt is None and from_png is None:
+        raise UsageError("missing PROMPT", 'e.g. studio image "a lighthouse at dusk" (or --from IMAGE.png, --list-schedulers)')
     params = {
         "prompt": prompt, "negative_prompt": negative, "model": model, "steps": steps, "guidance": guidance,
         "width": width, "height": height, "seeds": _seeds(seeds), "num_outputs": num, "scheduler": scheduler,
@@ -121,6 +153,22 @@ def image(
         "weighting": False if no_weighting else None,
         "attention_maps": True if attention_maps else None,
     }
+    if from_png is not None:
+        recipe, notes = recipe_from_png(from_png.expanduser())
+        if opts.seed is not None or params["seeds"] is not None:
+            recipe.pop("seed", None)  # --seed / --seeds given: the PNG's seed gives way
+        if params["init_image"] is None and recipe.get("init_image") is None and recipe.get("strength") is not None:
+            notes.append(f"denoising strength {recipe.pop('strength'):g} is for img2img: pass --init IMAGE (and --strength) to use it")
+        if params["model"] is not None:
+            notes = [n for n in notes if "pass --model" not in n]
+        if params["adapters"] is not None:
+            notes = [n for n in notes if "pass --lora" not in n]
+        from rich.markup import escape
+
+        progress = opts.progress()
+        for text in notes:
+            progress.note(escape(text))  # A1111 model names carry [hash] brackets, not markup
+        params = {**recipe, **{k: v for k, v in params.items() if v is not None}}
     run_command("image", params, opts)
 
 
