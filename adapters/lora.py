@@ -12,14 +12,14 @@ Training LoRAs lives apart (adapters/ training modules); this file only loads an
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from studio.errors import BackendUnavailable, UsageError
+from studio.progress import quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,9 @@ class LoraSet:
         pipe = self.pipe
         before = set(_all_adapters(pipe))
         try:
-            with _quiet_diffusers(), warnings.catch_warnings():
+            # quiet_libraries: transformers 5 also prints a "LOAD REPORT" naming the other loaded
+            # adapters' keys as missing when a second LoRA goes into the same text encoder
+            with quiet_libraries(), warnings.catch_warnings():
                 # "no LoRA keys for the text encoder" is normal for UNet-only LoRAs, and peft's
                 # "multiple adapters" notice is what several --lora mean
                 warnings.filterwarnings("ignore", message=".*peft_config.*")
@@ -240,18 +242,6 @@ def _a1111_identity(location: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "hash": a1111_hash(path)}
     except (OSError, ValueError):  # an unreadable header: the loader reports the real problem
         return {"name": name}
-
-
-@contextlib.contextmanager
-def _quiet_diffusers() -> Iterator[None]:
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(level)
 
 
 def _all_adapters(pipe: Any) -> list[str]:

@@ -21,6 +21,7 @@ nothing from pipelines or training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -121,21 +122,50 @@ def read_metadata(source: str | Path) -> dict[str, Any]:
     return info
 
 
+# kohya module-name prefixes -> the pipeline component they adapt
+_KOHYA_PARTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
+                "lora_transformer": "transformer"}
+# the layer a kohya module name ends in (its names join the module path with "_", so the leaf is known only by name)
+_KOHYA_LEAF = re.compile(r"_(to_q|to_k|to_v|to_out_0|q_proj|k_proj|v_proj|out_proj|proj_in|proj_out|ff_net_0_proj|"
+                         r"ff_net_2|fc1|fc2|conv1|conv2|conv_shortcut|conv|time_emb_proj|proj|linear_1|linear_2)$")
+_DOWN = re.compile(r"(lora_A|lora_down|lora\.down|lora_linear_layer\.down)\.weight$")
+
+
 def _safetensors_summary(path: Path) -> dict[str, Any]:
+    """What a LoRA .safetensors file says about itself, in any of the layouts --lora loads:
+    diffusers (unet./text_encoder. + lora.down or lora_linear_layer), peft (lora_A/lora_B) or
+    kohya (lora_unet_/lora_te_ + lora_down/lora_up/alpha)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
         header = f.metadata() or {}
-        ranks = {tuple(f.get_slice(k).get_shape())[0] for k in keys if k.endswith(("lora_A.weight", "lora_down.weight"))}
-    parts = sorted({k.split(".", 1)[0] for k in keys})
-    targets = sorted({m.group(1) for k in keys if (m := re.search(r"\.([A-Za-z_0-9]+)(?:\.\d+)?\.lora_[AB]\.weight$", k))})
-    out: dict[str, Any] = {"format": "diffusers" if any(p in ("unet", "transformer", "text_encoder") for p in parts)
-                           else "kohya" if any(p.startswith(("lora_unet", "lora_te")) for p in parts) else "safetensors",
-                           "parts": parts, "tensors": len(keys)}
+        ranks = {tuple(f.get_slice(k).get_shape())[0] for k in keys if _DOWN.search(k)}
+        alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
+    kohya = bool(keys) and all(k.startswith(tuple(p + "_" for p in _KOHYA_PARTS)) for k in keys)
+    if kohya:
+        modules = {k.split(".", 1)[0] for k in keys}
+        parts = sorted({next(part for prefix, part in sorted(_KOHYA_PARTS.items(), key=lambda kv: -len(kv[0]))
+                             if m.startswith(prefix + "_")) for m in modules})
+        targets = sorted({m.group(1).replace("to_out_0", "to_out.0") for name in modules if (m := _KOHYA_LEAF.search(name))})
+        fmt = "kohya"
+    else:
+        parts = sorted({k.split(".", 1)[0] for k in keys})
+        targets = sorted({m.group(1) for k in keys
+                          if (m := re.search(r"\.([A-Za-z_0-9]+(?:\.\d+)?)\.(?:lora_[AB]|lora\.(?:down|up)|lora_linear_layer\.(?:down|up))\.weight$", k))})
+        fmt = "diffusers" if any(p in ("unet", "transformer", "text_encoder", "text_encoder_2") for p in parts) else "safetensors"
+        lora_meta = header.get("lora_adapter_metadata")
+        if lora_meta:  # diffusers' save_lora_weights records peft's config per component
+            with contextlib.suppress(json.JSONDecodeError):
+                alphas |= {float(v) for k, v in json.loads(lora_meta).items() if k.endswith(".lora_alpha")}
+    out: dict[str, Any] = {"format": fmt, "parts": parts, "tensors": len(keys)}
     if ranks:
         out["method"] = "lora"
         out["rank"] = sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks)
+        if not alphas and fmt == "diffusers":
+            alphas = set(ranks)  # no alpha stored: diffusers loads it at alpha = rank (scale 1)
+    if alphas:
+        out["alpha"] = sorted(alphas)[0] if len(alphas) == 1 else sorted(alphas)
     if targets:
         out["targets"] = targets
     if header.get(META_FILE):

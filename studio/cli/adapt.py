@@ -1,5 +1,5 @@
-"""`studio adapt train|merge|info`: thin commands over pipelines/training/adapters.py and
-adapters/peft_adapters.py. Nothing heavy is imported here."""
+"""`studio adapt train|merge|info|export`: thin commands over pipelines/training/adapters.py,
+adapters/peft_adapters.py and adapters/lora_convert.py. Nothing heavy is imported here."""
 
 import json
 from pathlib import Path
@@ -119,3 +119,30 @@ def info(
 
     meta = read_metadata(adapter)
     typer.echo(json.dumps(meta, default=str) if opts.json else format_info(meta))
+
+
+@adapt_app.command()
+@global_options("json", "allow_pickle")
+def export(
+    lora: Annotated[Path, typer.Argument(help="LoRA .safetensors file, or the folder `studio adapt train` wrote", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="kohya (A1111, Forge, ComfyUI, LoRA sites) or diffusers", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="kohya: new .safetensors file; diffusers: new folder (default: NAME-FORMAT here)", show_default=False)] = None,
+    opts: Globals = None,
+) -> None:
+    """Write a LoRA in another file layout: kohya's (one .safetensors with lora_unet_/lora_te_ keys
+    and alphas) or diffusers' (a folder with pytorch_lora_weights.safetensors). Same weights, same
+    images; `--lora` loads both.
+
+    [dim]studio adapt export sks-lora --format kohya -o sks.safetensors
+    studio adapt export civitai-style.safetensors --format diffusers -o style-diffusers[/dim]
+    """
+    from studio.adapters.lora_convert import export as run_export
+
+    report = run_export(lora, fmt, out, allow_pickle=opts.allow_pickle)
+    summary = {"out": str(report.out), "format": report.format, "from": report.source_format,
+               "tensors": report.tensors, "rank": report.rank, "alpha": report.alpha}
+    if opts.json:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(f"wrote {report.out} ({report.format} layout from {report.source_format}: {report.tensors} tensors, "
+                   f"rank {report.rank}, alpha {report.alpha})", err=True)
