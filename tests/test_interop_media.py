@@ -108,3 +108,288 @@ def test_mp4_is_faststart_and_keeps_its_frames_and_duration(tmp_path, fps, n):
     frames, seconds, container = ffmpeg_duration(mp4)
     assert frames == n
     assert seconds == pytest.approx(n / fps, rel=0.01) and container == pytest.approx(n / fps, rel=0.01)
+
+
+# ----------------------------------------------------------------------------- models pull
+class LocalHub:
+    """A hub on 127.0.0.1 serving ROOT/org/name folders as repos at one commit: the three
+    endpoints huggingface_hub calls (model info, tree listing, file resolve), so diffusers'
+    DiffusionPipeline.download and snapshot_download run unchanged against files made here."""
+
+    SHA = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, root: Path):
+        import hashlib
+        import threading
+        import urllib.parse
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub, self.root, self.requests = self, root, []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.answer(body=False)
+
+            def do_GET(self):
+                self.answer(body=True)
+
+            def send(self, data: bytes, headers: dict[str, str], body: bool, status: int = 200):
+                self.send_response(status)
+                for k, v in {**headers, "Content-Length": str(len(data))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def answer(self, body: bool):
+                path = urllib.parse.urlsplit(self.path).path
+                parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
+                hub.requests.append(f"{self.command} {path}")
+                if parts[:2] == ["api", "models"] and len(parts) >= 4:
+                    repo = hub.root / parts[2] / parts[3]
+                    files = sorted(p for p in repo.rglob("*") if p.is_file())
+                    if len(parts) > 4 and parts[4] == "tree":
+                        listing = [{"type": "file", "path": p.relative_to(repo).as_posix(), "size": p.stat().st_size,
+                                    "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for p in files]
+                    else:
+                        listing = {"id": f"{parts[2]}/{parts[3]}", "sha": hub.SHA, "private": False,
+                                   "siblings": [{"rfilename": p.relative_to(repo).as_posix(), "size": p.stat().st_size}
+                                                for p in files]}
+                    return self.send(json.dumps(listing).encode(), {"Content-Type": "application/json"}, body,
+                                     200 if repo.is_dir() else 404)
+                if len(parts) >= 5 and parts[2] == "resolve":
+                    file = hub.root / parts[0] / parts[1] / "/".join(parts[4:])
+                    if not file.is_file():
+                        return self.send(b"", {"X-Error-Code": "EntryNotFound"}, body, 404)
+                    data = file.read_bytes()
+                    return self.send(data, {"X-Repo-Commit": hub.SHA, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}, body)
+                return self.send(b"", {}, body, 404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def fetched(self) -> set[str]:
+        """Repo paths whose bytes were downloaded (GET on resolve)."""
+        return {r.split("/resolve/", 1)[1].split("/", 1)[1] for r in self.requests if r.startswith("GET") and "/resolve/" in r}
+
+
+def layout(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hub_repos(tiny, tmp_path_factory) -> Path:
+    """ROOT/org/tiny-sd: a diffusers pipeline as the hub holds them (sd-turbo's shape): every
+    weight in fp32 and as an .fp16 variant, .bin duplicates beside the safetensors, a single-file
+    checkpoint at the root, a README. ROOT/org/tiny-lm: a transformers repo with consolidated and
+    sharded safetensors, a .bin, TF/Flax/ONNX copies and a remote-code file."""
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    root = tmp_path_factory.mktemp("hub")
+    repo = root / "org" / "tiny-sd"
+    shutil.copytree(tiny("sd"), repo)
+    pipe = StableDiffusionPipeline.from_pretrained(repo, safety_checker=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(repo, variant="fp16", safe_serialization=True)
+    shutil.copy(repo / "unet/diffusion_pytorch_model.safetensors", repo / "unet/diffusion_pytorch_model.bin")
+    shutil.copy(repo / "text_encoder/model.safetensors", repo / "text_encoder/pytorch_model.bin")
+    if not any(p.suffix == ".safetensors" for p in repo.iterdir()):
+        shutil.copy(repo / "unet/diffusion_pytorch_model.safetensors", repo / "tiny-sd.safetensors")
+    (repo / "README.md").write_text("# tiny-sd\n")
+
+    lm = root / "org" / "tiny-lm"
+    lm.mkdir(parents=True)
+    files = {"config.json": b"{}", "generation_config.json": b"{}", "tokenizer.json": b"{}", "tokenizer_config.json": b"{}",
+             "special_tokens_map.json": b"{}", "merges.txt": b"", "vocab.json": b"{}", "README.md": b"# lm",
+             ".gitattributes": b"", "modeling_lm.py": b"raise SystemExit", "model.safetensors": b"x" * 4000,
+             "model-00001-of-00002.safetensors": b"x" * 2000, "model-00002-of-00002.safetensors": b"x" * 2000,
+             "model.safetensors.index.json": b"{}", "pytorch_model.bin": b"x" * 4000,
+             "pytorch_model.bin.index.json": b"{}", "tf_model.h5": b"x" * 4000, "flax_model.msgpack": b"x" * 4000,
+             "onnx/model.onnx": b"x" * 4000}
+    for name, data in files.items():  # each file's bytes differ: the cache stores a blob once per content
+        (lm / name).parent.mkdir(parents=True, exist_ok=True)
+        (lm / name).write_bytes(data + f" {name}".encode())
+    return root
+
+
+SD_FP32 = {"model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+           "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "unet/config.json",
+           "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"}
+SD_FP16 = {n.replace(".safetensors", ".fp16.safetensors") for n in SD_FP32}
+
+
+def test_pull_selects_one_variant_of_a_diffusers_pipeline(hub_repos):
+    from studio.models import select_files
+
+    repo = hub_repos / "org" / "tiny-sd"
+    files = layout(repo)
+    index = json.loads((repo / "model_index.json").read_text())
+    cpu = select_files(files, model_index=index, variant=None)
+    gpu = select_files(files, model_index=index, variant="fp16")
+    assert set(cpu.names) == SD_FP32 and cpu.variant is None
+    assert set(gpu.names) == SD_FP16 and gpu.variant == "fp16"
+    # never the root single-file checkpoint, the .bin duplicates or the other variant
+    for plan in (cpu, gpu):
+        assert not any(n.endswith(".bin") or "/" not in n and n.endswith(".safetensors") for n in plan.names)
+        assert plan.total == sum(files[n] for n in plan.names)
+    assert gpu.total < 0.6 * cpu.total and cpu.total < 0.4 * sum(files.values())
+    # a repo with no fp16 files: the variant quietly falls back to the plain files (as diffusers needs)
+    plain = {n: s for n, s in files.items() if ".fp16." not in n}
+    assert set(select_files(plain, model_index=index, variant="fp16").names) == SD_FP32
+
+
+def test_pull_selects_one_weight_set_of_a_transformers_repo(hub_repos):
+    from studio.errors import UsageError
+    from studio.models import select_files
+
+    files = layout(hub_repos / "org" / "tiny-lm")
+    plan = select_files(files)
+    configs = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "merges.txt", "vocab.json"}
+    assert plan.layout == "transformers" and set(plan.names) == configs | {"model.safetensors"}
+    assert "modeling_lm.py" in select_files(files, trust_remote_code=True).names
+    # only shards: the shards and their index, never the .bin beside them
+    sharded = {n: s for n, s in files.items() if n != "model.safetensors"}
+    assert set(select_files(sharded).names) == configs | {"model-00001-of-00002.safetensors",
+                                                          "model-00002-of-00002.safetensors", "model.safetensors.index.json"}
+    # only pickles: refused unless allowed
+    pickles = {n: s for n, s in files.items() if not n.endswith(".safetensors")}
+    with pytest.raises(UsageError, match="--allow-pickle|pickle"):
+        select_files(pickles)
+    assert "pytorch_model.bin" in select_files(pickles, allow_pickle=True).names
+    # open_clip's layout, and a card's own file list
+    clip = {"open_clip_config.json": 10, "open_clip_model.safetensors": 100, "open_clip_pytorch_model.bin": 100,
+            "model.safetensors": 100, "config.json": 10, "tokenizer.json": 10}
+    assert set(select_files(clip).names) == {"open_clip_config.json", "open_clip_model.safetensors", "tokenizer.json"}
+    assert select_files(clip, card_files=["open_clip_config.json", "open_clip_model.safetensors"]).total == 110
+    with pytest.raises(UsageError, match="open_clip_model.safetensors"):
+        select_files({"config.json": 1}, card_files=["open_clip_model.safetensors"])
+
+
+def _offline_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")}
+    env.update(extra)
+    return env
+
+
+PULL_SCRIPT = """
+import json, sys
+from typer.testing import CliRunner
+from studio.cli import app
+runner = CliRunner()
+for args in json.loads(sys.argv[1]):
+    r = runner.invoke(app, args)
+    print(json.dumps({"args": args, "code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}), flush=True)
+"""
+
+
+def test_models_pull_downloads_what_the_plan_lists_through_diffusers(hub_repos, tmp_path):
+    """The real `studio models pull` (diffusers' DiffusionPipeline.download, huggingface_hub's
+    snapshot_download) against the local hub: the files that land in the cache are exactly the
+    dry run's list, and a pipeline pulled as fp16 then loads without fetching anything else."""
+    hf_home = tmp_path / "hf"
+    commands = [
+        ["models", "pull", "org/tiny-sd", "--dry-run"],
+        ["models", "pull", "org/tiny-sd", "--dry-run", "--json", "--device", "cpu"],
+        ["models", "pull", "org/tiny-sd", "--variant", "fp16", "--json"],
+        ["models", "pull", "org/tiny-lm", "--json"],
+        ["image", "a red circle", "--model", "org/tiny-sd", "--steps", "1", "--width", "32", "--height", "32",
+         "--seed", "1", "-q", "--out", str(tmp_path / "img")],
+    ]
+    with LocalHub(hub_repos) as hub:
+        env = _offline_env(HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1")
+        proc = subprocess.run([sys.executable, "-c", PULL_SCRIPT, json.dumps(commands)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert [r["code"] for r in runs] == [0] * len(commands), runs
+        text, cpu, fp16, lm = runs[0]["stdout"], *(json.loads(r["stdout"]) for r in runs[1:4])
+        fetched = hub.fetched()
+
+    # the dry run lists files and their total; the CPU picks the plain weights, fp16 the variant
+    assert "org/tiny-sd: 10 files" in text and "unet/diffusion_pytorch_model.safetensors" in text and "not fetched" in text
+    assert {f["path"] for f in cpu["files"]} == SD_FP32 and cpu["variant"] is None and "path" not in cpu
+    assert cpu["total_bytes"] == sum(f["size"] for f in cpu["files"])
+    assert {f["path"] for f in fp16["files"]} == SD_FP16 and fp16["variant"] == "fp16"
+    snapshot = Path(fp16["path"])
+    assert set(layout(snapshot)) == SD_FP16  # diffusers fetched what the plan says, nothing more
+    assert set(layout(Path(lm["path"]))) == {f["path"] for f in lm["files"]}
+    assert "model.safetensors" in layout(Path(lm["path"])) and not any(
+        n.endswith((".bin", ".h5", ".msgpack", ".onnx", ".py")) or "-of-" in n for n in layout(Path(lm["path"])))
+    # the image run loaded the fp16 files it found and fetched nothing (no fp32 weights, no .bin)
+    assert fetched == SD_FP16 | set(layout(Path(lm["path"])))
+    assert len(list((tmp_path / "img").glob("*.png"))) == 1
+
+
+# ----------------------------------------------------------------------------- no network, no --offline
+PROBE_SCRIPT = """
+import json, time
+t0 = time.perf_counter()
+from huggingface_hub import snapshot_download  # start-up: what any hub access imports first (~1.4 s)
+from studio import models
+from studio.errors import ModelNotAvailable
+imported = time.perf_counter() - t0
+t = time.perf_counter()
+spec = models.resolve("auto", task="image")
+auto_s = time.perf_counter() - t
+t = time.perf_counter()
+try:
+    models.resolve("sd15", task="image")
+    error = None
+except ModelNotAvailable as exc:
+    error = [exc.message, exc.hint]
+explicit_s = time.perf_counter() - t
+print(json.dumps({"alias": spec.alias, "notice": spec.notice, "auto_s": auto_s, "explicit_s": explicit_s,
+                  "error": error, "import_s": imported}))
+"""
+
+
+def test_auto_finds_out_quickly_that_the_hub_is_unreachable(tmp_path):
+    """HF_HUB_OFFLINE unset, the hub at a closed port: `auto` knows within 2 s (one probe, no
+    retries: the libraries' own retries took ~40 s) and picks the starter with its notice; a named
+    model that is not cached is one error naming `studio models pull`, as fast."""
+    env = _offline_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-c", PROBE_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["auto_s"] < 2.0 and got["explicit_s"] < 0.5  # the second asks nothing: the answer is kept per process
+    assert got["alias"] == "starter-image"
+    assert "sd-turbo is not in the local cache" in got["notice"] and "cannot be reached" in got["notice"]
+    message, hint = got["error"]
+    assert "sd15" in message and "cannot be reached" in message and "studio models pull sd15" in hint
+
+
+def test_studio_image_without_network_falls_back_to_the_starter(cli, tmp_path, monkeypatch):
+    """`studio image` with the hub unreachable and no --offline: the one-line notice, then the
+    starter's image (its sidecar names it), exit 0. In process: HF_HUB_OFFLINE is unset for studio
+    and the hub's address (huggingface_hub reads HF_ENDPOINT once, at import) is a closed port."""
+    import huggingface_hub.constants
+
+    from studio import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(models, "_PROBES", {})
+    out = tmp_path / "out"
+    r = cli("image", "a large red circle in the center, blue background", "--steps", "2", "--seed", "0", "--out", out)
+    assert r.exit_code == 0, r
+    notice = " ".join(r.stderr.split())  # rich wraps long notes
+    assert "using starter-image (sd-turbo is not in the local cache and the hub (http://127.0.0.1:9) cannot be reached)" in notice
+    assert "Retrying" not in r.stderr
+    png = next(out.glob("*.png"))
+    meta = json.loads(png.with_suffix(".json").read_text())
+    assert meta["model"]["alias"] == "starter-image" and Image.open(png).size == (32, 32)

@@ -75,18 +75,79 @@ def path(name: Annotated[str, typer.Argument(help="alias, hub id or path")], opt
     typer.echo(spec.source if spec.is_local else str(cached_snapshot(spec)))
 
 
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 @models_app.command("pull")
-@global_options("allow_pickle")
+@global_options("allow_pickle", "trust_remote_code", "device", "precision", "json")
 def pull(
     name: Annotated[str, typer.Argument(help="alias or hub id[@revision]")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the files and their total size; download nothing")] = False,
+    variant: Annotated[str, typer.Option(help="weights variant of a diffusers model: auto (fp16 when the device "
+                                              "runs fp16/bf16 on a GPU, else none), fp16 or none")] = "auto",
     opts: Globals = None,
 ) -> None:
-    """Download a model's configs and safetensors weights into the HF cache."""
-    from studio.models import pull as do_pull
-    from studio.models import resolve
+    """Download what the model's pipeline loads into the HF cache: one weight set, configs and
+    tokenizers; a diffusers pipeline through diffusers' own download (its fp16 variant on GPUs)."""
+    import json
 
-    spec = resolve(name, allow_pickle=opts.allow_pickle, offline=False)
-    typer.echo(str(do_pull(spec)))
+    from studio.errors import ModelNotAvailable, StudioError, UsageError
+    from studio.models import hub_endpoint, hub_reachable, is_offline, plan_pull, pull_variant, resolve
+    from studio.models import pull as do_pull
+
+    if variant not in ("auto", "fp16", "none"):
+        raise UsageError(f"unknown --variant {variant!r}", "use auto, fp16 or none")
+    spec = resolve(name, allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code,
+                   offline=False, check_hub=False)
+    if spec.is_local:
+        typer.echo(spec.source)
+        return
+    if is_offline():
+        raise ModelNotAvailable("studio is offline (HF_HUB_OFFLINE is set)", "unset HF_HUB_OFFLINE to download")
+    if not hub_reachable():
+        raise ModelNotAvailable(f"the hub ({hub_endpoint()}) cannot be reached, so {spec.alias or spec.source} cannot be pulled",
+                                "check the network (or HF_ENDPOINT / HTTPS_PROXY) and try again")
+    if variant == "auto":
+        from studio.device import DeviceSettings, get_device_manager
+
+        chosen = pull_variant(get_device_manager(DeviceSettings.from_sources(flags=opts.device_flags())))
+    else:
+        chosen = None if variant == "none" else variant
+    try:
+        plan = plan_pull(spec, chosen)
+    except StudioError:
+        raise
+    except Exception as exc:  # unknown repo, gated, network dropped mid-way
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotAvailable(f"could not list the files of {spec.source}: {text}",
+                                "check the id (`studio models info`) and your network") from exc
+    summary = {"source": spec.source, "revision": spec.revision or "main", "layout": plan.layout, "variant": plan.variant,
+               "files": [{"path": p, "size": s} for p, s in plan.files], "total_bytes": plan.total,
+               "left_out": {"files": len(plan.left), "bytes": sum(s or 0 for _, s in plan.left)}}
+    if not dry_run:
+        summary["path"] = str(do_pull(spec, plan))
+    if opts.json:
+        typer.echo(json.dumps(summary))
+        return
+    head = (f"{spec.alias or spec.source}: {len(plan.files)} files, {_size(plan.total)} ({plan.layout}"
+            + (f", variant {plan.variant}" if plan.variant else "") + ")")
+    left = f"not fetched: {len(plan.left)} files, {_size(summary['left_out']['bytes'])} (other variants and formats, single-file checkpoints)"
+    if dry_run:
+        typer.echo(head)
+        width = max((len(p) for p, _ in plan.files), default=0)
+        for p, s in plan.files:
+            typer.echo(f"  {p:<{width}}  {_size(s):>9}")
+        if plan.left:
+            typer.echo(left)
+        return
+    typer.echo(head + (f"; {left}" if plan.left else ""), err=True)
+    typer.echo(summary["path"])
 
 
 @models_app.command("make-tiny")
