@@ -112,7 +112,10 @@ def test_job_runs_streams_progress_and_lands_in_the_gallery(client, tiny, galler
     assert "--seed 7" in detail["command"] and detail["metadata"]["params"]["seed"] == 7
     thumb = client.get(items[0]["thumb"])
     assert thumb.headers["content-type"] == "image/png"
-    assert Image.open(__import__("io").BytesIO(thumb.content)).size == (64, 64)
+    # a 64 px image is drawn at 3x in whole-pixel blocks, so the page's scaling keeps it sharp
+    shown = Image.open(__import__("io").BytesIO(thumb.content))
+    assert shown.size == (192, 192)
+    assert np.array_equal(np.asarray(shown)[::3, ::3], np.asarray(Image.open(written).convert("RGB")))
 
 
 def test_models_stay_warm_between_jobs(client, tiny):
@@ -427,3 +430,16 @@ def test_serve_refuses_a_public_address_port_in_use_and_bad_folders(cli, tmp_pat
     assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.stderr
     result = cli("serve", "--memory-budget", "lots", "--out", tmp_path / "o")
     assert result.exit_code == 2 and "not a size" in result.stderr
+
+
+def test_a_manifest_row_naming_a_link_out_of_the_folder_is_not_shown(client, gallery_dir, tmp_path_factory):
+    from studio.outputs import append_jsonl
+
+    outside = tmp_path_factory.mktemp("private") / "private.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(outside)
+    sneaky = gallery_dir / "sneaky"
+    sneaky.mkdir()
+    os.symlink(outside, sneaky / "looks-fine.png")
+    append_jsonl(sneaky / "manifest.jsonl", {"file": "looks-fine.png", "task": "image", "params": {"prompt": "sneaky"}})
+    append_jsonl(sneaky / "manifest.jsonl", {"file": "../../private.png", "task": "image", "params": {"prompt": "sneaky"}})
+    assert client.get("/api/gallery", params={"q": "sneaky"}).json()["total"] == 0

@@ -86,7 +86,7 @@ def test_submit_from_the_page_watch_progress_and_see_the_image(site, page):
     sync_api.expect(first.locator(".prompt")).to_have_text("a yellow star")
     page.wait_for_function("() => { const img = document.querySelector('#grid figure.card img');"
                            " return img.complete && img.naturalWidth > 0; }", timeout=15_000)
-    assert first.locator("img").evaluate("img => img.naturalWidth") == 64  # the thumbnail of the 64 px image
+    assert first.locator("img").evaluate("img => img.naturalWidth") == 192  # the 64 px image, 3x in whole pixels
     assert len(list(folder.glob("*a-yellow-star.png"))) == 1
 
 

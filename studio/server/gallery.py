@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.outputs import MANIFEST, read_manifest
+from studio.outputs import MANIFEST, read_manifest, within
 
 THUMB = 256  # px, the longer side
 MAX_DEPTH = 2  # subfolders below an output folder searched for manifests
@@ -62,6 +62,7 @@ class Gallery:
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self._manifests: dict[Path, tuple[tuple[int, int], list[Item]]] = {}  # manifest -> (stamp, items)
         self._thumbs: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
+        self._by_id: dict[str, Item] = {}
         self.lock = threading.Lock()
 
     # ------------------------------------------------------------------ index
@@ -76,11 +77,20 @@ class Gallery:
                     found.extend(self._read(index, root, manifest))
             for gone in set(self._manifests) - seen:
                 del self._manifests[gone]
-        found = [item for item in found if os.path.lexists(self.roots[item.folder] / item.rel)]
+        # gone files drop out; so does a row naming a link that leads outside the folder (its
+        # thumbnail would show what lies there)
+        found = [item for item in found if os.path.lexists(self.roots[item.folder] / item.rel)
+                 and within(self.roots[item.folder] / item.rel, self.roots[item.folder])]
         found.sort(key=lambda i: (i.created, i.order), reverse=True)
+        self._by_id = {item.id: item for item in found}
         return found
 
     def find(self, item_id: str) -> Item | None:
+        """One output by id: from the last look at the folders (a page asks for 200 thumbnails
+        right after listing them), else after a fresh one."""
+        item = self._by_id.get(item_id)
+        if item is not None and os.path.lexists(self.roots[item.folder] / item.rel):
+            return item
         return next((i for i in self.items() if i.id == item_id), None)
 
     def search(self, q: str = "", task: str = "", model: str = "", since: str = "", until: str = "") -> list[Item]:
@@ -153,7 +163,7 @@ class Gallery:
         meta: dict[str, Any] = {}
         suffix = path.suffix if path.suffix else ""
         sidecar = path.with_name(path.name.removesuffix(suffix) + (".meta.json" if suffix == ".json" else ".json"))
-        if os.path.realpath(sidecar).startswith(str(self.roots[item.folder])) and sidecar.is_file():
+        if within(sidecar, self.roots[item.folder]) and sidecar.is_file():
             try:
                 meta = json.loads(sidecar.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
@@ -164,7 +174,7 @@ class Gallery:
         for name, file in (meta.get("companions") or {}).items():
             if isinstance(file, str) and "/" not in file and not file.startswith("."):
                 rel = (parent / file).as_posix()
-                if (self.roots[item.folder] / rel).is_file():
+                if within(self.roots[item.folder] / rel, self.roots[item.folder]) and (self.roots[item.folder] / rel).is_file():
                     companions[name] = f"/files/{item.folder}/{rel}"
         return {**item.summary(), "negative": item.negative, "params": item.params, "metadata": meta,
                 "companions": companions, "command": command_line(item.task, item.params, item.model),
@@ -289,6 +299,9 @@ def render_thumbnail(path: Path, kind: str) -> bytes:
     except Exception:  # a file being written, or one we cannot read: a plain tile, not a 500
         image = _tile(kind)
     image.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+    if max(image.size) < THUMB // 2:  # a 32 px output: whole-pixel blocks stay sharp where the page scales it up
+        factor = THUMB // 2 // max(image.size) + 1
+        image = image.resize((image.size[0] * factor, image.size[1] * factor), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
