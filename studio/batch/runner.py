@@ -12,7 +12,8 @@ launch` (or `--processes N`, launch.py) jobs are split with accelerate's
 
 The seam for other executors: `run_job(job, params, engine=..., options=..., tag=..., template=...)`
 runs one job and returns its written Outputs; `Runner._record` is the one place that writes the
-runner's manifest rows.
+runner's manifest rows; `Runner._run_ready(..., run=...)` runs a prepared job through another
+executor's `run` and records it (studio/batch/ray.py, which raises WorkerLost for a lost worker).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ from studio.batch.model import Job, Output
 from studio.batch.parse import BatchFile
 from studio.errors import RuntimeFailure, StudioError
 from studio.outputs import OutputWriter, _jsonable, sha256_file, within
+
+
+class WorkerLost(Exception):
+    """An executor lost the process running a job (a Ray worker killed, its node gone): the job is
+    run again elsewhere, so `_run_ready` records nothing for it (studio/batch/ray.py)."""
 
 
 # =========================================================================== what a run returns
@@ -415,20 +421,27 @@ class Runner:
                                 extra_seconds=share) for job, key, tag in ready]
 
     def _run_ready(self, job: Job, key: str, tag: str, *, engine: Any, base: Any, state: Any,
-                   results: list[Any] | None = None, extra_seconds: float = 0.0) -> Outcome:
+                   results: list[Any] | None = None, extra_seconds: float = 0.0,
+                   run: Callable[[Job, dict[str, Any], Any, str, str], list[Output]] | None = None) -> Outcome:
+        """Run one prepared job and record how it ended. `run(job, params, options, tag, template)
+        -> Outputs` runs it elsewhere (another executor) instead of on `engine`."""
         t0 = time.perf_counter() - extra_seconds
         # 3. run and write
         try:
             if results is None:
                 params = graph.resolve(job.params, job.refs, self.outputs)
                 params = graph.coerce(registry.pipeline_class(job.task).request_type, params, job)
-                with self._tracking(job.group):
-                    outputs = run_job(job, params, engine=engine, options=self._options(job, base, state), tag=tag,
-                                      template=self._template(job), emit=self.emit)
+                options = self._options(job, base, state)
+                if run is not None:
+                    outputs = run(job, params, options, tag, self._template(job))
+                else:
+                    with self._tracking(job.group):
+                        outputs = run_job(job, params, engine=engine, options=options, tag=tag,
+                                          template=self._template(job), emit=self.emit)
             else:
                 outputs = write_results(job, results, out_dir=self.out_dir, template=self._template(job), tag=tag,
                                         emit=self.emit)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, WorkerLost):
             raise
         except StudioError as exc:
             return self._failed(job, tag, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""), t0)

@@ -33,6 +33,12 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the plan; run nothing")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="skip jobs whose outputs are complete; redo the rest")] = False,
     processes: Annotated[int, typer.Option("--processes", min=1, help="split jobs over N processes (accelerate launch)")] = 1,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="auto|local|ADDRESS",
+        help="run the jobs on a Ray cluster: auto (the one `ray start` began here), local (a new one on "
+             "this machine) or the head's address (HOST:6379, ray://HOST:10001); needs Ray: pip install 'studio\\[ray]'")] = None,
+    shared_out: Annotated[bool, typer.Option(
+        "--shared-out", help="with --ray: workers write into --out themselves (a folder every node mounts at the same path)")] = False,
     opts: Globals = None,
 ) -> None:
     """Run a batch file or a multi-step pipeline file. Exit code: how many jobs failed (0 = all done).
@@ -40,6 +46,13 @@ def run(
     from studio.batch import Runner
     from studio.batch.launch import launch
     from studio.engine import print_json
+    from studio.errors import UsageError
+
+    if shared_out and not ray:
+        raise UsageError("--shared-out is for --ray runs (workers on other nodes writing into --out)",
+                         "add --ray auto|local|ADDRESS, or drop --shared-out")
+    if ray and processes > 1:
+        raise UsageError("--ray and --processes both split the jobs", "pick one: --ray for a cluster, --processes N for this machine")
 
     out, quiet, json_out, debug, offline = opts.out, opts.quiet, opts.json, opts.debug, opts.offline
     allow_pickle, trust_remote_code = opts.allow_pickle, opts.trust_remote_code
@@ -63,6 +76,13 @@ def run(
                 argv.append(f"--{key}" if value is True else f"--no-{key}" if value is False else f"--{key}={value}")
         summary = launch(file, processes, argv, cpu=_cpu_only(opts.device, processes))
         _finish(summary, quiet, json_out)
+        return
+
+    if ray:
+        from studio.batch.ray import run_on_ray
+
+        report = run_on_ray(runner, ray, shared_out=shared_out, debug=debug)
+        _finish(report.summary(), quiet, json_out)
         return
 
     report = runner.run()
