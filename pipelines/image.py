@@ -172,9 +172,12 @@ def resolve_scheduler(text: str, family: str | None = None) -> tuple[str | None,
     or "flow") picks between same-labelled samplers (A1111's "Euler" is euler on SD, flow_euler
     on Flux); None prefers the diffusion one. (None, notes) when nothing matches."""
     key = str(text).strip()
-    if key.lower() in SCHEDULERS:
-        return key.lower(), []
     sampler, schedule = split_a1111_label(key)
+    # studio's lowercase names meet A1111's labels in a few words ("dpm2" is studio's plain DPM2,
+    # "DPM2" is A1111's, which defaults to Karras): a name typed as studio spells it is studio's,
+    # a label typed as A1111 spells it is A1111's, anything else in any case is whichever exists
+    if key in SCHEDULERS or (key.lower() in SCHEDULERS and _canonical_sampler(sampler) != sampler):
+        return key.lower(), []
     wanted = A1111_DEFAULT_SCHEDULE.get(_canonical_sampler(sampler) or "", "") if schedule == "Automatic" else schedule
     names = [n for n, (cls, _, label) in SCHEDULERS.items() if label.lower() == sampler.lower()]
     if not names:
@@ -208,7 +211,7 @@ def scheduler_name(text: str, current: Any) -> str:
 
 # infotext keys params_from_infotext turns into request fields (the rest are named in a note)
 _INFOTEXT_USED = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Model",
-                  "Model hash", "Lora hashes"}
+                  "Model hash", "Lora hashes", "Distilled CFG Scale"}
 
 
 def params_from_infotext(recipe: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -237,6 +240,13 @@ def params_from_infotext(recipe: dict[str, Any]) -> tuple[dict[str, Any], list[s
     number("CFG scale", float, "guidance")
     number("Seed", int, "seed")
     number("Denoising strength", float, "strength")
+    if "Distilled CFG Scale" in fields:
+        # Forge's Flux infotext: "CFG scale: 1" (no true CFG) and the distilled guidance, which is
+        # what diffusers' FluxPipeline takes as guidance_scale
+        cfg = fields.get("CFG scale")
+        number("Distilled CFG Scale", float, "guidance")
+        notes.append(f"Distilled CFG Scale {fields['Distilled CFG Scale']} is studio's --guidance for Flux"
+                     + (f" (CFG scale {cfg} not used)" if cfg is not None else ""))
     if "Size" in fields:
         m = re.match(r"^\s*(\d+)\s*x\s*(\d+)\s*$", str(fields["Size"]))
         if m:
@@ -454,6 +464,169 @@ def _abs(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+# ----------------------------------------------------------------------------- checks before loading
+def _check_static(request: ImageRequest, factor: int) -> None:
+    """The request's own ranges and combinations, and sizes as multiples of `factor`: nothing
+    here needs the weights, so the engine runs it before they load (check_request)."""
+    if not str(request.prompt or "").strip() and not str(request.negative_prompt or "").strip():
+        raise UsageError("the prompt is empty", 'describe the image, e.g. studio image "a lighthouse at dusk"')
+    if request.steps is None or int(request.steps) < 1:
+        raise UsageError(f"--steps {request.steps} must be at least 1", "e.g. --steps 20 (turbo models: 1-4)")
+    if request.guidance is None or float(request.guidance) < 0:
+        raise UsageError(f"--guidance {request.guidance} must be >= 0", "e.g. --guidance 7 (turbo models: 0)")
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value is not None and (int(value) < factor or int(value) % factor):
+            lower = max(factor, int(value) - int(value) % factor)
+            raise UsageError(f"--{name} {value} is not a multiple of {factor} (this model's size step)",
+                             f"use --{name} {lower} or {lower + factor}")
+    seeds = _as_tuple(request.seeds)
+    if int(request.num_outputs or 0) < 1:
+        raise UsageError(f"--num {request.num_outputs} must be at least 1", "e.g. --num 4")
+    if seeds and request.num_outputs not in (1, len(seeds)):
+        raise UsageError(f"--num {request.num_outputs} and --seeds ({len(seeds)} seeds) disagree",
+                         "--seeds makes one image per seed; drop --num")
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+        raise UsageError(f"--seeds {','.join(map(str, seeds))} must be whole numbers >= 0", "e.g. --seeds 1,2,3")
+    if request.strength is not None and not (0.0 < float(request.strength) <= 1.0):
+        raise UsageError(f"--strength {request.strength} must be in (0, 1]",
+                         "0.3 keeps most of the init image, 1.0 repaints it fully")
+    if (request.mask_image or request.outpaint) and not request.init_image:
+        raise UsageError("--mask and --outpaint need an --init image", "pass --init IMAGE")
+    if request.mask_image and request.outpaint:
+        raise UsageError("--mask and --outpaint cannot be combined", "outpaint makes its own mask from the padding")
+    if request.strength is not None and not request.init_image:
+        raise UsageError("--strength applies to --init images only", "add --init IMAGE, or drop --strength")
+    if request.outpaint:
+        pads = parse_outpaint(request.outpaint)
+        bad = {k: v for k, v in pads.items() if v % factor}
+        if bad:
+            side, value = next(iter(bad.items()))
+            raise UsageError(f"--outpaint {side}:{value} is not a multiple of {factor}",
+                             f"use {side}:{value - value % factor or factor}")
+    _check_file(request.init_image, "init image")
+    _check_file(request.mask_image, "mask image")
+    if request.init_image:
+        strength = float(request.strength if request.strength is not None else ImagePipeline._mode_strength(request))
+        if int(int(request.steps) * strength) < 1:
+            raise UsageError(f"--steps {request.steps} with --strength {strength:g} leaves no denoising step",
+                             "raise --steps or --strength")
+    from studio.adapters.lora import parse_lora
+    from studio.pipelines.control import parse_control
+
+    controls = [parse_control(c) for c in _as_tuple(request.controls)]
+    for c in controls:
+        _check_file(c.image, f"control image ({c.type})")
+    models_ = _as_tuple(request.control_models)
+    if models_ and len(models_) != len(controls):
+        raise UsageError(f"{len(models_)} --control-model for {len(controls)} --control",
+                         "give one --control-model per --control, in the same order (auto = the default for TYPE)")
+    for text in _as_tuple(request.adapters):
+        parse_lora(text)
+
+
+@dataclass(frozen=True)
+class _ImageProfile:
+    """What the model's config files say about sizes and memory, read before its weights load
+    (studio.limits.read_config: local folders and cached snapshots only). A single-file
+    checkpoint, or a hub model not downloaded yet, gets SD's numbers; check_inputs re-checks sizes
+    on the loaded model."""
+
+    factor: int = 8  # width/height multiple (VAE downscale x transformer patch)
+    scale: int = 8  # VAE downscale: latent pixels = pixels / scale**2
+    default: tuple[int, int] = (512, 512)  # the model's native size
+    vae: tuple[int, int] = (128, 256)  # the decoder's channels at full and half resolution
+    width: int = 320  # the denoiser's widest activations per latent pixel (UNet's first level; transformer's width)
+    patch: int = 1  # latent pixels per token side (transformers)
+    heads: int = 8  # attention heads at the first level
+    values: int = 0  # parameters of the weights (0: unknown)
+
+    @classmethod
+    def of(cls, spec: ModelSpec | None) -> "_ImageProfile":
+        from studio.limits import read_config, weight_values
+
+        if spec is None:
+            return cls()
+        index = read_config(spec, "model_index.json")
+        vae = read_config(spec, "vae/config.json")
+        unet = read_config(spec, "unet/config.json")
+        transformer = read_config(spec, "transformer/config.json")
+        channels = list(vae.get("decoder_block_out_channels") or vae.get("block_out_channels") or [])
+        scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 8
+        patch, factor = 1, max(8, scale)  # the UNet pipelines check multiples of 8 (image.py: size_factor)
+        if str(index.get("_class_name", "")).startswith("Flux"):
+            patch, factor = 2, scale * 2
+        elif isinstance(transformer.get("patch_size"), int) and transformer["patch_size"] > 1:
+            patch, factor = transformer["patch_size"], scale * transformer["patch_size"]
+        size = (unet or transformer).get("sample_size") or (128 if str(index.get("_class_name", "")).startswith("Flux") else None)
+        if isinstance(size, (list, tuple)):
+            default = (int(size[1]) * scale, int(size[0]) * scale)
+        else:
+            default = (int(size) * scale,) * 2 if size else cls.default
+        if unet:
+            blocks = list(unet.get("block_out_channels") or [320])
+            head_dim = unet.get("attention_head_dim") or 8
+            heads = unet.get("num_attention_heads") or (blocks[0] // head_dim if isinstance(head_dim, int) else 8)
+            width = int(blocks[0])
+        elif transformer:
+            heads = int(transformer.get("num_attention_heads") or 8)
+            width = heads * int(transformer.get("attention_head_dim") or 64)
+        else:
+            heads, width = cls.heads, cls.width
+        heads = int(heads[0] if isinstance(heads, (list, tuple)) else heads)
+        vae_channels = (int(channels[0]), int(channels[1] if len(channels) > 1 else channels[0])) if channels else cls.vae
+        return cls(factor=factor, scale=scale, default=default, vae=vae_channels, width=width, patch=patch,
+                   heads=heads, values=weight_values(spec))
+
+    def size(self, request: ImageRequest) -> tuple[int, int]:
+        """The size the run will generate at (image.py: _prepare_images): asked for, else the
+        default; an --init image without sizes is brought to at most the default's pixel count,
+        then the outpaint padding is added."""
+        w, h = int(request.width or self.default[0]), int(request.height or self.default[1])
+        if request.outpaint:
+            pads = parse_outpaint(request.outpaint)
+            w += pads.get("left", 0) + pads.get("right", 0)
+            h += pads.get("top", 0) + pads.get("bottom", 0)
+        return w, h
+
+    def check_memory(self, request: ImageRequest, spec: ModelSpec | None, device: DeviceManager) -> dict[str, Any]:
+        """The peak of one image (images are made one at a time, --num streams), against free memory.
+
+        Measured on tiny SD models at 512-1536 px, fp32 (tests/test_limits.py): the VAE decoder
+        holds about 4.5 tensors of its full-resolution width and one of the width above it per
+        pixel, plus ~100 bytes of output conversion (float image, array, PIL); e.g. SD's VAE
+        (128, 256 channels) about 3.4 KB a pixel, 3.6 GB at 1024x1024. The denoiser works at
+        latent resolution: ~12 tensors of its first width per latent pixel, doubled by
+        classifier-free guidance and per ControlNet; math/sliced attention adds the full
+        tokens x tokens matrices that SDPA avoids."""
+        from studio.limits import check_fits, element_size
+
+        elem = element_size(device)
+        w, h = self.size(request)
+        pixels = w * h
+        c0, c1 = self.vae
+        vae = pixels * (elem * (4.5 * c0 + c1) + 100)
+        batch = 2 if float(request.guidance or 0) > 1 else 1
+        tokens = pixels / self.scale**2 / self.patch**2
+        denoiser = batch * tokens * self.width * elem * 12 * (1 + len(_as_tuple(request.controls)))
+        attention = getattr(getattr(device, "resolved", None), "attention", "sdpa")
+        if attention == "math":
+            denoiser += batch * self.heads * tokens**2 * elem
+        elif attention == "sliced":
+            denoiser += batch * tokens**2 * elem
+
+        def hint(room: float) -> str:
+            # the largest size of the same shape whose VAE pass fits what the weights leave
+            side = (room / (elem * (4.5 * c0 + c1) + 100) / pixels) ** 0.5
+            fw, fh = (int(w * side) // self.factor * self.factor, int(h * side) // self.factor * self.factor)
+            fits = f" (about {fw}x{fh} fits)" if min(fw, fh) >= self.factor and side < 1 else ""
+            return (f"lower --width/--height{fits}; this model's native size is {self.default[0]}x{self.default[1]}"
+                    + ("; or use --attention sdpa" if attention in ("math", "sliced") else ""))
+
+        return check_fits(task="image", spec=spec, device=device, work=max(vae, denoiser), weights=self.values * elem,
+                          what=f"{w}x{h} px", hint=hint)
+
+
 # ----------------------------------------------------------------------------- the pipeline
 class ImagePipeline:
     task = "image"
@@ -510,65 +683,21 @@ class ImagePipeline:
         return int(size) * vsf, int(size) * vsf
 
     # -------------------------------------------------------------- checks
-    def check_inputs(self, request: ImageRequest) -> None:
-        from studio.adapters.lora import parse_lora
-        from studio.pipelines.control import parse_control
+    @classmethod
+    def check_request(cls, request: ImageRequest, spec: ModelSpec | None, device: DeviceManager | None) -> None:
+        """What can be checked before the weights load (the engine calls this first): the request's
+        own ranges, sizes against the model's configs, and with a device, whether the largest
+        step fits in its free memory (studio/limits.py)."""
+        profile = _ImageProfile.of(spec)
+        _check_static(request, profile.factor)
+        if device is not None:
+            profile.check_memory(request, spec, device)
 
-        if not str(request.prompt or "").strip() and not str(request.negative_prompt or "").strip():
-            raise UsageError("the prompt is empty", 'describe the image, e.g. studio image "a lighthouse at dusk"')
-        if request.steps is None or int(request.steps) < 1:
-            raise UsageError(f"--steps {request.steps} must be at least 1", "e.g. --steps 20 (turbo models: 1-4)")
-        if request.guidance is None or float(request.guidance) < 0:
-            raise UsageError(f"--guidance {request.guidance} must be >= 0", "e.g. --guidance 7 (turbo models: 0)")
-        factor = self.size_factor()
-        for name in ("width", "height"):
-            value = getattr(request, name)
-            if value is not None and (int(value) < factor or int(value) % factor):
-                lower = max(factor, int(value) - int(value) % factor)
-                raise UsageError(f"--{name} {value} is not a multiple of {factor} (this model's size step)",
-                                 f"use --{name} {lower} or {lower + factor}")
-        seeds = _as_tuple(request.seeds)
-        if int(request.num_outputs or 0) < 1:
-            raise UsageError(f"--num {request.num_outputs} must be at least 1", "e.g. --num 4")
-        if seeds and request.num_outputs not in (1, len(seeds)):
-            raise UsageError(f"--num {request.num_outputs} and --seeds ({len(seeds)} seeds) disagree",
-                             "--seeds makes one image per seed; drop --num")
-        if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
-            raise UsageError(f"--seeds {','.join(map(str, seeds))} must be whole numbers >= 0", "e.g. --seeds 1,2,3")
+    def check_inputs(self, request: ImageRequest) -> None:
+        factor = self.size_factor()  # the loaded model's, which a single-file checkpoint only now tells
+        _check_static(request, factor)
         if request.scheduler is not None:
             make_scheduler(request.scheduler, self._default_scheduler)  # raises on unknown / misfit names
-        if request.strength is not None and not (0.0 < float(request.strength) <= 1.0):
-            raise UsageError(f"--strength {request.strength} must be in (0, 1]",
-                             "0.3 keeps most of the init image, 1.0 repaints it fully")
-        if (request.mask_image or request.outpaint) and not request.init_image:
-            raise UsageError("--mask and --outpaint need an --init image", "pass --init IMAGE")
-        if request.mask_image and request.outpaint:
-            raise UsageError("--mask and --outpaint cannot be combined", "outpaint makes its own mask from the padding")
-        if request.strength is not None and not request.init_image:
-            raise UsageError("--strength applies to --init images only", "add --init IMAGE, or drop --strength")
-        if request.outpaint:
-            pads = parse_outpaint(request.outpaint)
-            bad = {k: v for k, v in pads.items() if v % factor}
-            if bad:
-                side, value = next(iter(bad.items()))
-                raise UsageError(f"--outpaint {side}:{value} is not a multiple of {factor}",
-                                 f"use {side}:{value - value % factor or factor}")
-        _check_file(request.init_image, "init image")
-        _check_file(request.mask_image, "mask image")
-        if request.init_image:
-            strength = float(request.strength if request.strength is not None else self._mode_strength(request))
-            if int(int(request.steps) * strength) < 1:
-                raise UsageError(f"--steps {request.steps} with --strength {strength:g} leaves no denoising step",
-                                 "raise --steps or --strength")
-        controls = [parse_control(c) for c in _as_tuple(request.controls)]
-        for c in controls:
-            _check_file(c.image, f"control image ({c.type})")
-        models_ = _as_tuple(request.control_models)
-        if models_ and len(models_) != len(controls):
-            raise UsageError(f"{len(models_)} --control-model for {len(controls)} --control",
-                             "give one --control-model per --control, in the same order (auto = the default for TYPE)")
-        for text in _as_tuple(request.adapters):
-            parse_lora(text)
         if request.attention_maps and getattr(self.base, "unet", None) is None:
             raise UsageError("--attention-maps needs a UNet model (SD 1.x/2.x or SDXL)",
                              "drop --attention-maps for transformer models such as SD3 and Flux")

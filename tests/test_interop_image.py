@@ -266,11 +266,18 @@ def test_parse_a1111_follows_a1111s_rules():
     assert got["fields"]["ControlNet 0"].startswith("Module: canny, Model: control_v11p_sd15_canny [d14c016b]")
     # a prompt alone (no settings line) is all prompt; the old combined label splits
     assert parse_a1111("just a prompt, with: a colon")["prompt"] == "just a prompt, with: a colon"
-    from studio.pipelines.image import params_from_infotext
+    from studio.pipelines.image import params_from_infotext, resolve_scheduler
 
     params, notes = params_from_infotext(parse_a1111("a cat\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 9, Size: 512x768"))
     assert params == {"prompt": "a cat", "negative_prompt": "", "steps": 30, "guidance": 7.0, "seed": 9,
                       "width": 512, "height": 768, "scheduler": "DPM++ 2M Karras"} and notes == []
+    # Forge on Flux: no true CFG, the distilled guidance is diffusers' guidance_scale; Euler there is flow_euler
+    forge = ("a fox\nSteps: 20, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 1, "
+             "Size: 896x1152, Model hash: 4a9d59e8bf, Model: flux1-dev-bnb-nf4-v2, Version: f2.0.1v1.10.1-previous-313")
+    params, notes = params_from_infotext(parse_a1111(forge))
+    assert params["guidance"] == 3.5 and params["scheduler"] == "Euler Simple"
+    assert resolve_scheduler(params["scheduler"], "flow")[0] == "flow_euler"
+    assert any("Distilled CFG Scale 3.5" in n for n in notes) and any(n.endswith(": Version") for n in notes)
 
 
 def test_from_an_a1111_png_takes_its_recipe_and_notes_what_does_not_carry(cli, tiny, tmp_path):
