@@ -153,6 +153,11 @@ class Engine:
         if "seed" in fields and merged.get("seed") is None and not getattr(cls, "seedless", False):
             merged["seed"] = secrets.randbelow(2**31)  # recorded, so any output can be replayed
         request = build_request(cls.request_type, merged, sources)
+        # static request checks against the model's own configs (sizes, multiples, ranges): bad
+        # input is refused here, before anything loads; the memory estimate waits for the device
+        check_request = getattr(cls, "check_request", None)
+        if check_request is not None:
+            check_request(request, spec, None)
         return Plan(task=task, cls=cls, spec=spec, device_settings=device_settings, request=request,
                     options=opts, given=given)
 
@@ -174,14 +179,18 @@ class Engine:
                                         **{k: v for k, v in opts.device.items() if v is not None}})
             self.progress.note(f"saved preset {opts.save_preset} to {path}")
 
-        # an unwritable --out fails now (exit 2), not after minutes of generation
+        # what cannot fit on this device fails now (exit 2, with the estimate), before the model
+        # loads; so does an unwritable --out, not after minutes of generation
+        device = self.device_for(plan)
+        check_request = getattr(plan.cls, "check_request", None)
+        if check_request is not None:
+            check_request(request, spec, device)
         writer = OutputWriter(opts.out_dir, task=task, template=opts.template, overwrite=opts.overwrite) if opts.write else None
 
         # 3. load (cached) and run; the libraries' own tqdm bars would fight our rich bars
         for lib in ("transformers", "diffusers"):
             if lib in sys.modules:
                 sys.modules[lib].utils.logging.disable_progress_bar()
-        device = self.device_for(plan)
         t0 = time.perf_counter()
         with self.progress:
             pipeline = registry.load_pipeline(task, spec, device, self.progress)
