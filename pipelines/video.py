@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from studio import models
 from studio.errors import InputFileError, UsageError
 from studio.outputs import Result
-from studio.pipeline import IMAGE_SUFFIXES, load_image, seeds_for
+from studio.pipeline import IMAGE_SUFFIXES, image_size, load_image, seeds_for
 from studio.progress import quiet_libraries
 
 
@@ -251,12 +251,137 @@ def load_control_frames(folder: str | Path, frames: int, size: tuple[int, int]) 
     if late:
         raise UsageError(f"control image for frame {late[0]} is past the clip's {frames} frames", "raise --frames or remove it")
     keys = sorted(numbered)
-    images = {i: load_image(numbered[i], what="control image").resize(size) for i in keys}
+    images = {i: load_image(numbered[i], what="control image", max_size=size, cover=True).resize(size) for i in keys}
     out, current = [], images[keys[0]]
     for f in range(frames):
         current = images.get(f, current)
         out.append(current)
     return out, keys
+
+
+# ----------------------------------------------------------------------------- checks before loading
+def _check_ranges(request: VideoRequest, size_multiple: int, family: str | None) -> None:
+    """The request's own ranges, and sizes as multiples of `size_multiple`: nothing here needs
+    the weights (check_request runs it before they load, check_inputs again with the loaded rules)."""
+    if request.format not in FORMATS:
+        raise UsageError(f"unknown video format {request.format!r}", f"use one of {', '.join(FORMATS)}")
+    for name, value, low in (("frames", request.frames, 1), ("steps", request.steps, 1),
+                             ("num_outputs", request.num_outputs, 1), ("context_stride", request.context_stride, 1)):
+        if not isinstance(value, int) or value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= {low}, not {value!r}", "pass a positive number")
+    if request.fps is not None and not (0 < float(request.fps) <= 240):
+        raise UsageError(f"--fps must be in (0, 240], not {request.fps}", "8 to 30 is usual")
+    from studio.pipelines.interpolate import check_factor
+
+    check_factor(request.interpolate, request.interpolate_method)
+    if request.interpolate > 1 and request.frames < 2:
+        raise UsageError("--interpolate needs at least 2 frames", "raise --frames")
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value is not None and (not isinstance(value, int) or value < size_multiple or value % size_multiple):
+            raise UsageError(f"--{name} {value} must be a multiple of {size_multiple} for {family or 'video'} models",
+                             f"try {max(size_multiple, round((value or 0) / size_multiple) * size_multiple)}")
+    if request.decode_chunk_size is not None and request.decode_chunk_size < 1:
+        raise UsageError("--decode-chunk-size must be >= 1", "or leave it out to fit free memory")
+
+
+@dataclass(frozen=True)
+class _VideoProfile:
+    """What a video model's config files say about sizes and memory, read before its weights load
+    (local folders and cached snapshots only: studio.limits.read_config). Unknown (a hub model not
+    downloaded yet): SD 1.5 AnimateDiff's numbers."""
+
+    family: str | None = None  # FAMILIES name, when the class is known
+    multiple: int = 8  # width/height multiple (the family's floor; check_inputs re-checks the loaded model's)
+    scale: int = 8  # pixels per latent pixel side (VAE downscale x transformer patch)
+    time: int = 1  # frames per latent frame (the transformer families' temporal VAE compression)
+    default: tuple[int, int] = (512, 512)  # native size when the request gives none
+    vae: tuple[int, int] = (128, 256)  # the VAE decoder's channels at full and half resolution
+    width: int = 320  # the denoiser's activations per latent pixel (UNet's first level; transformer's width)
+    heads: int = 8  # attention heads (for --attention math)
+    guidance: float = 7.5  # the family's default guidance (above 1: two passes per step)
+    values: int = 0  # parameters of the weights (0: unknown)
+
+    @classmethod
+    def of(cls, spec: models.ModelSpec | None) -> "_VideoProfile":
+        from studio.limits import read_config, weight_values
+
+        if spec is None:
+            return cls()
+        name = str(spec.card.get("pipeline") or read_config(spec, "model_index.json").get("_class_name")
+                   or read_config(spec, "config.json").get("_class_name") or "")
+        values = weight_values(spec)
+        holder = spec  # the folder whose unet/ and vae/ configs describe the denoiser
+        if name == "MotionAdapter":
+            base = (spec.card.get("components") or {}).get("base")
+            try:
+                holder = _sub_spec(str(base), spec, task="image") if base else None
+            except UsageError:
+                holder = None
+            values += weight_values(holder) if holder is not None else 0
+            family = FAMILIES["animatediff"]
+        elif name in CLASS_FAMILY:
+            family = FAMILIES[CLASS_FAMILY[name][0]]
+        else:
+            return cls(values=values)
+        vae = read_config(holder, "vae/config.json") if holder is not None else {}
+        unet = read_config(holder, "unet/config.json") if holder is not None else {}
+        transformer = read_config(holder, "transformer/config.json") if holder is not None else {}
+        channels = list(vae.get("decoder_block_out_channels") or vae.get("block_out_channels") or [])
+        vae_channels = (int(channels[0]), int(channels[1] if len(channels) > 1 else channels[0])) if channels else cls.vae
+        if family.frame_rule is None:  # the UNet families: latent pixels = pixels / 2**(VAE levels - 1)
+            scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 8
+            blocks = list(unet.get("block_out_channels") or [320])
+            head_dim = unet.get("attention_head_dim") or 8
+            heads = unet.get("num_attention_heads") or (blocks[0] // head_dim if isinstance(head_dim, int) else 8)
+            side = unet.get("sample_size")
+            default = ((int(side[1]) * scale, int(side[0]) * scale) if isinstance(side, (list, tuple))
+                       else (int(side) * scale,) * 2 if side else (family.width or 512, family.height or 512))
+            return cls(family=family.name, multiple=family.size_multiple, scale=scale, default=default, vae=vae_channels,
+                       width=int(blocks[0]), heads=int(heads[0] if isinstance(heads, (list, tuple)) else heads),
+                       guidance=family.guidance, values=values)
+        heads = int(transformer.get("num_attention_heads") or 8)
+        return cls(family=family.name, multiple=family.size_multiple, scale=family.size_multiple, time=family.frame_rule[0],
+                   default=(family.width or 512, family.height or 512), vae=vae_channels,
+                   width=heads * int(transformer.get("attention_head_dim") or 64), heads=heads,
+                   guidance=family.guidance, values=values)
+
+    def check_memory(self, request: VideoRequest, spec: models.ModelSpec | None, device: DeviceManager) -> dict[str, Any]:
+        """The peak of one clip (clips are made one at a time), against free memory.
+
+        Denoising runs every latent frame at once (AnimateDiff's FreeNoise windows only its motion
+        modules; the spatial layers still see all frames): measured on a tiny AnimateDiff (UNet
+        widths 16/32, 32x32 px) at 64-1024 frames, 0.9-1.3 MB a frame = about 36 tensors of the
+        UNet's first width per latent pixel and pass (two passes with guidance). Decoding goes a
+        chunk of frames at a time (at least one frame's VAE pass, image.py's formula), then every
+        frame is held as floats and as an image (~15 bytes a pixel), interpolated frames as images."""
+        from studio.limits import check_fits, element_size
+
+        elem = element_size(device)
+        w, h = int(request.width or self.default[0]), int(request.height or self.default[1])
+        pixels, frames = w * h, int(request.frames)
+        guidance = self.guidance if request.guidance is None else float(request.guidance)
+        passes = 2 if guidance > 1 else 1
+        tokens = pixels / self.scale**2  # per latent frame
+        latent_frames = -(-frames // self.time)
+        per_frame = passes * tokens * self.width * elem * 36 / self.time
+        denoise = per_frame * frames
+        attention = getattr(getattr(device, "resolved", None), "attention", "sdpa")
+        if attention == "math":  # the full (tokens x tokens) matrices SDPA never holds
+            n = latent_frames * tokens if self.time > 1 else tokens
+            denoise += passes * self.heads * n**2 * elem * (1 if self.time > 1 else latent_frames)
+        c0, c1 = self.vae
+        held_per_frame = pixels * (15 + 3 * max(1, int(request.interpolate)))
+        decode = pixels * (elem * (4.5 * c0 + c1) + 100) + held_per_frame * frames
+        work = max(denoise, decode)
+
+        def hint(room: float) -> str:
+            fit = int(room // max(per_frame, held_per_frame, 1))
+            fewer = f"--frames {fit} or fewer" if 1 <= fit < frames else "fewer --frames"
+            return f"{fewer} at {w}x{h}, or a smaller --width/--height (longer clips: generate parts, or --interpolate)"
+
+        return check_fits(task="video", spec=spec, device=device, work=work, weights=self.values * elem,
+                          what=f"{frames} frames at {w}x{h}", hint=hint)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -392,36 +517,27 @@ class VideoPipeline:
         rule = (int(temporal), 1) if temporal else fam.frame_rule
         return multiple, rule
 
+    @classmethod
+    def check_request(cls, request: VideoRequest, spec: models.ModelSpec | None, device: DeviceManager | None) -> None:
+        """What can be checked before the weights load (the engine calls this first): ranges,
+        sizes against the family's multiple, and with a device, whether the clip fits in memory
+        (studio/limits.py). The frame rule and what depends on the loaded class stay in check_inputs."""
+        profile = _VideoProfile.of(spec)
+        _check_ranges(request, profile.multiple, profile.family)
+        if device is not None:
+            profile.check_memory(request, spec, device)
+
     def check_inputs(self, request: VideoRequest) -> None:
         fam = self.family
         label = self.spec.alias or self.spec.name
         size_multiple, frame_rule = self._rules()
-        if request.format not in FORMATS:
-            raise UsageError(f"unknown video format {request.format!r}", f"use one of {', '.join(FORMATS)}")
-        for name, value, low in (("frames", request.frames, 1), ("steps", request.steps, 1),
-                                 ("num_outputs", request.num_outputs, 1), ("context_stride", request.context_stride, 1)):
-            if not isinstance(value, int) or value < low:
-                raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= {low}, not {value!r}", "pass a positive number")
-        if request.fps is not None and not (0 < float(request.fps) <= 240):
-            raise UsageError(f"--fps must be in (0, 240], not {request.fps}", "8 to 30 is usual")
-        from studio.pipelines.interpolate import check_factor
-
-        check_factor(request.interpolate, request.interpolate_method)
-        if request.interpolate > 1 and request.frames < 2:
-            raise UsageError("--interpolate needs at least 2 frames", "raise --frames")
-        for name in ("width", "height"):
-            value = getattr(request, name)
-            if value is not None and (not isinstance(value, int) or value < size_multiple or value % size_multiple):
-                raise UsageError(f"--{name} {value} must be a multiple of {size_multiple} for {fam.name} models",
-                                 f"try {max(size_multiple, round((value or 0) / size_multiple) * size_multiple)}")
+        _check_ranges(request, size_multiple, fam.name)
         if frame_rule:
             a, b = frame_rule
             if (request.frames - b) % a:
                 k = max(1, round((request.frames - b) / a))
                 raise UsageError(f"{label} generates {a}k+{b} frames (its VAE compresses time {a}x), not {request.frames}",
                                  f"use --frames {a * k + b}")
-        if request.decode_chunk_size is not None and request.decode_chunk_size < 1:
-            raise UsageError("--decode-chunk-size must be >= 1", "or leave it out to fit free memory")
 
         # prompt and image
         has_init = bool(request.init_image)
@@ -430,7 +546,7 @@ class VideoPipeline:
         if not fam.takes_prompt and (request.prompt or "").strip():
             raise UsageError(f"{label} ({fam.name}) animates the --init image and takes no prompt", "drop the prompt")
         if has_init:
-            load_image(request.init_image, what="--init image")
+            image_size(request.init_image, what="--init image")  # missing, unreadable or too large: from the header
             if fam.i2v is None:
                 raise UsageError(f"{label} ({fam.name}) has no image-to-video mode",
                                  "use an image-to-video model: svd, an AnimateDiff model, or an LTX/Wan/CogVideoX I2V checkpoint")
@@ -508,7 +624,9 @@ class VideoPipeline:
         interp = request.interpolate
         fps = float(request.fps) if request.fps else float(fam.fps) * interp
         guidance = fam.guidance if request.guidance is None else float(request.guidance)
-        init = load_image(request.init_image, what="--init image").resize((width, height)) if request.init_image else None
+        # a large still is shrunk while it is opened (only as far as it still covers the clip's size)
+        init = (load_image(request.init_image, what="--init image", max_size=(width, height), cover=True).resize((width, height))
+                if request.init_image else None)
 
         # 4. long clips and prompt travel: FreeNoise sliding windows over the motion modules
         free_noise = self._set_free_noise(pipe, request, travel) if fam.name.startswith("animatediff") else None
