@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from studio.batch.manifest import Manifest
 from studio.batch.model import Job, Output
@@ -133,12 +133,6 @@ class StudioWorker:
         self.engine = Engine(RunOptions(quiet=True, write=False), progress=Progress(enabled=False))
         self.scratch = Path(tempfile.mkdtemp(prefix="studio-ray-"))
         self.jobs = 0
-
-    def where(self) -> dict[str, Any]:
-        """Which process and node this is (tests kill it; notes name it)."""
-        import ray
-
-        return {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id()}
 
     @contextlib.contextmanager
     def _inputs(self, params: dict[str, Any], options: Any, inputs: Inputs) -> Iterator[tuple]:
@@ -320,7 +314,6 @@ class RayRun:
         self._emit_lock = threading.Lock()
         self._numbers = itertools.count()
         self.slots: list[Slot] = []
-        self.workers: dict[int, dict[str, Any]] = {}  # slot index -> where() of its actor
         self.retried: list[str] = []  # job names run again after their worker was lost
 
     # ------------------------------------------------------------------ the run
