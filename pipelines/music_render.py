@@ -90,7 +90,8 @@ def render(midi: Any, *, sample_rate: int = DEFAULT_RATE, soundfont: str | Path 
             raise InputFileError(f"fluidsynth could not render with {sf2.name}: {exc}", "pass another .sf2 soundfont") from exc
         info = {"engine": "fluidsynth", "soundfont": sf2.name}
     else:
-        if note is not None:
+        # the notice is for a fallback; --plain (use_fluidsynth=False) asked for this engine
+        if note is not None and use_fluidsynth is None:
             note(FALLBACK_NOTICE)
         audio = midi.synthesize(fs=sample_rate)
         info = {"engine": "pretty_midi.synthesize", "soundfont": None}

@@ -312,6 +312,15 @@ class Controls:
     chord_bias: float = CHORD_BIAS
 
 
+@dataclass(frozen=True)
+class Primer:
+    """A MIDI file to continue, as the generator needs it."""
+
+    ids: list[int]  # its REMI tokens (the prompt)
+    tempos: tuple[tuple[float, float], ...]  # its exact tempo map: (time in quarter notes, BPM)
+    time_signature: tuple[int, int] | None  # its last time signature, which the continuation keeps
+
+
 class RemiConstraint:
     """A transformers LogitsProcessor: masks every token the REMI grammar or a control forbids.
 
@@ -482,8 +491,10 @@ class MidiGenerator:
         return cls(model, tokenizer, device, spec)
 
     # -- 1. inputs
-    def _resolve(self, r: MidiRequest) -> dict[str, Any]:
-        """Validate a request against this model's vocabulary; returns the parsed controls."""
+    def _resolve(self, r: MidiRequest, primer: Primer | None = None) -> dict[str, Any]:
+        """Validate a request against this model's vocabulary; returns the parsed controls.
+        A primer's tempo and metre hold in its continuation unless --tempo/--time-signature say
+        otherwise (the README's promise: primer + continuation at the primer's exact tempo)."""
         out: dict[str, Any] = {}
         if r.bars is not None and r.seconds is not None:
             raise UsageError("--bars and --seconds both given", "pass one of them")
@@ -524,14 +535,20 @@ class MidiGenerator:
         if ts is not None and not v.timesigs and ts != (4, 4):
             raise UsageError(f"this model only writes 4/4 (its tokenizer has no time-signature tokens)",
                              "drop --time-signature or use a model trained with time signatures")
+        if ts is None and primer is not None and primer.time_signature is not None and (
+                primer.time_signature in v.timesigs or (not v.timesigs and primer.time_signature == (4, 4))):
+            ts = primer.time_signature  # forced like --time-signature: the model may not change the metre
         out["time_signature"] = ts
         out["key"] = parse_key(r.key) if r.key else None
         out["chords"] = parse_chords(r.chords) if r.chords else []
-        tempo = r.tempo if r.tempo is not None else (SECONDS_DEFAULT_TEMPO if r.seconds is not None else None)
+        primer_tempo = primer.tempos[-1][1] if primer is not None and primer.tempos else None
+        # the tempo the file is written at; a primer's own tempo map is kept whole in _decode
+        tempo = r.tempo if r.tempo is not None else (SECONDS_DEFAULT_TEMPO if r.seconds is not None and primer_tempo is None else None)
         out["tempo"] = tempo
+        out["primer_tempo"] = primer_tempo if r.tempo is None else None
         if r.seconds is not None:
             n, d = ts or (4, 4)
-            bar_seconds = n * (4.0 / d) * 60.0 / tempo
+            bar_seconds = n * (4.0 / d) * 60.0 / (tempo or primer_tempo)
             out["bars"] = max(1, math.ceil(r.seconds / bar_seconds - 1e-9))
         else:
             out["bars"] = r.bars if r.bars is not None else DEFAULT_BARS
@@ -541,15 +558,13 @@ class MidiGenerator:
         return out
 
     def check_inputs(self, request: MidiRequest) -> None:
-        self._resolve(request)
-        if request.primer:
-            self._primer_ids(request.primer)
+        self._resolve(request, self._read_primer(request.primer) if request.primer else None)
 
     def _primer_ids(self, path: str) -> list[int]:
-        return self._read_primer(path)[0]
+        return self._read_primer(path).ids
 
-    def _read_primer(self, path: str) -> tuple[list[int], float | None]:
-        """(REMI ids of the primer, its opening tempo in BPM if it has one)."""
+    def _read_primer(self, path: str) -> Primer:
+        """The primer's REMI ids, exact tempo map and last time signature."""
         from symusic import Score
 
         p = Path(path).expanduser()
@@ -564,26 +579,35 @@ class MidiGenerator:
                                  "pass a standard MIDI file (.mid)") from exc
         if isinstance(seq, list):  # tokenizers with one sequence per track
             seq = seq[0] if seq else None
-        tempo = float(score.tempos[0].qpm) if len(score.tempos) and score.tempos[0].time == 0 else None
-        return (list(seq.ids) if seq is not None else []), tempo
+        tpq = float(score.ticks_per_quarter or 480)
+        # a MIDI file without a tempo event plays at 120 BPM (the standard's default)
+        tempos = tuple((t.time / tpq, float(t.qpm)) for t in score.tempos) or ((0.0, 120.0),)
+        if tempos[0][0] > 0:
+            tempos = ((0.0, 120.0),) + tempos
+        last_ts = score.time_signatures[-1] if len(score.time_signatures) else None
+        ts = (int(last_ts.numerator), int(last_ts.denominator)) if last_ts is not None else (4, 4)
+        return Primer(ids=list(seq.ids) if seq is not None else [], tempos=tempos, time_signature=ts)
 
     # -- 2-4. generate, decode, results
     def run(self, request: MidiRequest, progress: Progress) -> Iterator[Result]:
         """Yields each piece (and its rendering) as soon as it is made."""
 
         # 1. check inputs and resolve the controls; adapters on (or all off when none are asked for)
-        ctl = self._resolve(request)
+        primer_file = self._read_primer(request.primer) if request.primer else None
+        ctl = self._resolve(request, primer_file)
         from studio.adapters.peft_adapters import apply_adapters
 
         apply_adapters(self.model, tuple(request.adapters or ()), base_label=self.spec.alias or self.spec.name,
                        allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
-        primer, primer_tempo = self._read_primer(request.primer) if request.primer else ([], None)
+        primer = primer_file.ids if primer_file is not None else []
         primer_bars = sum(1 for t in primer if t == self.vocab.bar)
         scale = ctl["key"][2] if ctl["key"] else None
+        # a continuation holds its primer's (last) tempo: its token is forced, changes are masked
+        tempo = ctl["tempo"] if ctl["tempo"] is not None else ctl["primer_tempo"]
         controls = Controls(
             target_bars=primer_bars + ctl["bars"], first_new_bar=primer_bars,
             time_signature=ctl["time_signature"],
-            tempo_token=self.vocab.nearest_tempo(ctl["tempo"]) if ctl["tempo"] is not None else None,
+            tempo_token=self.vocab.nearest_tempo(tempo) if tempo is not None else None,
             program=ctl["program"] if self.vocab.use_programs else None, scale=scale,
             chords=tuple(pcs for _, pcs in ctl["chords"]),
         )
@@ -600,7 +624,7 @@ class MidiGenerator:
             ids = self._generate(prompt, constraint, request, seed)
             handle.finish()
             # 3. decode tokens -> MIDI, then write the controls the tokens cannot hold exactly
-            midi = self._decode(ids, ctl, request, primer_tempo)
+            midi = self._decode(ids, ctl, request, primer_file)
             chords_per_bar = [ctl["chords"][(b % len(ctl["chords"]))][0] for b in range(ctl["bars"])] if ctl["chords"] else None
             extra = {"music": {"tokens": len(ids), "new_tokens": len(ids) - len(prompt), "bars": ctl["bars"],
                                "primer_bars": primer_bars, "chords_per_bar": chords_per_bar,
@@ -653,7 +677,7 @@ class MidiGenerator:
                 constraint.ingest(produced[-1])
         return ids
 
-    def _decode(self, ids: list[int], ctl: dict[str, Any], request: MidiRequest, primer_tempo: float | None = None) -> Any:
+    def _decode(self, ids: list[int], ctl: dict[str, Any], request: MidiRequest, primer: Primer | None = None) -> Any:
         from symusic import Tempo, TimeSignature
 
         v = self.vocab
@@ -667,9 +691,13 @@ class MidiGenerator:
             # tempo tokens are binned (e.g. 121.29 for 120): the file gets the exact BPM asked for
             score.tempos.clear()
             score.tempos.append(Tempo(0, qpm=float(ctl["tempo"])))
-        elif primer_tempo is not None and len(score.tempos) and score.tempos[0].time == 0:
-            # a continuation keeps the primer's exact opening tempo (its token is the nearest bin)
-            score.tempos[0] = Tempo(0, qpm=primer_tempo)
+        elif primer is not None:
+            # a continuation is written at the primer's exact tempo map (its tokens hold the
+            # nearest bins, e.g. 96.77 for 96), and the continuation has no tempo change of its own
+            tpq = score.ticks_per_quarter
+            score.tempos.clear()
+            for quarter, qpm in primer.tempos:
+                score.tempos.append(Tempo(int(round(quarter * tpq)), qpm=qpm))
         ts = ctl["time_signature"]
         if ts is not None and not len(score.time_signatures):
             score.time_signatures.append(TimeSignature(0, ts[0], ts[1]))

@@ -393,3 +393,66 @@ def test_studio_image_without_network_falls_back_to_the_starter(cli, tmp_path, m
     png = next(out.glob("*.png"))
     meta = json.loads(png.with_suffix(".json").read_text())
     assert meta["model"]["alias"] == "starter-image" and Image.open(png).size == (32, 32)
+
+
+# ----------------------------------------------------------------------------- the README's music lines
+def write_primer(path: Path, *, tempos: list[float], metre: tuple[int, int], bars: int = 2) -> Path:
+    """A piano line of eighth notes in `metre`, with mido; tempos[i] (BPM) starts at bar i."""
+    import mido
+
+    tpq = 480
+    bar_ticks = int(metre[0] * 4 / metre[1] * tpq)
+    events = [(0, mido.MetaMessage("time_signature", numerator=metre[0], denominator=metre[1]))]
+    events += [(i * bar_ticks, mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(bpm))) for i, bpm in enumerate(tempos)]
+    for i, start in enumerate(range(0, bars * bar_ticks, tpq // 2)):
+        pitch = 60 + (i * 2) % 12
+        events += [(start, mido.Message("note_on", note=pitch, velocity=90)),
+                   (start + tpq // 2, mido.Message("note_off", note=pitch, velocity=0))]
+    events.sort(key=lambda e: (e[0], e[1].type == "note_on"))  # note-offs before the next note-on
+    mid = mido.MidiFile(ticks_per_beat=tpq)
+    track = mido.MidiTrack()
+    mid.tracks.append(track)
+    now = 0
+    for tick, msg in events:
+        track.append(msg.copy(time=tick - now))
+        now = tick
+    mid.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def midi_lm(tiny):
+    return tiny("midi-lm")
+
+
+@pytest.mark.parametrize("metre,tempos", [((4, 4), [96]), ((3, 4), [96]), ((12, 8), [72]), ((4, 4), [96, 140])])
+def test_primer_continuation_keeps_the_primers_tempo_and_metre(cli, midi_lm, tmp_path, metre, tempos):
+    """README: `--primer` without --tempo writes primer + continuation at the primer's exact tempo.
+    The continuation used to change tempo (96 -> 128/182/108 BPM) and metre (12/8) at will."""
+    import pretty_midi
+
+    primer = write_primer(tmp_path / "primer.mid", tempos=tempos, metre=metre)
+    expected = pretty_midi.PrettyMIDI(str(primer)).get_tempo_changes()
+    for seed in range(3):
+        out = tmp_path / f"o{seed}"
+        r = cli("music", "midi", "--model", midi_lm, "--primer", primer, "--bars", "4", "--seed", seed, "-q", "--out", out)
+        assert r.exit_code == 0, r
+        song = pretty_midi.PrettyMIDI(str(next(out.glob("*.mid"))))
+        times, bpms = song.get_tempo_changes()
+        # the primer's tempo map exactly (to MIDI's microsecond resolution), no change of its own
+        assert len(bpms) == len(tempos) and np.allclose(bpms, expected[1], rtol=0, atol=1e-4)
+        assert np.allclose(bpms, tempos, rtol=0, atol=1e-3) and np.allclose(times, expected[0], atol=0.01)
+        assert {(ts.numerator, ts.denominator) for ts in song.time_signature_changes} == {metre}
+        primer_end = pretty_midi.PrettyMIDI(str(primer)).get_end_time()
+        assert max(n.start for i in song.instruments for n in i.notes) > primer_end - 0.01  # it did continue
+
+
+def test_plain_render_does_not_claim_fluidsynth_is_missing(cli, tmp_path):
+    """README: `studio music render FILE --plain` is the sine synthesiser by choice; it used to
+    print 'fluidsynth is not available' although fluidsynth was there."""
+    primer = write_primer(tmp_path / "song.mid", tempos=[120], metre=(4, 4), bars=1)
+    r = cli("music", "render", primer, "--plain", "--out", tmp_path / "plain.flac")
+    assert r.exit_code == 0, r
+    assert "not available" not in r.stderr and "fluidsynth" not in r.stderr
+    meta = json.loads((tmp_path / "plain.json").read_text())
+    assert meta["render"]["engine"] == "pretty_midi.synthesize"
