@@ -456,3 +456,54 @@ def test_plain_render_does_not_claim_fluidsynth_is_missing(cli, tmp_path):
     assert "not available" not in r.stderr and "fluidsynth" not in r.stderr
     meta = json.loads((tmp_path / "plain.json").read_text())
     assert meta["render"]["engine"] == "pretty_midi.synthesize"
+
+
+# ----------------------------------------------------------------------------- quiet means quiet
+COMMANDS_SCRIPT = """
+import json, sys
+from studio.cli import app
+for args in json.loads(sys.argv[1]):
+    for stream in (sys.stdout, sys.stderr):
+        stream.write("\\n=== next ===\\n")
+        stream.flush()
+    try:
+        app(args, prog_name="studio")
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    sys.stdout.write(f"\\n=== exit {code} ===\\n")
+    sys.stdout.flush()
+"""
+
+
+def run_commands(commands: list[list[str]], cwd: Path) -> list[tuple[int, str, str]]:
+    """Run CLI commands in one fresh process (one start-up), each with the real stdout and stderr
+    (what a library writes straight to the file descriptors included): (exit code, out, err)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", COMMANDS_SCRIPT, json.dumps([[str(a) for a in c] for c in commands])],
+                          env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    outs = proc.stdout.split("\n=== next ===\n")[1:]
+    errs = proc.stderr.split("\n=== next ===\n")[1:]
+    assert len(outs) == len(commands) == len(errs), proc.stderr[-3000:]
+    runs = []
+    for out, err in zip(outs, errs):
+        body, _, tail = out.rpartition("\n=== exit ")
+        runs.append((int(tail.split()[0]) if tail.split()[0].isdigit() else 1, body, err))
+    return runs
+
+
+def test_quiet_video_and_eval_control_print_no_library_output(tiny, tmp_path):
+    """README: `-q` video printed diffusers' "modules ... should be kept in float32: []" warning,
+    and `studio eval control` printed diffusers' loading bars and notices around its JSON."""
+    out = tmp_path / "clips"
+    (video, v_out, v_err), (control, c_out, c_err) = run_commands([
+        ["video", "a boat on a calm sea", "--model", tiny("animatediff"), "--frames", "8", "--steps", "2", "--seed", "1",
+         "--format", "gif", "-q", "--out", out],
+        ["eval", "control", "--n", "1", "--steps", "1"],
+    ], tmp_path)
+    assert video == 0 and v_err.strip() == "", v_err
+    gif = next(out.glob("*.gif"))
+    assert len(pillow_frames(gif)) == 8 and sum(pillow_frames(gif)) == 1000  # AnimateDiff's 8 fps, kept
+    assert control == 0 and c_err.strip() == "", c_err
+    assert json.loads(c_out)["task"] == "control"

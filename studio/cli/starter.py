@@ -143,8 +143,15 @@ def eval_control(
     from studio.pipelines.control import load_controlnet
     from studio.pipelines.training.starter import _base_pipeline, control_eval
     from studio.device import DeviceManager, DeviceSettings
+    import warnings
 
-    with opts.progress().status(f"generating {n} images"):
+    from studio.progress import quiet_libraries
+
+    # diffusers' own "Loading pipeline components" bars, its vae/safety-checker notices and its
+    # torch_dtype FutureWarning would interleave with studio's status line (and print under
+    # --quiet): the report is the output
+    with opts.progress().status(f"generating {n} images"), quiet_libraries(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         pipe = _base_pipeline(base)
         controlnet, _ = load_controlnet(model, DeviceManager(DeviceSettings()))
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
