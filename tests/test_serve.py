@@ -348,6 +348,14 @@ def test_a_non_loopback_address_needs_a_token(tmp_path):
         assert opened.status_code == 303 and opened.headers["location"] == "/"  # the token leaves the address bar
         assert "HttpOnly" in opened.headers["set-cookie"] and "SameSite=Strict" in opened.headers["set-cookie"]
         assert c.get("/").status_code == 200  # the cookie now
+    from studio.server.app import Background
+
+    with Background(app) as url:  # a path sent as written: `//host` must not become a redirect off this server
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "//evil.example/?token=s3cret-token")
+        response = conn.getresponse()
+        assert response.status == 303 and response.getheader("location") == "/evil.example/"
 
 
 @pytest.mark.parametrize("params, options, words", [

@@ -136,7 +136,7 @@ class Server:
         engine = Engine(run_options, progress=Progress(enabled=False))
         plan = engine.plan(task, params, source="the request")
         spec = plan.spec
-        if remote and spec is not None and not spec.alias and not (spec.is_local and self.policy._allowed_path(spec.source)):
+        if remote and spec is not None and not spec.alias and not (spec.is_local and self.policy.allowed_path(spec.source)):
             raise Refused(f"model {spec.name!r} is neither an alias nor inside the folders this server allows",
                           "use an alias (`studio models list`)")
         if getattr(plan.cls, "needs_model", True):

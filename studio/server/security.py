@@ -117,7 +117,7 @@ class Policy:
         if params.get("unsafe_exec"):
             raise Refused("a remote client may not run generated code outside the sandbox", "drop unsafe_exec")
         preset = options.get("preset")
-        if preset and _looks_like_path(str(preset)) and not self._allowed_path(str(preset)):
+        if preset and _looks_like_path(str(preset)) and not self.allowed_path(str(preset)):
             raise Refused(f"preset {preset!r} is outside the folders this server allows", "name a preset by name")
         cards = _card_names()
         for name in MODEL_FIELDS:
@@ -125,14 +125,14 @@ class Policy:
                 model = value if name != "adapters" else _strip_scale(value)
                 if model in SAFE_MODEL_NAMES or model in cards:
                     continue
-                if _looks_like_path(model) and self._allowed_path(model):
+                if _looks_like_path(model) and self.allowed_path(model):
                     continue
                 raise Refused(f"{name} {model!r} is not a model alias, nor a path inside the folders this server allows",
                               f"use an alias (`studio models list`) or a folder under {', '.join(map(str, self.roots + self.allowed)) or 'an allowed folder'}")
         for name in PATH_FIELDS:
             for value in _strings(params.get(name)):
                 for part in [value, *value.split(":")]:
-                    if part and _looks_like_path(part) and not self._allowed_path(part):
+                    if part and _looks_like_path(part) and not self.allowed_path(part):
                         raise Refused(f"{name} names {part!r}, outside the folders this server allows",
                                       "put the file in one of its output folders (or one it was started with --allow)")
         self._check_limits(params)
@@ -157,7 +157,7 @@ class Policy:
             if isinstance(value, int) and value * value > self.limits["pixels"] * 4:
                 over(name, value, (self.limits["pixels"] * 4) ** 0.5)
 
-    def _allowed_path(self, value: str) -> bool:
+    def allowed_path(self, value: str) -> bool:
         return _inside(Path(os.path.realpath(os.path.expanduser(value))), self.roots + self.allowed)
 
 
@@ -217,7 +217,8 @@ class Guard:
             # the page was opened with ?token=: keep it in a cookie and drop it from the address
             # bar (and from the history and Referer headers)
             cookie = f"{TOKEN_COOKIE}={self.policy.token}; HttpOnly; SameSite=Strict; Path=/"
-            return await _reply(send, 303, None, [(b"location", scope["path"].encode()), (b"set-cookie", cookie.encode())])
+            here = "/" + scope["path"].lstrip("/")  # never `//host`: a redirect stays on this server
+            return await _reply(send, 303, None, [(b"location", here.encode("utf-8", "replace")), (b"set-cookie", cookie.encode())])
 
         async def secured_send(message: dict) -> None:
             if message["type"] == "http.response.start":
