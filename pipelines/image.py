@@ -59,6 +59,15 @@ class ImageRequest:
     fuse_adapters: bool = False  # merge the LoRAs into the weights (faster steps, equal up to rounding)
     weighting: bool = True  # parse A1111 emphasis through compel; False passes the prompt verbatim
     attention_maps: bool = False  # also write per-word cross-attention heatmaps and a contact sheet
+    # A1111/ComfyUI everyday features (pipelines/image_features.py, hires.py, xy.py)
+    hires: str | None = None  # hires fix "SCALE[:STRENGTH[:STEPS]]": generate, upscale, img2img at the new size
+    hires_upscaler: str | None = None  # latent | lanczos (default) | bicubic | nearest | an upscaler model
+    embeddings: tuple[str, ...] = ()  # textual inversion embeddings, "FILE_OR_ID[:TOKEN]" each (token: the file's name)
+    clip_skip: int | None = None  # A1111's Clip skip: 2 = the text encoder's penultimate layer; None or 1 = the last
+    freeu: bool | str = False  # FreeU: True = the model family's values, or "S1,S2,B1,B2"
+    tile: bool | str = False  # seamless tiling (circular padding): True (both axes), "x" or "y"
+    mask_blur: int | None = None  # blur the inpaint mask by this many pixels (A1111's Mask blur)
+    xy: tuple[str, ...] = ()  # X/Y plot axes "NAME=V1,V2,..." (one or two): each combination, then a contact sheet
 
 
 # ----------------------------------------------------------------------------- schedulers
@@ -268,7 +277,10 @@ def params_from_infotext(recipe: dict[str, Any]) -> tuple[dict[str, Any], list[s
         kind = next((t for t, m in CONTROLNET_MODULES.items() if m == module), None) or module.split("_")[0]
         notes.append(f"{key} ({module}, {unit.get('Model', '?')}, weight {unit.get('Weight', '1')}) is not applied: "
                      f"pass --control {kind}:IMAGE:{unit.get('Weight', '1')} and --control-model")
-    ignored = [k for k in fields if k not in _INFOTEXT_USED and not re.fullmatch(r"ControlNet \d+", k)]
+    from studio.pipelines.image_features import INFOTEXT_KEYS, features_from_infotext
+
+    features_from_infotext(fields, params, notes)  # clip skip, tiling, mask blur, FreeU, hires, embeddings
+    ignored = [k for k in fields if k not in _INFOTEXT_USED | INFOTEXT_KEYS and not re.fullmatch(r"ControlNet \d+", k)]
     if ignored:
         notes.append(f"ignored (no studio setting): {', '.join(ignored)}")
     return params, notes
@@ -504,8 +516,11 @@ def _check_static(request: ImageRequest, factor: int) -> None:
             side, value = next(iter(bad.items()))
             raise UsageError(f"--outpaint {side}:{value} is not a multiple of {factor}",
                              f"use {side}:{value - value % factor or factor}")
-    _check_file(request.init_image, "init image")
-    _check_file(request.mask_image, "mask image")
+    from studio.pipelines import image_features as features
+
+    if not features.is_folder(request.init_image):  # a folder of inputs is checked by features.check_static
+        _check_file(request.init_image, "init image")
+        _check_file(request.mask_image, "mask image")
     if request.init_image:
         strength = float(request.strength if request.strength is not None else ImagePipeline._mode_strength(request))
         if int(int(request.steps) * strength) < 1:
@@ -523,6 +538,7 @@ def _check_static(request: ImageRequest, factor: int) -> None:
                          "give one --control-model per --control, in the same order (auto = the default for TYPE)")
     for text in _as_tuple(request.adapters):
         parse_lora(text)
+    features.check_static(request, lambda cell: _check_static(cell, factor))
 
 
 @dataclass(frozen=True)
@@ -587,6 +603,11 @@ class _ImageProfile:
             pads = parse_outpaint(request.outpaint)
             w += pads.get("left", 0) + pads.get("right", 0)
             h += pads.get("top", 0) + pads.get("bottom", 0)
+        from studio.pipelines.hires import parse_hires, target_size
+
+        hires = parse_hires(request.hires)
+        if hires is not None:  # the second pass is the largest
+            w, h = target_size(w, h, hires.scale, self.factor)
         return w, h
 
     def check_memory(self, request: ImageRequest, spec: ModelSpec | None, device: DeviceManager) -> dict[str, Any]:
@@ -642,6 +663,9 @@ class ImagePipeline:
         self.loras = LoraSet(pipe, base_label=spec.alias or spec.name)
         self._pipes: dict[tuple, Any] = {}  # (mode, controlnet ids) -> diffusers pipeline from from_pipe
         self._default_scheduler = pipe.scheduler
+        from studio.pipelines.image_features import EmbeddingSet
+
+        self.embeddings = EmbeddingSet(pipe)  # textual inversion tokens loaded now (shared by every mode)
 
     # -------------------------------------------------------------- loading
     @classmethod
@@ -706,6 +730,11 @@ class ImagePipeline:
             if not name.startswith("StableDiffusion") or name.startswith("StableDiffusion3"):
                 raise UsageError(f"prompt weighting ((word:1.3), [word]) works with SD 1.x/2.x and SDXL, not {name}",
                                  "pass --no-weighting to send the prompt verbatim")
+        from studio.pipelines import hires
+        from studio.pipelines.image_features import check_loaded
+
+        check_loaded(self.base, request, _call_params(self.base))
+        hires.check_loaded(self.base, request)
 
     @staticmethod
     def _mode_strength(request: ImageRequest) -> float:
@@ -720,7 +749,15 @@ class ImagePipeline:
         from studio.outputs import Result
         from studio.pipeline import seeds_for
 
-        # 1. check inputs
+        # 1. check inputs; an X/Y plot and a folder of inputs run this once per cell / input
+        from studio.pipelines import hires, image_features as features, xy
+
+        if request.xy:
+            yield from xy.run(self, request, progress, lambda pipeline, cell: pipeline.run(cell, progress))
+            return
+        if features.is_folder(request.init_image):
+            yield from features.run_folder(self, request, progress)
+            return
         self.check_inputs(request)
         notes = list(self.load_notes)
 
@@ -742,6 +779,8 @@ class ImagePipeline:
         adapters = self.loras.apply([parse_lora(a) for a in _as_tuple(request.adapters)],
                                     fuse=bool(request.fuse_adapters), allow_pickle=self.spec.allow_pickle,
                                     offline=self.spec.offline)
+        embeddings = self.embeddings.apply([features.parse_embedding(e) for e in _as_tuple(request.embeddings)],
+                                           allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
 
         # 4. the prompt: verbatim, or A1111 emphasis through compel (encoded once for all seeds)
         prompt, negative = request.prompt or "", request.negative_prompt or ""
@@ -749,7 +788,15 @@ class ImagePipeline:
         call: dict[str, Any] = {}
         with self.device.inference():
             if weighted:
-                call.update(encode_weighted(pipe, prompt, negative))
+                if embeddings:  # a multi-vector embedding's word becomes its tokens, as encode_prompt does
+                    prompt, negative = features.expand_tokens(pipe, prompt), features.expand_tokens(pipe, negative)
+                with features.clip_skip_layers(pipe, request.clip_skip):
+                    call.update(encode_weighted(pipe, prompt, negative))
+            elif features.clip_skip_by_layers(pipe, weighted) and features.clip_skip_argument(request.clip_skip):
+                text, neg = (plain_text(prompt), plain_text(negative)) if request.weighting else (prompt, negative)
+                with features.clip_skip_layers(pipe, request.clip_skip):
+                    out = pipe.encode_prompt(text, self.device.device, 1, float(request.guidance) > 1.0, neg or None)
+                call.update(prompt_embeds=out[0], negative_prompt_embeds=out[1])
             else:
                 text, neg = (plain_text(prompt), plain_text(negative)) if request.weighting else (prompt, negative)
                 call["prompt"] = text
@@ -759,7 +806,10 @@ class ImagePipeline:
                     call["negative_prompt"] = neg
 
         # 5. the call's arguments for this mode
-        call.update(num_inference_steps=int(request.steps), guidance_scale=float(request.guidance), output_type="pil")
+        call.update(num_inference_steps=int(request.steps), guidance_scale=float(request.guidance),
+                    output_type=hires.first_pass_output(request))
+        if features.clip_skip_argument(request.clip_skip) and not features.clip_skip_by_layers(pipe, weighted):
+            call["clip_skip"] = features.clip_skip_argument(request.clip_skip)
         if mode == "text2img":
             call.update(width=width, height=height)
             if controls:
@@ -792,7 +842,9 @@ class ImagePipeline:
             control_models=list(_as_tuple(request.control_models)),
             # the studio name, also when the request named an A1111 label ("DPM++ 2M Karras")
             scheduler=scheduler_name(request.scheduler, self._default_scheduler) if request.scheduler else None,
+            embeddings=[features.parse_embedding(e).to_text() for e in _as_tuple(request.embeddings)],
         )
+        infotext = features.infotext_fields(request, pipe, embeddings, mode)
         sampler = a1111_sampler(pipe.scheduler)  # A1111's labels for the infotext, the model's default too
         for index, seed in enumerate(seeds):
             handle = progress.task(f"image {index + 1}/{len(seeds)} seed {seed}", total=steps_run)
@@ -800,13 +852,20 @@ class ImagePipeline:
                 call["callback_on_step_end"] = progress.diffusers_callback(handle)
             maps = None
             try:
-                with self.device.inference(), self._attention_maps(request, pipe, width, height) as maps:
+                with (self.device.inference(), self._attention_maps(request, pipe, width, height) as maps,
+                      features.effects(pipe, request)):
                     output = pipe(**call, generator=self.device.generator(seed))
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 raise RuntimeFailure(f"out of memory generating {width}x{height}",
                                      "lower --width/--height, or try --offload model / --precision bf16") from exc
             handle.finish()
             image = output.images[0]
+            image_infotext = dict(infotext)
+            hires_meta = None
+            if request.hires:
+                image, hires_meta, entries = hires.second_pass(self, pipe, image, call, request, seed, (width, height),
+                                                               self.size_factor(), progress, features.effects)
+                image_infotext.update(entries)
             companions: dict[str, Any] = {}
             extra: dict[str, Any] = {"mode": mode, "pipeline": type(pipe).__name__,
                                      "scheduler": type(pipe.scheduler).__name__, "sampler": sampler,
@@ -817,6 +876,12 @@ class ImagePipeline:
                 extra["controls"] = control_meta
             if adapters:
                 extra["adapters"] = adapters
+            if embeddings:
+                extra["embeddings"] = embeddings
+            if hires_meta:
+                extra["hires"] = hires_meta
+            if image_infotext:
+                extra["infotext"] = image_infotext  # A1111's entries for these features (studio/infotext.py)
             if maps is not None:
                 words = self._words(request, pipe, maps)
                 if words:
@@ -881,6 +946,9 @@ class ImagePipeline:
         if request.outpaint:
             init, mask = outpaint_canvas(init, parse_outpaint(request.outpaint), overlap=factor)
             note(f"outpainting: canvas {init.size[0]}x{init.size[1]}, the padding is repainted")
+        from studio.pipelines.image_features import blur_mask
+
+        mask = blur_mask(mask, request.mask_blur)
         return init.size[0], init.size[1], init, mask
 
     @staticmethod

@@ -122,6 +122,11 @@ def a1111_infotext(params: dict[str, Any], meta: dict[str, Any]) -> str:
     hashes = {_safe_name(a.get("name") or a.get("source")): a["hash"] for a in adapters if a.get("hash")}
     if hashes:
         fields["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in hashes.items())
+    # entries a pipeline writes in A1111's own spelling (`Clip skip`, `Tiling`, `Mask blur`,
+    # `Hires upscale`, `TI hashes`, ...: pipelines/image_features.py); a value set above stays
+    for key, value in (meta.get("infotext") or {}).items():
+        if fields.get(key) is None and value is not None:
+            fields[key] = value
     line = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None)
     negative = params.get("negative_prompt")
     negative_line = f"\nNegative prompt: {negative}" if negative else ""

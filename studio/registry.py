@@ -24,6 +24,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "video": "studio.pipelines.video:VideoPipeline",
     "code": "studio.pipelines.code:CodeGenerator",
     "mux": "studio.pipelines.mux:Mux",
+    "upscale": "studio.pipelines.upscale:UpscalePipeline",
 }
 
 

@@ -33,7 +33,8 @@ PARAMS: dict[str, frozenset[str]] = {
     "image": frozenset({
         "prompt", "negative_prompt", "model", "seed", "seeds", "num_outputs", "steps", "guidance", "width", "height",
         "scheduler", "init_image", "strength", "mask_image", "outpaint", "controls", "control_models", "adapters",
-        "fuse_adapters", "weighting", "attention_maps"}),
+        "fuse_adapters", "weighting", "attention_maps", "hires", "hires_upscaler", "embeddings", "clip_skip", "freeu",
+        "tile", "mask_blur", "xy"}),
     "caption": frozenset({
         "images", "model", "prompt", "max_tokens", "beams", "batch_size", "interrogate", "tags", "clip_model",
         "top_tags", "adapters"}),
@@ -55,6 +56,8 @@ PARAMS: dict[str, frozenset[str]] = {
         "infill", "at", "prefix", "suffix", "context", "context_tokens", "samples", "tests", "timeout", "memory_mb",
         "stream", "seed", "adapters", "syntax_check", "syntax_tries", "unsafe_exec"}),
     "mux": frozenset({"video", "audio", "loop_video", "shortest", "audio_bitrate"}),
+    "upscale": frozenset({"images", "model", "scale", "prompt", "negative_prompt", "steps", "guidance", "noise_level",
+                          "seed"}),
 }
 
 
@@ -86,6 +89,8 @@ CASES: dict[str, Case] = {
                  {"prompt": "def add(a, b):", "max_tokens": 0}, says="max"),
     "mux": Case(None, {"video": "{video}", "audio": "{audio}"}, {"video": "{video}", "audio": "{audio}",
                                                                   "audio_bitrate": "loud"}, says="bitrate"),
+    "upscale": Case("sd-upscale", {"images": ["{photo}"], "prompt": "a cat", "steps": 2},
+                    {"images": ["{photo}"], "scale": 100}, says="--scale"),
 }
 
 TASKS = sorted(registry.tasks())

@@ -21,6 +21,8 @@ KINDS: dict[str, str] = {
     "sdxl": "studio.pipelines.tiny.image:make_tiny_sdxl",
     "controlnet": "studio.pipelines.tiny.image:make_tiny_controlnet",
     "lora": "studio.pipelines.tiny.image:make_tiny_lora",
+    "sd-upscale": "studio.pipelines.tiny.upscale:make_tiny_sd_upscale",
+    "sd-latent-upscale": "studio.pipelines.tiny.upscale:make_tiny_sd_latent_upscale",
     # seeing
     "blip-caption": "studio.pipelines.tiny.caption:make_tiny_blip_caption",
     "blip-vqa": "studio.pipelines.tiny.caption:make_tiny_blip_vqa",

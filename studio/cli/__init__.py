@@ -22,6 +22,7 @@ app = typer.Typer(
 # command modules, in the order `studio --help` lists them
 COMMAND_MODULES = [
     "studio.cli.image",
+    "studio.cli.upscale",
     "studio.cli.caption",
     "studio.cli.clip",
     "studio.cli.music",

@@ -19,6 +19,9 @@ _GEN = "Generation"
 _IMG = "Init image, inpaint and outpaint"
 _CTL = "ControlNet"
 _ADP = "Adapters and prompt"
+_HIRES = "Hires fix"
+_LOOK = "FreeU and tiling"
+_XY = "X/Y plot"
 
 
 def register(root: typer.Typer) -> None:
@@ -132,6 +135,17 @@ def image(
     fuse_lora: Annotated[bool, typer.Option("--fuse-lora", help="merge the LoRAs into the weights (faster steps)", rich_help_panel=_ADP)] = False,
     no_weighting: Annotated[bool, typer.Option("--no-weighting", help="pass the prompt verbatim (no (word:1.3) parsing)", rich_help_panel=_ADP)] = False,
     attention_maps: Annotated[bool, typer.Option("--attention-maps", help="also write a heatmap per prompt word and a contact sheet", rich_help_panel=_ADP)] = False,
+    embedding: Annotated[Optional[List[str]], typer.Option("--embedding", help="textual inversion FILE_OR_ID\\[:TOKEN], repeatable (A1111 .safetensors; .pt needs --allow-pickle); the token defaults to the file's name", rich_help_panel=_ADP, show_default=False)] = None,
+    clip_skip: Annotated[Optional[int], typer.Option("--clip-skip", help="A1111's Clip skip: 2 = the text encoder's penultimate layer", rich_help_panel=_ADP, show_default=False)] = None,
+    mask_blur: Annotated[Optional[int], typer.Option("--mask-blur", help="blur the inpaint mask by PX pixels (A1111's Mask blur, e.g. 4)", rich_help_panel=_IMG, show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="--init FOLDER: skip inputs --out's manifest already has an output for (same prompt)", rich_help_panel=_IMG)] = False,
+    hires: Annotated[Optional[str], typer.Option("--hires", metavar="SCALE[:STRENGTH[:STEPS]]", help="hires fix: generate, upscale by SCALE, repaint at the new size (strength 0.7, the same steps unless given)", rich_help_panel=_HIRES, show_default=False)] = None,
+    hires_upscaler: Annotated[Optional[str], typer.Option("--hires-upscaler", help="lanczos (default), bicubic, nearest, latent, latent-nearest, ..., or an upscaler model (see studio upscale)", rich_help_panel=_HIRES, show_default=False)] = None,
+    freeu: Annotated[bool, typer.Option("--freeu", help="FreeU with the model family's values (SD 1.5, 2.1, XL)", rich_help_panel=_LOOK)] = False,
+    freeu_params: Annotated[Optional[str], typer.Option("--freeu-params", metavar="S1,S2,B1,B2", help="FreeU with these values (implies --freeu)", rich_help_panel=_LOOK, show_default=False)] = None,
+    tile: Annotated[bool, typer.Option("--tile", help="seamless: the image tiles without a seam (circular padding, A1111's Tiling)", rich_help_panel=_LOOK)] = False,
+    tile_axis: Annotated[Optional[str], typer.Option("--tile-axis", metavar="x|y", help="seamless along one axis only (x: left-right wraps, e.g. a panorama)", rich_help_panel=_LOOK, show_default=False)] = None,
+    xy: Annotated[Optional[List[str]], typer.Option("--xy", metavar="NAME=V1,V2,...", help="X/Y plot axis, once or twice: every combination plus a labelled contact sheet; NAME is any setting (steps, cfg, sampler, seed, clip-skip, lora, prompt_sr, ...); ranges 1-5, 1-9 (+2), 0.5-1.5 \\[3]", rich_help_panel=_XY, show_default=False)] = None,
     opts: Globals = None,
 ) -> None:
     """Generate images from a prompt: text-to-image, img2img (--init), inpaint (--mask), outpaint,
@@ -152,6 +166,11 @@ def image(
         "fuse_adapters": True if fuse_lora else None,
         "weighting": False if no_weighting else None,
         "attention_maps": True if attention_maps else None,
+        "embeddings": tuple(_embedding_text(e) for e in embedding) if embedding else None,
+        "clip_skip": clip_skip, "mask_blur": mask_blur, "hires": hires, "hires_upscaler": hires_upscaler,
+        "freeu": freeu_params if freeu_params else (True if freeu else None),
+        "tile": tile_axis if tile_axis else (True if tile else None),
+        "xy": tuple(xy) if xy else None,
     }
     if from_png is not None:
         recipe, notes = recipe_from_png(from_png.expanduser())
@@ -169,7 +188,65 @@ def image(
         for text in notes:
             progress.note(escape(text))  # A1111 model names carry [hash] brackets, not markup
         params = {**recipe, **{k: v for k, v in params.items() if v is not None}}
+    if params.get("init_image") and Path(params["init_image"]).is_dir():
+        run_folder(params, opts, resume)
+        return
+    if resume:
+        raise UsageError("--resume applies to --init FOLDER runs", "batch files resume with `studio run FILE --resume`")
     run_command("image", params, opts)
+
+
+def _embedding_text(text: str) -> str:
+    """The FILE part of FILE[:TOKEN] made absolute, so the recorded request replays anywhere."""
+    if Path(text).expanduser().exists():
+        return str(Path(text).expanduser().resolve())
+    head, sep, tail = text.rpartition(":")
+    if sep and head and Path(head).expanduser().exists():
+        return f"{Path(head).expanduser().resolve()}:{tail}"
+    return text
+
+
+def run_folder(params: dict, opts: Globals, resume: bool) -> None:
+    """--init FOLDER (and --mask FOLDER): one run per input, in name order, on one loaded model;
+    every input shares one seed (drawn once when none is given). With --resume, the seeds --out's
+    manifest already holds an existing output for (same input, mask and prompt) are skipped, and
+    the interrupted run's seed is reused when none is given."""
+    import os
+    import secrets
+
+    from studio.cli.common import default_out_dir
+    from studio.outputs import read_manifest
+    from studio.pipeline import seeds_for
+    from studio.pipelines.image_features import folder_inputs
+
+    pairs = folder_inputs(params["init_image"], params.get("mask_image"))
+    out = Path(opts.out or default_out_dir("image"))
+    done: dict[tuple, set] = {}
+    if resume and (out / "manifest.jsonl").exists():
+        inputs = {(init, mask) for init, mask in pairs}
+        for row in read_manifest(out):
+            p = row.get("params") if isinstance(row.get("params"), dict) else {}
+            key = (p.get("init_image"), p.get("mask_image"))
+            if (row.get("task") == "image" and key in inputs and p.get("prompt") == params.get("prompt")
+                    and isinstance(row.get("file"), str) and os.path.isfile(out / row["file"])):
+                done.setdefault(key, set()).add(row.get("seed"))
+    seed = params["seed"] if params.get("seed") is not None else opts.seed
+    if seed is None and done:
+        seed = min(min(s for s in seeds if isinstance(s, int)) for seeds in done.values())
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    wanted = seeds_for(int(seed), int(params.get("num_outputs") or 1), params.get("seeds"))
+    skipped = 0
+    for init, mask in pairs:
+        remaining = [s for s in wanted if s not in done.get((init, mask), set())]
+        if not remaining:
+            skipped += 1
+            continue
+        one = {**params, "init_image": init, "mask_image": mask, "seed": remaining[0], "num_outputs": None,
+               "seeds": tuple(remaining) if len(remaining) > 1 else None}
+        run_command("image", one, opts)
+    if skipped and not (opts.quiet or opts.json):
+        opts.progress().note(f"--resume: skipped {skipped} of {len(pairs)} inputs already in {out}")
 
 
 @control_app.command("preprocess")
