@@ -26,8 +26,9 @@ def collect(settings: Any) -> dict[str, Any]:
 
     import torch
 
-    from studio.device import DeviceManager, module_available
+    from studio.device import NATIVE_BF16_FLAGS, DeviceManager, module_available, native_bf16, read_cpu_flags
     from studio.errors import StudioError
+    from studio.limits import fmt_bytes, memory_budget
     from studio.paths import hf_cache_dir, is_offline, studio_home
 
     report: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
@@ -35,12 +36,11 @@ def collect(settings: Any) -> dict[str, Any]:
                                                      "accelerate", "peft", "open_clip_torch", "torchao", "compel",
                                                      "miditok", "pretty_midi", "imageio-ffmpeg", "opencv-python-headless")}
     devices = [{"device": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}]
-    cpu_flags = ""
-    try:
-        cpu_flags = open("/proc/cpuinfo").read()
-    except OSError:
-        pass
-    devices[0]["avx512_bf16"] = "avx512_bf16" in cpu_flags
+    # the same flags (and STUDIO_CPU_FLAGS override) the device manager decides bf16 from: x86
+    # avx512_bf16 / amx_bf16 and Arm's bf16; None where the OS does not say (macOS, Windows)
+    flags = read_cpu_flags()
+    devices[0]["native_bf16"] = native_bf16(flags)
+    devices[0]["bf16_flags"] = sorted(set(flags) & set(NATIVE_BF16_FLAGS)) if flags is not None else None
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
@@ -51,7 +51,10 @@ def collect(settings: Any) -> dict[str, Any]:
     report["devices"] = devices
     report["cuda_build"] = torch.version.cuda
     try:
-        report["auto"] = DeviceManager(settings).describe()
+        manager = DeviceManager(settings, cpu_flags=flags)
+        report["auto"] = manager.describe()
+        budget, source = memory_budget(manager)  # what up-front request checks compare estimates with
+        report["memory"] = {"available": fmt_bytes(budget) if budget is not None else None, "bytes": budget, "source": source}
     except StudioError as exc:
         report["auto"] = {"error": exc.message, "hint": exc.hint}
     ffmpeg = None
@@ -126,6 +129,10 @@ def doctor(opts: Globals = None) -> None:
     else:
         for key, value in auto["resolved"].items():
             table.add_row(f"{key} -> {value}", auto["reasons"].get(key, ""))
+        for text in auto.get("warnings", []):
+            table.add_row("[yellow]warning", text)
+    if report.get("memory"):
+        table.add_row("memory for a run", f"{report['memory']['available']} ({report['memory']['source']})")
     for name, ok in report["backends"].items():
         table.add_row(f"backend {name}", ("[green]yes" if ok else "[dim]no") + (f" ({ok})" if isinstance(ok, str) else ""))
     for key, value in report["hub"].items():
