@@ -188,7 +188,10 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
         return ""
 
     cleaned = _LORA_TAG.sub(take, prompt)
-    return re.sub(r"[ \t]{2,}", " ", cleaned).strip().strip(",").strip(), found
+    if not found:
+        return prompt, found
+    lines = [re.sub(r"[ \t]{2,}", " ", line).strip().rstrip(",").strip() for line in cleaned.split("\n")]
+    return "\n".join(lines).strip(), found
 
 
 def _comfy_input(graph: dict[str, Any], link: Any, want: str, path: str) -> dict[str, Any]:
