@@ -159,6 +159,58 @@ def _capture_class() -> type:
 
 
 # ----------------------------------------------------------------------------- the pipeline
+def _check_ranges(request: AudioRequest) -> None:
+    """The request's own ranges: nothing here needs the weights (check_request runs it before they load)."""
+    if not (request.prompt or "").strip() and not request.melody:
+        raise UsageError("the prompt is empty", 'describe the music, e.g. "lo-fi beat with warm piano"')
+    if not 0 < request.duration <= MAX_DURATION:
+        raise UsageError(f"--duration must be between 0 and {MAX_DURATION:.0f} seconds, got {request.duration}",
+                         "e.g. --duration 10")
+    if request.guidance < 1:
+        raise UsageError(f"--guidance must be 1 or more (1 turns guidance off), got {request.guidance}", "e.g. --guidance 3")
+    if request.temperature <= 0:
+        raise UsageError(f"--temperature must be positive, got {request.temperature}", "e.g. --temperature 1.0")
+    if request.top_k < 0:
+        raise UsageError(f"--top-k must be 0 or more, got {request.top_k}", "e.g. --top-k 250 (0: all codes)")
+    if request.top_p is not None and not 0 < request.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {request.top_p}", "e.g. --top-p 0.9")
+    if request.num_outputs < 1:
+        raise UsageError(f"--num must be at least 1, got {request.num_outputs}", "e.g. --num 2")
+    if request.format not in AUDIO_FORMATS:
+        raise UsageError(f"unknown audio format {request.format!r}", "use --format wav or --format flac")
+    for name in ("window", "extend_stride"):
+        value = getattr(request, name)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}", "leave it out to use the model's")
+
+
+def _check_memory(request: AudioRequest, spec: ModelSpec, device: DeviceManager) -> dict[str, Any] | None:
+    """A piece's peak against free memory: its tokens come window by window (the decoder's cache
+    is bounded by the window), but EnCodec decodes the whole piece at once (run: step 3), at the
+    full sample rate. Measured with transformers' EncodecModel (upsampling 8,5,4,4, 1500 frames,
+    fp32): 214, 364 and 756 bytes a sample for 4, 16 and 32 filters, about 150 + 20 per filter;
+    MusicGen's 64 filters at 32 kHz make that ~46 MB a second of audio (600 s: 27 GB)."""
+    from studio.limits import check_fits, element_size, read_config, weight_values
+
+    config = read_config(spec, "config.json")
+    encoder = config.get("audio_encoder") or {}
+    if not encoder:
+        return None  # not a local MusicGen folder: load() says what it is
+    rate = int(encoder.get("sampling_rate") or 32000)
+    filters = int(encoder.get("num_filters") or 64)
+    channels = int((config.get("decoder") or {}).get("audio_channels") or 1)
+    elem = element_size(device)
+    per_second = rate * channels * (150 + 20 * filters) * elem / 4
+    seconds = float(request.duration)
+
+    def hint(room: float) -> str:
+        fit = int(room // per_second)
+        return f"--duration {fit} or less" if fit >= 1 else "a shorter --duration"
+
+    return check_fits(task="music-audio", spec=spec, device=device, work=per_second * seconds,
+                      weights=weight_values(spec) * elem, what=f"{seconds:g} s of audio", hint=hint)
+
+
 class MusicGenerator:
     """task "music-audio": MusicGen / MusicGen-melody with windowed continuation."""
 
@@ -238,24 +290,16 @@ class MusicGenerator:
             stride = max(1, int(window * STRIDE_SHARE))
         return max(2, window), stride
 
+    @classmethod
+    def check_request(cls, request: AudioRequest, spec: ModelSpec | None, device: DeviceManager | None) -> None:
+        """What can be checked before the weights load (the engine calls this first): the request's
+        ranges, and with a device, whether the audio's one EnCodec decode fits in free memory."""
+        _check_ranges(request)
+        if device is not None and spec is not None:
+            _check_memory(request, spec, device)
+
     def check_inputs(self, request: AudioRequest) -> None:
-        if not (request.prompt or "").strip() and not request.melody:
-            raise UsageError("the prompt is empty", 'describe the music, e.g. "lo-fi beat with warm piano"')
-        if not 0 < request.duration <= MAX_DURATION:
-            raise UsageError(f"--duration must be between 0 and {MAX_DURATION:.0f} seconds, got {request.duration}",
-                             "e.g. --duration 10")
-        if request.guidance < 1:
-            raise UsageError(f"--guidance must be 1 or more (1 turns guidance off), got {request.guidance}", "e.g. --guidance 3")
-        if request.temperature <= 0:
-            raise UsageError(f"--temperature must be positive, got {request.temperature}", "e.g. --temperature 1.0")
-        if request.top_k < 0:
-            raise UsageError(f"--top-k must be 0 or more, got {request.top_k}", "e.g. --top-k 250 (0: all codes)")
-        if request.top_p is not None and not 0 < request.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {request.top_p}", "e.g. --top-p 0.9")
-        if request.num_outputs < 1:
-            raise UsageError(f"--num must be at least 1, got {request.num_outputs}", "e.g. --num 2")
-        if request.format not in AUDIO_FORMATS:
-            raise UsageError(f"unknown audio format {request.format!r}", "use --format wav or --format flac")
+        _check_ranges(request)
         if request.melody and not self.is_melody:
             raise UsageError(f"{self.spec.alias or self.spec.name} is not a melody model, so --melody cannot condition it",
                              "use --model musicgen-melody (or another MusicGen-melody model)")

@@ -76,7 +76,7 @@ def memory_budget(device: Any) -> tuple[int | None, str]:
     what the page cache would give back; swap is not counted, a run that needs it crawls). None
     when nothing can be known (then nothing is refused)."""
     if os.environ.get(ENV_BUDGET) is not None:
-        return parse_bytes(os.environ[ENV_BUDGET]), f"{ENV_BUDGET}"
+        return parse_bytes(os.environ[ENV_BUDGET]), f"allowed by {ENV_BUDGET}"
     kind = getattr(getattr(device, "device", None), "type", "cpu")
     if kind == "cuda":
         import torch
@@ -203,6 +203,7 @@ def check_fits(*, task: str, spec: Any, device: Any, work: float, weights: float
     if budget is not None and need > budget:
         split = f" ({fmt_bytes(pending)} of it weights)" if pending >= need * 0.05 else ""
         text = hint(max(0.0, budget - pending)) if callable(hint) else hint
-        raise UsageError(f"{task}: {what} needs about {fmt_bytes(need)}{split}, {fmt_bytes(budget)} {source}",
-                         f"{text}; where studio undercounts this machine's memory, set {ENV_BUDGET}=SIZE")
+        if ENV_BUDGET not in source:
+            text += f"; where studio undercounts this machine's memory, set {ENV_BUDGET}=SIZE"
+        raise UsageError(f"{task}: {what} needs about {fmt_bytes(need)}{split}, {fmt_bytes(budget)} {source}", text)
     return estimate
