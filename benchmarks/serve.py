@@ -165,6 +165,13 @@ def overhead(work: Path, env: dict[str, str], pairs: int) -> None:
           f"runs {' '.join(f'{t:.2f}' for t in times['api'])}")
     print(f"   overhead {100 * (api - eng) / eng:+.1f}% of a job (goal <= 5%); per job {api - eng:+.3f} s; "
           f"load average after {after[0]:.1f} {after[1]:.1f} {after[2]:.1f}", flush=True)
+    # the time outside the pipeline on each side (whole job minus the pipeline's own run_s): the
+    # API's plumbing (HTTP, queue, events, PNG fetched and written here) without the load's noise
+    # on the pipeline itself, which swings by seconds on a shared machine
+    outside = {k: statistics.median(t - r for t, r in zip(times[k], runs[k])) for k in times}
+    print(f"   outside the pipeline: in process {outside['engine']:.3f} s, through the API {outside['api']:.3f} s; "
+          f"the API adds {outside['api'] - outside['engine']:+.3f} s = {100 * (outside['api'] - outside['engine']) / eng:+.2f}% "
+          f"of a job", flush=True)
     a, b = sorted((work / "api").glob("*.png"))[-1], sorted((work / "inproc").glob("*.png"))[-1]
     same = np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
     print(f"   last image of each side: same pixels = {same} ({a.name})", flush=True)

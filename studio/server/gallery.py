@@ -51,8 +51,17 @@ class Item:
     params: dict[str, Any]
     order: int  # manifest order, to break ties in `created`
 
+    def title(self) -> str:
+        """The prompt, or for a task without one (MIDI) its main settings, or the file name."""
+        if self.prompt:
+            return self.prompt
+        shown = [f"{k} {self.params[k]}" for k in ("chords", "key", "bars", "seconds", "tempo", "instrument")
+                 if self.params.get(k) not in (None, "", [])]
+        return ", ".join(shown) or Path(self.rel).name
+
     def summary(self) -> dict[str, Any]:
-        return {"id": self.id, "task": self.task, "kind": self.kind, "prompt": self.prompt, "model": self.model,
+        return {"id": self.id, "task": self.task, "kind": self.kind, "prompt": self.prompt, "title": self.title(),
+                "model": self.model,
                 "model_label": _label(self.model), "created": self.created, "seed": self.seed, "file": f"/files/{self.folder}/{self.rel}",
                 "thumb": f"/api/thumbs/{self.id}.png", "name": Path(self.rel).name}
 

@@ -70,9 +70,9 @@ async function refresh(force = false) {
 
 function card(item) {
   const figure = el("figure", { class: "card kind-" + item.kind, "data-id": item.id, tabindex: "0" });
-  const img = el("img", { src: item.thumb, alt: item.prompt || item.name, loading: "lazy" });
+  const img = el("img", { src: item.thumb, alt: item.title, loading: "lazy" });
   const caption = el("figcaption");
-  caption.append(el("span", { class: "prompt" }, item.prompt || item.name),
+  caption.append(el("span", { class: "prompt", title: item.title }, item.title),
                  el("span", { class: "meta", title: item.model }, [item.task, item.model_label, item.created.slice(0, 16).replace("T", " ")]
                    .filter(Boolean).join(" · ")));
   figure.append(img, caption);
@@ -101,7 +101,7 @@ async function openDetail(id) {
     return;
   }
   state.current = item;
-  $("detail-title").textContent = item.prompt || item.name;
+  $("detail-title").textContent = item.title;
   const media = $("detail-media");
   media.replaceChildren();
   if (item.kind === "image" || (item.kind === "video" && item.name.endsWith(".gif"))) {
