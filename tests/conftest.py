@@ -25,6 +25,8 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("STUDIO_DEVICE", raising=False)
     monkeypatch.delenv("STUDIO_PRECISION", raising=False)
+    monkeypatch.delenv("STUDIO_SERVER", raising=False)  # a developer's own server must not take the tests' jobs
+    monkeypatch.delenv("STUDIO_SERVER_TOKEN", raising=False)
     monkeypatch.chdir(tmp_path)
     return home
 
