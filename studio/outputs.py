@@ -401,11 +401,54 @@ def _write_pil(fmt: str) -> Callable:
     return write
 
 
+# --------------------------------------------------------------------------- the request in a file's own tags
+# A file's tag (MP4 comment, WAV ID3/INFO comment, FLAC comment, MIDI text event, GIF comment,
+# WebP EXIF UserComment) holds the request as JSON, as other tools read it, and under this key
+# what `studio replay` needs besides: the task, the model's identity and the device settings.
+# So a file replays from its own bytes when its sidecar is gone.
+TAG_KEY = "studio"
+WAV_INFO_LIMIT = 2000  # libsndfile drops a WAV INFO string past ~2045 bytes; the ID3 chunk has no limit
+
+
+def request_tag(meta: dict[str, Any], params: dict[str, Any]) -> str:
+    """The JSON a file's own tags carry (ASCII: MIDI text events are latin-1)."""
+    context: dict[str, Any] = {"task": meta.get("task"), "version": meta.get("studio_version")}
+    if meta.get("model"):
+        context["model"] = meta["model"]
+    requested = (meta.get("device") or {}).get("requested") if isinstance(meta.get("device"), dict) else None
+    if requested:
+        context["device"] = {"requested": requested}
+    return json.dumps(_jsonable({**params, TAG_KEY: context}))
+
+
+def _from_tag(text: str | bytes | None, default_task: str | None = None) -> dict[str, Any] | None:
+    """The metadata (task, params, model, device) a request tag holds; None when it is not one.
+    Files from before the tag held its context: default_task where the format says it (MIDI)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    context = data.pop(TAG_KEY, None)
+    if isinstance(context, dict) and context.get("task"):
+        meta: dict[str, Any] = {"task": context["task"], "params": data, "from": "tags"}
+        for key in ("model", "device"):
+            if isinstance(context.get(key), dict):
+                meta[key] = context[key]
+        return meta
+    return {"task": default_task, "params": data, "from": "tags"} if default_task else None
+
+
 def _exif_comment(meta: dict[str, Any]) -> bytes:
     from PIL import Image
 
     exif = Image.Exif()
-    exif[0x9286] = json.dumps(_jsonable(meta.get("params", {})))  # UserComment
+    exif[0x9286] = request_tag(meta, meta.get("params", {}))  # UserComment
     return exif.tobytes()
 
 
@@ -418,13 +461,26 @@ def _write_audio(tmp: Path, value: Any, meta: dict[str, Any], params: dict[str, 
     if samples.ndim == 2:  # (C, T) -> (T, C) as soundfile expects
         samples = samples.T
     channels = 1 if samples.ndim == 1 else samples.shape[1]
+    tag = request_tag(meta, params)
     # tags (WAV INFO / FLAC vorbis comments) are set before the audio: FLAC cannot be reopened r+
     with sf.SoundFile(str(tmp), "w", samplerate=int(rate), channels=channels, format=fmt.upper(),
                       subtype="PCM_16" if fmt == "wav" else None) as f:
-        with contextlib.suppress(Exception):
-            f.comment = json.dumps(_jsonable(params))[:2000]
-            f.software = "studio"
+        if fmt != "wav" or len(tag) <= WAV_INFO_LIMIT:  # a cut JSON is worse than none: ID3 holds it whole
+            f.comment = tag
+        f.software = "studio"
         f.write(samples)
+    if fmt == "wav":
+        # an ID3 chunk (as ffmpeg, mutagen and most players read in WAV) holds the tag at any length
+        from mutagen.id3 import TIT2, TSSE, TXXX
+        from mutagen.wave import WAVE
+
+        wave = WAVE(str(tmp))
+        wave.add_tags()
+        wave.tags.add(TXXX(encoding=3, desc=TAG_KEY, text=[tag]))
+        wave.tags.add(TSSE(encoding=3, text=["studio"]))
+        if params.get("prompt"):
+            wave.tags.add(TIT2(encoding=3, text=[str(params["prompt"])]))
+        wave.save()
 
 
 def _write_midi(tmp: Path, value: Any, meta: dict[str, Any], params: dict[str, Any]) -> None:
@@ -436,7 +492,7 @@ def _write_midi(tmp: Path, value: Any, meta: dict[str, Any], params: dict[str, A
     midi: pretty_midi.PrettyMIDI = value
     # the request as a text meta event, so the file carries its own settings
     midi.text_events = [e for e in midi.text_events if not e.text.startswith("studio:")]
-    midi.text_events.append(pretty_midi.Text("studio:" + json.dumps(_jsonable(params)), 0.0))
+    midi.text_events.append(pretty_midi.Text("studio:" + request_tag(meta, params), 0.0))
     midi.write(str(tmp))
 
 
@@ -460,7 +516,7 @@ def _write_video(tmp: Path, value: Any, meta: dict[str, Any], params: dict[str, 
     if fmt == "mp4":
         import imageio.v2 as iio2
 
-        comment = json.dumps(_jsonable(params))
+        comment = request_tag(meta, params)
         # +faststart: ffmpeg moves the index (moov) before the data (mdat) once the frames are
         # written, so a browser or player can start before the whole file has arrived
         writer = iio2.get_writer(str(tmp), format="FFMPEG", mode="I", fps=fps, codec="libx264",
@@ -479,7 +535,8 @@ def _write_video(tmp: Path, value: Any, meta: dict[str, Any], params: dict[str, 
         # from frame to frame so the clip lasts len/fps seconds
         durations = frame_delays(len(images), fps, 10 if fmt == "gif" else 1)
         if fmt == "gif":
-            images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+            images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0,
+                           comment=request_tag(meta, params))
         else:
             images[0].save(tmp, format="WEBP", save_all=True, append_images=images[1:], duration=durations,
                            loop=0, lossless=True, exif=_exif_comment(meta))
@@ -708,7 +765,8 @@ class OutputWriter:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The studio metadata of an output: its sidecar, or the PNG `studio` chunk, or a MIDI text event."""
+    """The studio metadata of an output: its sidecar, else the PNG `studio` chunk, else the request
+    tag in the file itself (MP4/GIF/WebP/WAV/FLAC/MIDI), which holds task, params, model and device."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} does not exist", "pass an output file written by studio")
@@ -728,10 +786,58 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             text = im.text.get("studio") if hasattr(im, "text") else None
         if text:
             return json.loads(text)
-    if path.suffix.lower() in (".mid", ".midi"):
-        import pretty_midi
+    found = _read_tag(path)
+    if found is not None:
+        return found
+    raise UsageError(f"{path.name} carries no studio metadata (no sidecar, no request in its tags)",
+                     "replay works on files studio wrote: PNG, MP4, GIF, WebP, WAV, FLAC and MIDI carry the request")
 
-        for event in pretty_midi.PrettyMIDI(str(path)).text_events:
-            if event.text.startswith("studio:"):
-                return {"task": "music-midi", "params": json.loads(event.text[len("studio:"):])}
-    raise UsageError(f"{path.name} carries no studio metadata", "replay works on files studio wrote (with their .json sidecar)")
+
+def _read_tag(path: Path) -> dict[str, Any] | None:
+    """The request tag of a MIDI, MP4, WAV/FLAC, GIF or WebP file (see request_tag), or None."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".mid", ".midi"):
+            import pretty_midi
+
+            for event in pretty_midi.PrettyMIDI(str(path)).text_events:
+                if event.text.startswith("studio:"):
+                    return _from_tag(event.text[len("studio:"):], default_task="music-midi")
+        elif suffix in (".mp4", ".m4v", ".mov"):
+            return _from_tag(_mp4_comment(path))
+        elif suffix in (".wav", ".flac", ".ogg"):
+            if suffix == ".wav":
+                from mutagen.wave import WAVE
+
+                tags = WAVE(str(path)).tags
+                frames = tags.getall(f"TXXX:{TAG_KEY}") if tags is not None else []
+                if frames:
+                    return _from_tag(frames[0].text[0])
+            import soundfile as sf
+
+            with sf.SoundFile(str(path)) as f:
+                return _from_tag(f.comment)
+        elif suffix in (".gif", ".webp"):
+            from PIL import Image
+
+            with Image.open(path) as im:
+                text = im.info.get("comment") if suffix == ".gif" else im.getexif().get(0x9286)
+            return _from_tag(text)
+    except Exception:  # an unreadable or foreign file: no tag, the caller says so in one line
+        return None
+    return None
+
+
+def _mp4_comment(path: Path) -> str | None:
+    """An MP4's `comment` tag, read with the ffmpeg imageio-ffmpeg ships (no system ffmpeg)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
+                         capture_output=True, text=True, timeout=60).stdout
+    for line in out.splitlines():
+        if line.startswith("comment="):
+            # ffmetadata escapes '=', ';', '#', '\\' and newlines with a backslash
+            return re.sub(r"\\(.)", r"\1", line[len("comment="):], flags=re.S)
+    return None

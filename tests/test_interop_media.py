@@ -507,3 +507,86 @@ def test_quiet_video_and_eval_control_print_no_library_output(tiny, tmp_path):
     assert len(pillow_frames(gif)) == 8 and sum(pillow_frames(gif)) == 1000  # AnimateDiff's 8 fps, kept
     assert control == 0 and c_err.strip() == "", c_err
     assert json.loads(c_out)["task"] == "control"
+
+
+# ----------------------------------------------------------------------------- replay from the file's own tags
+MODEL = {"name": "m", "source": "/models/m", "kind": "folder", "alias": "starter-x"}
+DEVICE = {"requested": {"device": "cpu", "precision": "fp32", "attention": "auto", "offload": "none",
+                        "quantize": "none", "compile": False}, "resolved": {"device": "cpu"}}
+
+
+@pytest.mark.parametrize("kind,fmt", [("video", "mp4"), ("video", "gif"), ("video", "webp"), ("audio", "wav"),
+                                      ("audio", "flac"), ("midi", "mid")])
+def test_every_tagged_format_carries_task_request_model_and_device(tmp_path, kind, fmt):
+    """Written, sidecar deleted, read back from the file's own bytes: the task, the whole request
+    (a 10,000-character prompt too: libsndfile alone cut WAV comments at ~2 KB), the model and
+    the device settings asked for."""
+    import pretty_midi
+
+    from studio.outputs import OutputWriter, Result, read_metadata
+
+    prompt = "a slow dawn over the harbour, " * 340  # ~10k characters, quotes and commas included
+    params = {"prompt": prompt + '"quoted" = ; # \\ done', "seed": 7, "fps": 8, "steps": 3}
+    value = {"video": distinct_frames(3), "audio": (np.zeros(800, np.float32), 8000),
+             "midi": pretty_midi.PrettyMIDI()}[kind]
+    result = Result(kind, value, params, fmt=fmt, extra={"model": MODEL, "device": DEVICE})
+    path = OutputWriter(tmp_path, task="music-audio" if kind == "audio" else kind).write(result)
+    path.with_name(path.name.removesuffix(path.suffix) + ".json").unlink()  # the sidecar is gone
+    meta = read_metadata(path)
+    assert meta["task"] == ("music-audio" if kind == "audio" else kind)
+    assert meta["params"] == params and meta["model"] == MODEL and meta["device"]["requested"] == DEVICE["requested"]
+    if fmt == "wav":  # other tools see the request too: ffmpeg reads the ID3 chunk
+        import imageio_ffmpeg
+
+        tags = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
+                              capture_output=True, text=True).stdout
+        assert "a slow dawn over the harbour" in tags
+
+
+def _replay(cli, path: Path, out: Path) -> Path:
+    path.with_name(path.name.removesuffix(path.suffix) + ".json").unlink()
+    r = cli("replay", path, "--out", out, "-q", "--json")
+    assert r.exit_code == 0, r
+    return Path(json.loads(r.stdout.strip().splitlines()[-1])["path"])
+
+
+def mp4_frames(path: Path) -> list[np.ndarray]:
+    import imageio.v2 as iio2
+
+    reader = iio2.get_reader(str(path), format="FFMPEG")
+    try:
+        return [np.asarray(f) for f in reader]
+    finally:
+        reader.close()
+
+
+def test_midi_wav_and_mp4_replay_without_their_sidecars(cli, tiny, midi_lm, tmp_path):
+    """README: `studio replay` on an MP4 or WAV whose sidecar is gone used to fail although the
+    file carries the request in its tags. Each replays from its own bytes to the same output,
+    with the same model."""
+    import pretty_midi
+    import soundfile as sf
+
+    models = {"mid": midi_lm, "wav": tiny("musicgen"), "mp4": tiny("animatediff")}
+    runs = {
+        "mid": ["music", "midi", "--bars", "2", "--key", "C:major"],
+        "wav": ["music", "audio", "calm piano", "--duration", "0.5"],
+        "mp4": ["video", "a boat", "--frames", "4", "--steps", "1"],
+    }
+    for fmt, args in runs.items():
+        r = cli(*args, "--model", models[fmt], "--seed", "4", "--out", tmp_path / fmt, "-q", "--json")
+        assert r.exit_code == 0, r
+        first = Path(json.loads(r.stdout.strip().splitlines()[-1])["path"])
+        again = _replay(cli, first, tmp_path / f"{fmt}-again")
+        assert again.suffix == first.suffix == f".{fmt}"
+        if fmt == "mid":
+            a, b = ([(n.start, n.pitch) for i in pretty_midi.PrettyMIDI(str(p)).instruments for n in i.notes]
+                    for p in (first, again))
+        elif fmt == "wav":
+            a, b = (sf.read(str(p))[0].tolist() for p in (first, again))
+        else:
+            a, b = (np.stack(mp4_frames(p)).tolist() for p in (first, again))
+            assert len(a) == 4
+        assert a and a == b, fmt
+        meta = json.loads(again.with_name(again.name.removesuffix(again.suffix) + ".json").read_text())
+        assert meta["params"]["seed"] == 4 and meta["model"]["source"] == str(Path(models[fmt]).resolve())
