@@ -296,12 +296,13 @@ def test_from_an_a1111_png_takes_its_recipe_and_notes_what_does_not_carry(cli, t
     notes = " ".join(r.stderr.split())
     assert "LoRA myStyle at 0.7" in notes and "--lora" in notes
     assert "ControlNet 0 (canny, control_v11p_sd15_canny [d14c016b], weight 0.8)" in notes
-    assert "ignored (no studio setting): Clip skip, Version" in notes
+    assert "ignored (no studio setting): Version" in notes
+    assert params["clip_skip"] == 2  # A1111's Clip skip is a studio setting too (--clip-skip)
     assert "denoising strength 0.33 is for img2img" in notes
     # the same recipe typed by hand makes the same pixels
     direct = gen(cli, "a lighthouse at dusk, oil painting\nwith two lines", "-n", "blurry, (low quality:1.2)", "--model", sd,
                  "--steps", "2", "--guidance", "6.5", "--seed", "1234", "--width", "64", "--height", "48",
-                 "--scheduler", "DPM++ 2M Karras", out="direct")
+                 "--scheduler", "DPM++ 2M Karras", "--clip-skip", "2", out="direct")
     assert np.array_equal(pixels(made[0]), pixels(direct))
     # flags override the PNG
     other = gen(cli, "--from", png, "--model", sd, "--seed", "5", "--steps", "1", out="override")
