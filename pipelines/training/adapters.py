@@ -15,9 +15,17 @@ through peft adapters (LoRA, LoHa, LoKr, IA3); no hand-written adapter layers.
              (pipelines/music_symbolic.py), on the MIDI LM.
 
 The loop is the same for every task: a seeded batch per step (data order, noise, timesteps and
-dropout are functions of (seed, step), so `--resume` from a checkpoint continues bit for bit),
-gradient accumulation, AdamW on the adapter parameters only (kept in fp32 even over a bf16
-base). The run itself is pipelines/training/run.py's TrainingRun: checkpoints in the shared
+dropout are functions of (seed, step, micro-batch), so `--resume` from a checkpoint continues bit
+for bit), gradient accumulation, AdamW on the adapter parameters only (kept in fp32 even over a
+bf16 base).
+
+Several processes, one machine or many: launch the same command with torchrun (`torchrun
+--nproc-per-node N`, or `--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT` on each node).
+Each process runs --accum micro-batches of --batch-size per step, the step's micro-batches
+numbered across processes, and the adapter gradients are summed over all of them before one
+AdamW step: N processes with --accum A take the steps one process with --accum N*A takes. The
+first process writes checkpoints, metrics and the adapter (a resume needs --out on storage every
+node reads). The run itself is pipelines/training/run.py's TrainingRun: checkpoints in the shared
 layout (OUT/checkpoints/step-NNNNNN/ with adapter.safetensors as its model file; older
 optimizer.pt checkpoints still resume), the progress bar and OUT/metrics.jsonl. The finished
 adapter folder carries studio.json (method, rank, alpha, targets, base, settings).
@@ -28,6 +36,7 @@ and merges adapters and imports nothing from pipelines or training).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field, replace
@@ -36,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 from studio.errors import InputFileError, RuntimeFailure, UsageError
 from studio.pipelines.training.checkpoint import find_checkpoints
-from studio.pipelines.training.run import TrainingRun
+from studio.pipelines.training.run import Dist, TrainingRun
 
 TASKS = ("image", "caption", "code", "midi")
 ADAPTER_FILE = "adapter.safetensors"  # a checkpoint's model file: the trainable adapter parameters
@@ -577,21 +586,36 @@ def train(config: TrainConfig, device: Any, progress: Any, *, allow_pickle: bool
     from studio import models
     from studio.adapters import peft_adapters as pa
 
-    # 1. check settings and the output folder (a resumed run keeps its adapter's shape and recipe)
+    # 1. check settings, the process group (torchrun) and the output folder (a resumed run keeps
+    # its adapter's shape and recipe)
     config.check()
     out = Path(config.out).expanduser()
     if (out / pa.META_FILE).exists():
         raise UsageError(f"{out} already holds a finished adapter", "pick a new --out (studio never overwrites)")
-    run = TrainingRun(out, config, device=device, progress=progress, resume=config.resume,
-                      samples_per_step=config.batch_size * config.accum, must_match=MUST_MATCH, allow_pickle=allow_pickle)
+    dist = Dist.from_env()
+    if dist.world > 1:
+        from studio.progress import Progress
 
-    # 2. base model + adapter + data
+        progress = progress if dist.main else Progress(enabled=False)
+        if device.device.type == "cuda":
+            device = device.with_settings(device=f"cuda:{dist.local_rank}")  # one GPU per process
+    dist.start(device.device.type)
+    run = TrainingRun(out, config, device=device, progress=progress, resume=config.resume, dist=dist,
+                      samples_per_step=config.batch_size * config.accum * dist.world, must_match=MUST_MATCH,
+                      allow_pickle=allow_pickle)
+
+    # 2. base model + adapter + data; the first process builds first, so a hub download, and the
+    # class images prior preservation makes, happen once and the others find them there
     task_for_model = {"image": "image", "caption": "caption", "code": "code", "midi": "music-midi"}[config.task]
     spec = models.resolve(config.base, task=task_for_model, allow_pickle=allow_pickle, offline=offline)
     if spec.notice:
         progress.note(spec.notice)
+    if not dist.main:
+        dist.barrier()
     with progress.status(f"loading {spec.alias or spec.name}"):
         job: _Job = (_ImageJob if config.task == "image" else _TransformersJob)(config, spec, device, progress)
+    if dist.main:
+        dist.barrier()
     for m in job.modules.values():
         m.train()
     params = [p for m in job.modules.values() for p in m.parameters() if p.requires_grad]
@@ -605,51 +629,91 @@ def train(config: TrainConfig, device: Any, progress: Any, *, allow_pickle: bool
     if state is not None:
         losses.extend(state.extra.get("losses") or [])
         progress.note(f"resuming from step {run.start} ({run.checkpoint.path})")
+    if dist.world > 1:  # every process starts from the first one's adapter, as DDP would
+        import torch.distributed as torch_dist
+
+        for p in params:
+            torch_dist.broadcast(p.data, src=0)
     base_modules = [job.pipe.unet, job.pipe.text_encoder] if config.task == "image" else [job.model]
     report = TrainReport(out=out, steps=config.steps, resumed_from=run.start, trainable_params=sum(p.numel() for p in params),
                          total_params=sum(p.numel() for m in base_modules for p in m.parameters()))
-    last = run.fit(_stepper(job, optimizer, params, config, losses, report), total=config.steps,
+    last = run.fit(_stepper(job, optimizer, params, config, losses, report, dist), total=config.steps,
                    save_every=config.save_every, description=f"adapt {config.task} ({config.method} r={config.rank})",
                    nan_hint="lower --lr, or use --precision fp32")
     report.samples_per_s, report.losses = float(last.get("samples_per_s") or 0.0), losses
 
-    # 4. validation, and the adapter itself (+ studio.json, written last)
-    path = job.validate(config.steps, out)
-    if path:
-        report.validation.append(str(path))
-    for m in job.modules.values():
-        m.eval()
-    job.save(out)
-    pa.write_metadata(out, _metadata(config, job, spec, report, device))
+    # 4. validation, and the adapter itself (+ studio.json, written last), by the first process
+    if dist.main:
+        path = job.validate(config.steps, out)
+        if path:
+            report.validation.append(str(path))
+        for m in job.modules.values():
+            m.eval()
+        job.save(out)
+        pa.write_metadata(out, _metadata(config, job, spec, report, device))
+    dist.barrier()
     return report
 
 
+def micro_seed(step_seed: int, micro: int) -> int:
+    """The seed of micro-batch `micro` of a step: the step's own for the first (what a run without
+    accumulation always used), one drawn from (step seed, micro) for the others, so any process
+    can make any micro-batch without making the ones before it."""
+    if micro == 0:
+        return step_seed
+    return int.from_bytes(hashlib.sha256(f"{step_seed}:{micro}".encode()).digest()[:8], "little") >> 1
+
+
 def _stepper(job: "_Job", optimizer: Any, params: list, config: TrainConfig, losses: list[float],
-             report: TrainReport) -> Callable[[int], dict[str, Any]]:
+             report: TrainReport, dist: Dist | None = None) -> Callable[[int], dict[str, Any]]:
     import torch
+
+    dist = dist or Dist()
+    micro_batches = config.accum * dist.world  # in one optimizer step, over all processes
 
     def step(done: int) -> dict[str, Any]:
         step_seed = config.seed * 1_000_003 + done
-        rng, step_gen = random.Random(step_seed), torch.Generator("cpu").manual_seed(step_seed)
-        torch.manual_seed(step_seed)  # dropout
         total_loss = 0.0
-        for _ in range(config.accum):
-            loss = job.loss(job.batch(rng, step_gen)) / config.accum
+        for j in range(config.accum):
+            seed = micro_seed(step_seed, dist.rank * config.accum + j)
+            rng, step_gen = random.Random(seed), torch.Generator("cpu").manual_seed(seed)
+            torch.manual_seed(seed)  # dropout
+            loss = job.loss(job.batch(rng, step_gen)) / micro_batches
             if not torch.isfinite(loss):  # before backward: the adapter keeps its last finite weights
                 raise RuntimeFailure(f"the loss became {loss.item()} at step {done + 1}", "lower --lr, or use --precision fp32")
             loss.backward()
             total_loss += float(loss.detach())
+        if dist.world > 1:
+            total_loss = _sum_over_processes(params, total_loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total_loss)
         n = done + 1
-        if config.validation_every and n % config.validation_every == 0 and n < config.steps:
+        if config.validation_every and n % config.validation_every == 0 and n < config.steps and dist.main:
             path = job.validate(n, report.out)
             if path:
                 report.validation.append(str(path))
         return {"loss": total_loss, "lr": config.lr}
     return step
+
+
+def _sum_over_processes(params: list, loss: float) -> float:
+    """Sum the adapter gradients and the loss over all processes (one all-reduce of one flat
+    tensor): what DDP does, done by hand because the frozen base's forward runs inside diffusers'
+    and transformers' own modules (pipe.unet, the peft model), which a DDP wrapper would have to
+    replace; an adapter's gradients are a few MB, so overlapping them with backward gains nothing."""
+    import torch
+    import torch.distributed as torch_dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+    torch_dist.all_reduce(flat)  # (n_params + 1,)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+    return float(flat[-1])
 
 
 def _metadata(config: TrainConfig, job: "_Job", spec: Any, report: TrainReport, device: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 adapters/peft_adapters.py and adapters/lora_convert.py. Nothing heavy is imported here."""
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -76,6 +77,8 @@ def train(
     progress = opts.progress()
     with progress:
         report = run_train(config, opts.device_manager(), progress, allow_pickle=opts.allow_pickle, offline=opts.offline or None)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun the first process reports for all
     summary = report.to_dict()
     if opts.json:
         typer.echo(json.dumps(summary))
