@@ -163,7 +163,7 @@ def second_pass(image_pipeline: Any, first_pipe: Any, first: Any, call: dict[str
     else:
         start, model_meta = _model_upscale(image_pipeline, first, (tw, th), request, seed, progress)
         meta["upscaler_model"] = model_meta
-        label = model_meta.get("alias") or model_meta.get("label") or label
+        label = model_meta["label"]
 
     # 2. img2img at the new size, the first pass's prompt encodings reused, no ControlNet
     pipe = image_pipeline._pipe_for("img2img", [])
@@ -214,8 +214,10 @@ def _model_upscale(image_pipeline: Any, image: Any, size: tuple[int, int], reque
                            seed=seed, progress=progress)
     if out.size != size:
         out = out.resize(size, Image.Resampling.LANCZOS)
+    from studio.infotext import model_label
+
     meta = dict(uspec.identity())
-    meta["label"] = uspec.alias or uspec.name
+    meta["label"] = model_label(meta) or uspec.name  # as A1111 names a model: alias, file stem or folder name
     return out, meta
 
 

@@ -159,11 +159,11 @@ class UpscalePipeline:
                                guidance=request.guidance, noise_level=int(request.noise_level), target=target)
             # 4. the Result
             params = dataclasses.asdict(request)
-            params.update(images=[str(Path(path).expanduser().resolve())], scale=scale,
-                          width=target[0], height=target[1], input_size=[w, h])
+            # params are the request for this one output (what replay runs); sizes go beside them
+            params.update(images=[str(Path(path).expanduser().resolve())], scale=scale)
             extra = {"upscaler": type(self.pipe).__name__ if self.pipe is not None else self.spec.source,
-                     "passes": self._passes(scale)}
-            yield Result(kind="image", value=out, params={**params, "name": f"upscaled-{Path(path).stem}"}, extra=extra)
+                     "passes": self._passes(scale), "input_size": [w, h], "size": list(target)}
+            yield Result(kind="image", value=out, params=params, extra=extra)
 
     def _passes(self, scale: float) -> int:
         if self.pipe is None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from studio.errors import UsageError
+from studio.pipeline import SYNONYMS  # the contract's spellings of shared names (num -> num_outputs, ...)
 
 MAX_CELLS = 256  # a typo such as steps=1-1000 should not queue a thousand images
 
@@ -153,7 +154,7 @@ def parse_axes(texts: Any, request: Any) -> list[Axis]:
         if not sep or not label or not rest.strip():
             raise UsageError(f"--xy {text!r} is not NAME=V1,V2,...", 'e.g. --xy "steps=10,20,30" --xy "guidance=3,7"')
         key = label.lower().replace("-", "_")
-        key = ALIASES.get(label.lower(), ALIASES.get(key, key))
+        key = ALIASES.get(label.lower(), ALIASES.get(key, SYNONYMS.get(key, key)))
         if key in NOT_AXES:
             raise UsageError(f"--xy {label} cannot be an axis", NOT_AXES[key])
         items = _split(rest)
@@ -244,6 +245,7 @@ def run(image_pipeline: Any, request: Any, progress: Any, run_cell: Callable[[An
     grid: dict[tuple[int, int], Any] = {}
     files: list[dict[str, Any]] = []
     first_params: dict[str, Any] | None = None
+    sampler = None
     for xi, yi, cell in cells(request, axes):
         pipeline = image_pipeline if cell.model == request.model else _other_model(image_pipeline, cell.model)
         where = {a.label: a.texts[i] for a, i in zip(axes, (xi, yi))}
@@ -252,7 +254,8 @@ def run(image_pipeline: Any, request: Any, progress: Any, run_cell: Callable[[An
             if pipeline is not image_pipeline:
                 result.extra["model"] = pipeline.spec.identity()
             image = result.value  # kept for the sheet; the engine lets go of result.value
-            first_params = first_params or dict(result.params)
+            if first_params is None:
+                first_params, sampler = dict(result.params), result.extra.get("sampler")
             yield result
             grid[(xi, yi)] = image
             if result.path is not None:
@@ -266,6 +269,8 @@ def run(image_pipeline: Any, request: Any, progress: Any, run_cell: Callable[[An
     params.update(prompt=request.prompt, negative_prompt=request.negative_prompt)
     extra = {"xy_grid": {"axes": [{"name": a.name, "label": a.label, "values": list(a.texts)} for a in axes],
                          "cells": files}}
+    if sampler:
+        extra["sampler"] = sampler  # A1111's labels for the sheet's infotext
     yield Result(kind="image", value=sheet, params=params, extra=extra)
 
 
