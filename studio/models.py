@@ -114,7 +114,8 @@ class ModelSpec:
         return out
 
 
-_PROBES: dict[str, bool] = {}
+_PROBES: dict[str, tuple[bool, float]] = {}  # endpoint -> (answer, when asked)
+PROBE_KEEP_SECONDS = 300.0  # a long-lived process (studio serve) asks again after this
 
 
 def hub_endpoint() -> str:
@@ -125,7 +126,8 @@ def hub_endpoint() -> str:
 
 
 def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
-    """Whether the hub answers one HTTP request within `timeout`, asked once per process.
+    """Whether the hub answers one HTTP request within `timeout`, asked once per process (again
+    after PROBE_KEEP_SECONDS, for a server that outlives a network outage).
 
     Without network, huggingface_hub retries each request with backoff (about 40 s before
     `studio image` failed); one short request, no retries, tells the same in at most `timeout`.
@@ -134,16 +136,19 @@ def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
     own HTTP client, so proxies and a custom client factory apply as they will to the download;
     it runs in a daemon thread because name resolution has no timeout of its own."""
     import threading
+    import time
 
     endpoint = hub_endpoint()
-    if endpoint not in _PROBES:
+    known = _PROBES.get(endpoint)
+    if known is None or time.monotonic() - known[1] > PROBE_KEEP_SECONDS:
+        from huggingface_hub.utils import get_session
+
+        session = get_session()  # imported and built before the clock starts: a slow import is not "offline"
         answer: list[bool] = []
 
         def ask() -> None:
-            from huggingface_hub.utils import get_session
-
             try:
-                get_session().head(endpoint, timeout=timeout, follow_redirects=False)
+                session.head(endpoint, timeout=timeout, follow_redirects=False)
                 answer.append(True)
             except Exception:  # httpx's ConnectError, TimeoutException, SSL errors, ...
                 answer.append(False)
@@ -151,8 +156,8 @@ def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
         thread = threading.Thread(target=ask, name="studio-hub-probe", daemon=True)
         thread.start()
         thread.join(timeout)
-        _PROBES[endpoint] = bool(answer and answer[0])
-    return _PROBES[endpoint]
+        _PROBES[endpoint] = (bool(answer and answer[0]), time.monotonic())
+    return _PROBES[endpoint][0]
 
 
 def _unreachable(spec: "ModelSpec") -> ModelNotAvailable:
@@ -629,8 +634,10 @@ def pull(spec: ModelSpec, plan: PullPlan) -> Path:
     if plan.layout == "diffusers-pipeline":
         from diffusers import DiffusionPipeline
 
+        # use_safetensors=None with --allow-pickle: safetensors still win where every component has
+        # them (False would make diffusers ignore them and fetch the .bin files)
         return Path(DiffusionPipeline.download(spec.source, revision=spec.revision, variant=plan.variant,
-                                               use_safetensors=not spec.allow_pickle,
+                                               use_safetensors=None if spec.allow_pickle else True,
                                                trust_remote_code=spec.trust_remote_code))
     from huggingface_hub import snapshot_download
 
