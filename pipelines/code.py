@@ -26,6 +26,7 @@ writes files: the CLI and the OutputWriter do.
 from __future__ import annotations
 
 import ast
+import contextlib
 import keyword
 import os
 import re
@@ -418,6 +419,88 @@ def syntax_check_after(head: str) -> Callable[[str, bool], bool] | None:
     return check
 
 
+def _check_ranges(request: CodeRequest) -> None:
+    """The request's own ranges and combinations: nothing here needs the weights (check_request
+    runs it before they load; what needs the tokenizer, such as FIM tokens, waits for check_inputs)."""
+    if request.lang not in LANGS:
+        raise UsageError(f"unknown --lang {request.lang!r}", f"use one of {', '.join(LANGS)}")
+    if request.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {request.max_tokens}", "pass --max-tokens 256")
+    if request.temperature < 0:
+        raise UsageError(f"--temperature must be 0 or more, got {request.temperature}", "0 is greedy; 0.2-0.8 samples")
+    if not 0 < request.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {request.top_p}", "pass --top-p 0.95")
+    if request.samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {request.samples}", "pass --samples 4")
+    if request.samples > 1 and request.temperature == 0:
+        raise UsageError("--samples above 1 with --temperature 0 would give the same candidate every time",
+                         "pass --temperature 0.6 (or higher) to sample different candidates")
+    if request.timeout <= 0 or request.memory_mb < 16:
+        raise UsageError("the sandbox needs --timeout above 0 and at least 16 MiB", "pass --timeout 10")
+    if request.tests is not None:  # before generating: no isolation, no running (unless --unsafe-exec)
+        from studio.pipelines import sandbox
+
+        sandbox.require(sandbox.Limits(unsafe_exec=request.unsafe_exec))
+    if request.context_tokens < 0:
+        raise UsageError("--context-tokens must be 0 or more", "pass --context-tokens 1024")
+    infill = request.infill is not None or request.prefix is not None or request.suffix is not None
+    if request.at is not None and request.infill is None:
+        raise UsageError("--at needs --infill FILE", "pass --infill FILE --at LINE")
+    if request.infill is not None and (request.prefix is not None or request.suffix is not None):
+        raise UsageError("--infill FILE and --prefix/--suffix both name the hole", "pass one of them")
+    if infill and (request.prompt.strip() or request.instruction):
+        raise UsageError("infill takes no PROMPT or instruction: the code around the hole is the prompt",
+                         "drop PROMPT, or drop --infill/--prefix/--suffix")
+    if not infill and not request.prompt.strip():
+        raise UsageError("the prompt is empty", "pass PROMPT, - to read it from stdin, or --infill FILE --at LINE")
+    if request.tests is not None and request.lang != "python":
+        raise UsageError(f"--tests runs Python tests; --lang is {request.lang}", "drop --tests or use --lang python")
+    if request.context is not None and not Path(request.context).expanduser().is_dir():
+        raise InputFileError(f"--context {request.context} is not a folder", "pass a folder of source files")
+
+
+def _check_model_limits(request: CodeRequest, spec: models.ModelSpec, device: DeviceManager | None) -> dict[str, Any] | None:
+    """--max-tokens against the model's positions, and the candidates' peak against free memory.
+
+    All --samples candidates decode together (generate's num_return_sequences), each with its own
+    key/value cache: 2 x layers x (prompt + new tokens) x the KV width, plus the prompt's one
+    forward pass (~16 hidden-width tensors a token) and the sampling step's float32 logits and
+    their processed copies (~4 a candidate). The prompt's tokens are guessed before the tokenizer
+    loads: a token per 3 characters, plus the --context budget."""
+    from studio.limits import check_fits, element_size, read_config, weight_values
+
+    config = read_config(spec, "config.json")
+    config = config.get("text_config") or config
+    positions = next((int(config[k]) for k in ("max_position_embeddings", "n_positions", "seq_length")
+                      if isinstance(config.get(k), int) and config[k] > 0), None)
+    if positions is not None and request.max_tokens >= positions:
+        raise UsageError(f"--max-tokens {request.max_tokens} fills the model's {positions}-token window, leaving no room "
+                         "for the prompt", f"pass --max-tokens {positions // 2} or fewer")
+    if device is None or not config.get("vocab_size"):
+        return None
+    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
+    kv_width = int(config.get("num_key_value_heads") or heads) * int(config.get("head_dim") or hidden // max(heads, 1))
+    text = len(request.prompt or "") + len(request.prefix or "") + len(request.suffix or "") + len(request.instruction or "")
+    if request.infill is not None:
+        with contextlib.suppress(OSError):
+            text += Path(str(request.infill)).expanduser().stat().st_size
+    tokens = text // 3 + (request.context_tokens if request.context else 0) + request.max_tokens
+    tokens = min(tokens, positions or tokens)
+    elem = element_size(device)
+    per_sample = tokens * (2 * layers * kv_width + 16 * hidden) * elem + int(config["vocab_size"]) * 4 * 4
+    samples = int(request.samples)
+
+    def hint(room: float) -> str:
+        fit = int(room // per_sample)
+        return (f"--samples {fit} or fewer" if 1 <= fit < samples else "fewer --samples") + " or a lower --max-tokens"
+
+    return check_fits(task="code", spec=spec, device=device, work=per_sample * samples,
+                      weights=weight_values(spec) * elem,
+                      what=f"{samples} candidate{'s' if samples != 1 else ''} of up to {tokens} tokens", hint=hint)
+
+
 class CodeGenerator:
     task = "code"
     request_type = CodeRequest
@@ -447,51 +530,27 @@ class CodeGenerator:
         return cls(model, tokenizer, spec, device)
 
     # ------------------------------------------------------------------ checks
+    @classmethod
+    def check_request(cls, request: CodeRequest, spec: models.ModelSpec | None, device: DeviceManager | None) -> None:
+        """What can be checked before the weights load (the engine calls this first): the request's
+        ranges, --max-tokens against the model's positions (config.json), and with a device,
+        whether the candidates' caches fit in free memory."""
+        _check_ranges(request)
+        if spec is not None:
+            _check_model_limits(request, spec, device)
+
     def check_inputs(self, request: CodeRequest) -> None:
         label = self.spec.alias or self.spec.name
-        if request.lang not in LANGS:
-            raise UsageError(f"unknown --lang {request.lang!r}", f"use one of {', '.join(LANGS)}")
-        if request.max_tokens < 1:
-            raise UsageError(f"--max-tokens must be at least 1, got {request.max_tokens}", "pass --max-tokens 256")
-        if request.temperature < 0:
-            raise UsageError(f"--temperature must be 0 or more, got {request.temperature}", "0 is greedy; 0.2-0.8 samples")
-        if not 0 < request.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {request.top_p}", "pass --top-p 0.95")
-        if request.samples < 1:
-            raise UsageError(f"--samples must be at least 1, got {request.samples}", "pass --samples 4")
-        if request.samples > 1 and request.temperature == 0:
-            raise UsageError("--samples above 1 with --temperature 0 would give the same candidate every time",
-                             "pass --temperature 0.6 (or higher) to sample different candidates")
-        if request.timeout <= 0 or request.memory_mb < 16:
-            raise UsageError("the sandbox needs --timeout above 0 and at least 16 MiB", "pass --timeout 10")
-        if request.tests is not None:  # before generating: no isolation, no running (unless --unsafe-exec)
-            from studio.pipelines import sandbox
-
-            sandbox.require(sandbox.Limits(unsafe_exec=request.unsafe_exec))
-        if request.context_tokens < 0:
-            raise UsageError("--context-tokens must be 0 or more", "pass --context-tokens 1024")
+        _check_ranges(request)
         infill = request.infill is not None or request.prefix is not None or request.suffix is not None
-        if request.at is not None and request.infill is None:
-            raise UsageError("--at needs --infill FILE", "pass --infill FILE --at LINE")
-        if request.infill is not None and (request.prefix is not None or request.suffix is not None):
-            raise UsageError("--infill FILE and --prefix/--suffix both name the hole", "pass one of them")
         if infill:
-            if request.prompt.strip() or request.instruction:
-                raise UsageError("infill takes no PROMPT or instruction: the code around the hole is the prompt",
-                                 "drop PROMPT, or drop --infill/--prefix/--suffix")
             if self.fim is None:
                 raise UsageError(f"model {label} has no fill-in-the-middle tokens (looked for "
                                  f"{', '.join(s.middle for s in FIM_STYLES)})", FIM_MODELS_HINT)
             if request.infill is not None:
                 self._infill_parts(request)  # file, line range
-        elif not request.prompt.strip():
-            raise UsageError("the prompt is empty", "pass PROMPT, - to read it from stdin, or --infill FILE --at LINE")
         if request.tests is not None:
-            if request.lang != "python":
-                raise UsageError(f"--tests runs Python tests; --lang is {request.lang}", "drop --tests or use --lang python")
             self._read_tests(request.tests)
-        if request.context is not None and not Path(request.context).expanduser().is_dir():
-            raise InputFileError(f"--context {request.context} is not a folder", "pass a folder of source files")
 
     def _infill_parts(self, request: CodeRequest) -> tuple[str, str]:
         path = Path(str(request.infill)).expanduser()
