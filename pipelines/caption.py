@@ -194,6 +194,23 @@ class _VisionLanguage:
     def _check_family(cls, spec: models.ModelSpec, family: str) -> None:
         pass
 
+    # ------------------------------------------------------------------ checks
+    @classmethod
+    def check_request(cls, request: Any, spec: models.ModelSpec | None, device: DeviceManager | None) -> None:
+        """What can be checked before the weights load (the engine calls this first): the request's
+        ranges, --max-tokens against the text decoder's positions (config.json), and with a device,
+        whether one batch fits in free memory."""
+        cls._check_fields(request)
+        if spec is not None:
+            _check_model_limits(cls.task, request, spec, device)
+
+    @classmethod
+    def _check_fields(cls, request: Any) -> None:
+        """The request's own ranges (no weights needed): each task's own."""
+
+    def check_inputs(self, request: Any) -> None:
+        self._check_fields(request)
+
     # ------------------------------------------------------------------ batches
     def _read(self, batch_paths: Sequence[str]) -> tuple[list[Any], dict[int, InputFileError]]:
         """Open each image; unreadable ones become errors by position instead of stopping the run."""
@@ -300,6 +317,46 @@ class _VisionLanguage:
                                  "pass PNG, JPEG or WebP files")
 
 
+def _check_model_limits(task: str, request: Any, spec: models.ModelSpec, device: DeviceManager | None) -> dict[str, Any] | None:
+    """--max-tokens against the text decoder's positions, and one batch's peak against free memory.
+
+    A batch is min(--batch-size, images) items (VQA: images share a question). Each item is the
+    processor's float pixels, the vision tower's activations (~16 hidden-width tensors a patch
+    token, plus eager attention's heads x tokens x tokens, which BLIP's own attention class
+    keeps), and per beam the decoder's key/value cache over prompt + new tokens and the float32
+    logits of a step and their processed copies. The images as decoded before the processor
+    (shrunk to at most 2048 px a side while opened) are not counted."""
+    from studio.limits import check_fits, element_size, read_config, weight_values
+
+    config = read_config(spec, "config.json")
+    text = config.get("text_config") or {}
+    positions = next((int(text[k]) for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(text.get(k), int) and text[k] > 0), None)
+    if positions is not None and request.max_tokens >= positions:
+        raise UsageError(f"--max-tokens {request.max_tokens} is more than this model's {positions}-token text window",
+                         f"pass --max-tokens {max(1, positions // 2)} or fewer")
+    vision = config.get("vision_config") or {}
+    if device is None or not vision or not text:
+        return None
+    elem = element_size(device)
+    side, patch = int(vision.get("image_size") or 384), int(vision.get("patch_size") or 16)
+    tokens = (side // max(patch, 1)) ** 2 + 1
+    v_hidden, v_heads = int(vision.get("hidden_size") or 768), int(vision.get("num_attention_heads") or 12)
+    image = side * side * 3 * 4 + tokens * v_hidden * elem * 16 + v_heads * tokens * tokens * elem
+    layers, hidden = int(text.get("num_hidden_layers") or 12), int(text.get("hidden_size") or 768)
+    prompt = 64 + (tokens if task == "vqa" or "chat" in str(config.get("model_type", "")) else 0)
+    beam = 2 * layers * (prompt + request.max_tokens) * hidden * elem + int(text.get("vocab_size") or 32000) * 4 * 4
+    per_item = image + int(request.beams) * beam
+    batch = max(1, min(int(request.batch_size), len(request.images)))
+
+    def hint(room: float) -> str:
+        fit = int(room // per_item)
+        return (f"--batch-size {fit} or less" if 1 <= fit < batch else "a smaller --batch-size") + " or fewer --beams"
+
+    return check_fits(task=task, spec=spec, device=device, work=per_item * batch, weights=weight_values(spec) * elem,
+                      what=f"a batch of {batch} image{'s' if batch != 1 else ''} x {request.beams} beam(s)", hint=hint)
+
+
 def _chunks(indices: list[int], size: int) -> Iterable[list[int]]:
     for start in range(0, len(indices), size):
         yield indices[start:start + size]
@@ -323,8 +380,9 @@ class Captioner(_VisionLanguage):
                              "ask it questions with `studio vqa IMAGE QUESTION` (or caption --question), "
                              "or caption with a captioning model such as blip-base")
 
-    def check_inputs(self, request: CaptionRequest) -> None:
-        self._check_common(request.images, request.max_tokens, request.beams, request.batch_size)
+    @classmethod
+    def _check_fields(cls, request: CaptionRequest) -> None:
+        cls._check_common(request.images, request.max_tokens, request.beams, request.batch_size)
         if request.top_tags < 1:
             raise UsageError(f"--top-tags must be at least 1, got {request.top_tags}", "pass e.g. --top-tags 6")
         if request.interrogate:
@@ -413,8 +471,9 @@ class VQA(_VisionLanguage):
             raise UsageError(f"{spec.alias or spec.name} is a captioning model; it cannot answer questions",
                              "use a VQA model (blip-vqa) or a chat VLM (smolvlm, qwen2-vl-2b) with --model")
 
-    def check_inputs(self, request: VQARequest) -> None:
-        self._check_common(request.images, request.max_tokens, request.beams, request.batch_size)
+    @classmethod
+    def _check_fields(cls, request: VQARequest) -> None:
+        cls._check_common(request.images, request.max_tokens, request.beams, request.batch_size)
         if not request.questions or any(not str(q).strip() for q in request.questions):
             raise UsageError("no question to ask", 'pass one or more questions, e.g. studio vqa photo.jpg "what colour is the car?"')
 
