@@ -1090,7 +1090,8 @@ def _load_kwargs(spec: ModelSpec, device: DeviceManager, config: dict[str, Any])
 
 
 def _load_pretrained(spec: ModelSpec, device: DeviceManager, notes: list[str]) -> Any:
-    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+    import diffusers
+    from diffusers import DiffusionPipeline
 
     location = spec.location()
     extra = {"revision": spec.revision} if spec.revision and spec.kind == "hub" and not spec.offline else {}
@@ -1101,7 +1102,23 @@ def _load_pretrained(spec: ModelSpec, device: DeviceManager, notes: list[str]) -
             raise UsageError(f"{spec.source} is not a diffusers pipeline folder (no model_index.json)",
                              "pass a folder saved with save_pretrained, a hub id, or a single .safetensors file") from exc
         raise
-    return AutoPipelineForText2Image.from_pretrained(location, **_load_kwargs(spec, device, config))
+    # A folder saved as a text-to-image pipeline loads through its own class: diffusers'
+    # AutoPipelineForText2Image would first import its whole table of pipelines (Kandinsky, GLM,
+    # ControlNet, ... and their transformers models), about a second of a `studio image` process
+    # for nothing (benchmarks/image_overhead.py). Other classes (an img2img or inpaint repo) still
+    # go through the auto class, which maps them to their text-to-image sibling.
+    name = str(config.get("_class_name") or "")
+    own = getattr(diffusers, name, None) if _is_text2img_class(name) else None
+    loader = own if own is not None else diffusers.AutoPipelineForText2Image
+    return loader.from_pretrained(location, **_load_kwargs(spec, device, config))
+
+
+def _is_text2img_class(name: str) -> bool:
+    """A pipeline class that AutoPipelineForText2Image maps to itself (diffusers' own table, for the
+    families studio serves), so loading it directly gives the very same pipeline."""
+    return name in {"StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
+                    "FluxPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline", "KolorsPipeline",
+                    "AuraFlowPipeline", "SanaPipeline", "HunyuanDiTPipeline", "LuminaText2ImgPipeline"}
 
 
 class _LazyCheckpoint(dict):
