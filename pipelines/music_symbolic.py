@@ -461,6 +461,39 @@ class RemiConstraint:
 
 
 # ----------------------------------------------------------------------------- the pipeline
+def _check_ranges(r: MidiRequest) -> None:
+    """The request's own ranges (no weights needed: check_request runs it before they load). Length
+    is bounded by MAX_BARS alone: generation slides a window over the model's positions
+    (MidiGenerator._generate), so memory stays at one context's cache however many bars; bars
+    cost time, not memory."""
+    if r.bars is not None and r.seconds is not None:
+        raise UsageError("--bars and --seconds both given", "pass one of them")
+    if r.bars is not None and not 1 <= r.bars <= MAX_BARS:
+        raise UsageError(f"--bars must be between 1 and {MAX_BARS}, got {r.bars}", "e.g. --bars 8")
+    if r.seconds is not None and not 0 < r.seconds <= 3600:
+        raise UsageError(f"--seconds must be positive (at most 3600), got {r.seconds}", "e.g. --seconds 20")
+    if r.tempo is not None and not 20 <= r.tempo <= 400:
+        raise UsageError(f"--tempo must be between 20 and 400 BPM, got {r.tempo}", "e.g. --tempo 96")
+    if r.temperature is None or r.temperature <= 0:
+        raise UsageError(f"--temperature must be positive, got {r.temperature}", "e.g. --temperature 1.0")
+    if r.top_k is not None and r.top_k < 0:
+        raise UsageError(f"--top-k must be 0 or more, got {r.top_k}", "e.g. --top-k 20 (0 turns it off)")
+    if r.top_p is not None and not 0 < r.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {r.top_p}", "e.g. --top-p 0.95")
+    if r.num_outputs < 1:
+        raise UsageError(f"--num must be at least 1, got {r.num_outputs}", "e.g. --num 4")
+    if r.soundfont and not r.render:
+        raise UsageError("--soundfont applies to --render", "add --render, or use `studio music render`")
+    if r.program is not None and r.instrument is not None:
+        raise UsageError("--program and --instrument both given", "pass one of them")
+    if r.program is not None and not 0 <= r.program <= 127:
+        raise UsageError(f"--program must be 0-127 (General MIDI), got {r.program}", "use --instrument drums for drums")
+    if r.primer is not None and not Path(r.primer).expanduser().is_file():
+        p = Path(r.primer).expanduser()
+        raise InputFileError(f"primer {p} does not exist" if not p.exists() else f"primer {p} is not a file",
+                             "pass a .mid file to continue")
+
+
 class MidiGenerator:
     """task "music-midi": a causal LM over REMI tokens, decoded with RemiConstraint."""
 
@@ -496,29 +529,7 @@ class MidiGenerator:
         A primer's tempo and metre hold in its continuation unless --tempo/--time-signature say
         otherwise (the README's promise: primer + continuation at the primer's exact tempo)."""
         out: dict[str, Any] = {}
-        if r.bars is not None and r.seconds is not None:
-            raise UsageError("--bars and --seconds both given", "pass one of them")
-        if r.bars is not None and not 1 <= r.bars <= MAX_BARS:
-            raise UsageError(f"--bars must be between 1 and {MAX_BARS}, got {r.bars}", "e.g. --bars 8")
-        if r.seconds is not None and not 0 < r.seconds <= 3600:
-            raise UsageError(f"--seconds must be positive (at most 3600), got {r.seconds}", "e.g. --seconds 20")
-        if r.tempo is not None and not 20 <= r.tempo <= 400:
-            raise UsageError(f"--tempo must be between 20 and 400 BPM, got {r.tempo}", "e.g. --tempo 96")
-        if r.temperature is None or r.temperature <= 0:
-            raise UsageError(f"--temperature must be positive, got {r.temperature}", "e.g. --temperature 1.0")
-        if r.top_k is not None and r.top_k < 0:
-            raise UsageError(f"--top-k must be 0 or more, got {r.top_k}", "e.g. --top-k 20 (0 turns it off)")
-        if r.top_p is not None and not 0 < r.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {r.top_p}", "e.g. --top-p 0.95")
-        if r.num_outputs < 1:
-            raise UsageError(f"--num must be at least 1, got {r.num_outputs}", "e.g. --num 4")
-        if r.soundfont and not r.render:
-            raise UsageError("--soundfont applies to --render", "add --render, or use `studio music render`")
-        if r.program is not None and r.instrument is not None:
-            raise UsageError("--program and --instrument both given", "pass one of them")
-        if r.program is not None and not 0 <= r.program <= 127:
-            raise UsageError(f"--program must be 0-127 (General MIDI), got {r.program}", "use --instrument drums for drums")
-
+        _check_ranges(r)
         v = self.vocab
         program = r.program if r.program is not None else (instrument_program(r.instrument) if r.instrument else None)
         if program is not None and v.use_programs and program not in v.programs:
@@ -556,6 +567,12 @@ class MidiGenerator:
             raise UsageError(f"{r.seconds} s is {out['bars']} bars at {tempo} BPM, more than {MAX_BARS}",
                              "ask for fewer seconds or a faster --tempo")
         return out
+
+    @classmethod
+    def check_request(cls, request: MidiRequest, spec: ModelSpec | None, device: DeviceManager | None) -> None:
+        """What can be checked before the weights load (the engine calls this first): the
+        request's ranges; what needs the vocabulary (programs, time signatures) waits for check_inputs."""
+        _check_ranges(request)
 
     def check_inputs(self, request: MidiRequest) -> None:
         self._resolve(request, self._read_primer(request.primer) if request.primer else None)
