@@ -68,11 +68,19 @@ def library_versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _library_versions() -> tuple[tuple[str, str], ...]:
-    # once per process: each lookup scans site-packages (~0.1 s), twice per output written
+    # once per process. A library the run has imported says its own __version__ (the same string
+    # its metadata holds); only the others cost a metadata lookup, which scans site-packages.
+    import sys
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("studio", "torch", "diffusers", "transformers", "accelerate", "peft", "open_clip_torch", "miditok"):
+    for name, module in (("studio", "studio"), ("torch", "torch"), ("diffusers", "diffusers"),
+                         ("transformers", "transformers"), ("accelerate", "accelerate"), ("peft", "peft"),
+                         ("open_clip_torch", "open_clip"), ("miditok", "miditok")):
+        own = getattr(sys.modules.get(module), "__version__", None)
+        if isinstance(own, str) and own:
+            out[name] = str(own)
+            continue
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return tuple(out.items())

@@ -62,6 +62,8 @@ def import_string(target: str) -> Any:
 
 
 def pipeline_class(task: str) -> type:
+    if task in BUILTIN_TASKS:  # built-ins win over entry points anyway: no metadata scan for them
+        return import_string(BUILTIN_TASKS[task])
     known = tasks()
     if task not in known:
         raise UsageError(f"unknown task {task!r}", f"tasks: {', '.join(sorted(known))}")
