@@ -451,3 +451,14 @@ def test_a_manifest_row_naming_a_link_out_of_the_folder_is_not_shown(client, gal
     append_jsonl(sneaky / "manifest.jsonl", {"file": "looks-fine.png", "task": "image", "params": {"prompt": "sneaky"}})
     append_jsonl(sneaky / "manifest.jsonl", {"file": "../../private.png", "task": "image", "params": {"prompt": "sneaky"}})
     assert client.get("/api/gallery", params={"q": "sneaky"}).json()["total"] == 0
+
+
+def test_the_tasks_memory_estimate_refuses_at_submit(client, tiny, monkeypatch):
+    """The task's own resource estimate (studio/limits.py) runs when the job is submitted: a job
+    that cannot fit is a 400 naming the estimate, before any memory is spent on it."""
+    monkeypatch.setenv("STUDIO_MAX_MEMORY", "64M")
+    response = post_job(client, "image", {"prompt": "x", "model": str(tiny("sd")), "width": 4096, "height": 4096, "steps": 2})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert "4096x4096 px needs about" in body["error"] and "STUDIO_MAX_MEMORY" in body["error"]
+    assert "--width/--height" in body["hint"]

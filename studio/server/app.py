@@ -140,7 +140,12 @@ class Server:
             raise Refused(f"model {spec.name!r} is neither an alias nor inside the folders this server allows",
                           "use an alias (`studio models list`)")
         if getattr(plan.cls, "needs_model", True):
-            pipeline = self.warm.load(task, spec, engine.device_for(plan))
+            device = engine.device_for(plan)
+            # the task's resource estimate against this device (studio/limits.py), before a load
+            check_request = getattr(plan.cls, "check_request", None)
+            if check_request is not None:
+                check_request(plan.request, spec, device)
+            pipeline = self.warm.load(task, spec, device)
             if hasattr(pipeline, "check_inputs"):
                 pipeline.check_inputs(plan.request)
         job = self.queue.submit(plan, keep_files=body.return_files, remote=remote)
