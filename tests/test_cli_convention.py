@@ -197,3 +197,22 @@ def test_head_takes_the_first_line_and_studio_stays_quiet(tmp_path):
     r = subprocess.run(f"{sys.executable} -m studio models list --json | head -1", shell=True, capture_output=True,
                        text=True, timeout=60)
     assert r.stderr == "" and r.stdout.count("\n") == 1 and r.stdout.startswith('{"name": ')
+
+
+def test_each_command_word_names_the_module_that_defines_it():
+    """`studio WORD ...` imports only COMMAND_OWNERS[WORD]: the table must match what each module registers."""
+    import typer
+
+    from studio import cli
+
+    registered: dict[str, set[str]] = {}
+    for module in cli.COMMAND_MODULES:
+        group = typer.main.get_command(cli.make_app([module]))
+        registered[module] = set(getattr(group, "commands", {}))
+    for module, words in registered.items():
+        for word in words - {"eval"}:
+            assert cli.COMMAND_OWNERS.get(word) == module, f"`studio {word}` comes from {module}; COMMAND_OWNERS says {cli.COMMAND_OWNERS.get(word)}"
+    every = set().union(*registered.values())
+    assert set(cli.COMMAND_OWNERS) | {"eval"} == every
+    assert cli.modules_for(["image", "a cat"]) == ["studio.cli.image"]
+    assert cli.modules_for(["eval", "caption"]) is None and cli.modules_for(["--help"]) is None

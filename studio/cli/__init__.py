@@ -9,16 +9,6 @@ import typer
 from studio import __version__
 from studio.cli.common import StudioGroup
 
-app = typer.Typer(
-    name="studio",
-    help="A multimodal generation studio: images, captions, CLIP, music, video and code from open models.",
-    cls=StudioGroup,
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="rich",
-    pretty_exceptions_enable=False,
-)
-
 # command modules, in the order `studio --help` lists them
 COMMAND_MODULES = [
     "studio.cli.image",
@@ -39,6 +29,20 @@ COMMAND_MODULES = [
     "studio.cli.serve",
 ]
 
+# The first word after `studio` -> the one module that defines it. A run imports only that module
+# (importing and registering all sixteen cost a tenth of a second of every `studio image`);
+# `--help`, an unknown word and `eval` (whose subcommands come from several modules) import all.
+# tests/test_cli_convention.py checks this table against what each module registers.
+COMMAND_OWNERS = {
+    "image": "studio.cli.image", "control": "studio.cli.image", "upscale": "studio.cli.upscale",
+    "caption": "studio.cli.caption", "vqa": "studio.cli.caption", "clip": "studio.cli.clip",
+    "music": "studio.cli.music", "video": "studio.cli.video", "code": "studio.cli.code",
+    "run": "studio.cli.batch", "validate": "studio.cli.batch", "presets": "studio.cli.batch",
+    "adapt": "studio.cli.adapt", "data": "studio.cli.starter", "train": "studio.cli.starter",
+    "models": "studio.cli.models", "doctor": "studio.cli.doctor", "replay": "studio.cli.replay",
+    "serve": "studio.cli.serve",
+}
+
 
 def _version(value: bool) -> None:
     if value:
@@ -46,17 +50,47 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version")) -> None:
     """studio: generate and analyse images, music, video and code from the shell."""
 
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(_name).register(app)
+def make_app(modules: list[str] | None = None) -> typer.Typer:
+    """The root app with the commands of `modules` (all of them when None)."""
+    app = typer.Typer(
+        name="studio",
+        help="A multimodal generation studio: images, captions, CLIP, music, video and code from open models.",
+        cls=StudioGroup,
+        no_args_is_help=True,
+        add_completion=False,
+        rich_markup_mode="rich",
+        pretty_exceptions_enable=False,
+    )
+    app.callback()(root)
+    for name in COMMAND_MODULES if modules is None else modules:
+        importlib.import_module(name).register(app)
+    return app
+
+
+def modules_for(argv: list[str]) -> list[str] | None:
+    """The command modules a command line needs (None: all)."""
+    word = argv[0] if argv else ""
+    owner = COMMAND_OWNERS.get(word)
+    return [owner] if owner else None
+
+
+_APP: list[typer.Typer] = []
+
+
+def __getattr__(name: str):
+    if name == "app":  # `from studio.cli import app`: every command (tests, CliRunner, scripts)
+        if not _APP:
+            _APP.append(make_app())
+        return _APP[0]
+    raise AttributeError(name)
 
 
 def main() -> None:
-    app(prog_name="studio")
+    make_app(modules_for(sys.argv[1:]))(prog_name="studio")
 
 
 if __name__ == "__main__":  # pragma: no cover
