@@ -3,8 +3,11 @@
 Models: diffusers' two Stable Diffusion upscalers, loaded from any diffusers folder or hub id
 whose model_index.json names them: StableDiffusionUpscalePipeline (stabilityai's x4 upscaler:
 text-guided, 4x per pass, `noise_level` adds invented detail) and
-StableDiffusionLatentUpscalePipeline (stabilityai's x2 latent upscaler, 2x per pass). And three
-with no weights: `lanczos`, `bicubic`, `nearest` (PIL). A scale the model does not make in one
+StableDiffusionLatentUpscalePipeline (stabilityai's x2 latent upscaler, 2x per pass). ESRGAN-style
+single files (ESRGAN, Real-ESRGAN, SwinIR, ... the `.pth`/`.safetensors` upscalers A1111 and
+ComfyUI users keep in models/ESRGAN) through spandrel, which recognises the architecture from the
+weights (`pip install 'studio[upscale]'`; a `.pth` is a pickle: --allow-pickle). And three with no
+weights: `lanczos`, `bicubic`, `nearest` (PIL). A scale the model does not make in one
 pass takes as many passes as it needs and a Lanczos resize to the exact size, as A1111 brings a
 4x upscaler's result to "Upscale by 2".
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from studio.errors import RuntimeFailure, UsageError
+from studio.errors import BackendUnavailable, RuntimeFailure, UsageError
 from studio.progress import quiet_libraries
 
 if TYPE_CHECKING:  # types only
@@ -61,7 +64,15 @@ class UpscalePipeline:
     @property
     def factor(self) -> int:
         """What one pass multiplies the size by."""
-        return MODEL_FACTORS.get(type(self.pipe).__name__, 2) if self.pipe is not None else 2
+        if self.pipe is None:
+            return 2
+        if self._is_spandrel:
+            return int(self.pipe.scale)
+        return MODEL_FACTORS.get(type(self.pipe).__name__, 2)
+
+    @property
+    def _is_spandrel(self) -> bool:
+        return type(self.pipe).__module__.startswith("spandrel")
 
     # -------------------------------------------------------------- models
     @classmethod
@@ -90,10 +101,7 @@ class UpscalePipeline:
         if spec.kind == "builtin":
             return cls(None, spec, device, BUILTIN[spec.source])
         if spec.kind == "file":
-            raise UsageError(f"{Path(spec.source).name}: studio upscale loads diffusers upscalers (a folder or hub id "
-                             "whose model_index.json names StableDiffusionUpscalePipeline or "
-                             "StableDiffusionLatentUpscalePipeline), not single checkpoint files",
-                             "e.g. --model stabilityai/stable-diffusion-x4-upscaler, or --model lanczos")
+            return cls(_load_spandrel(spec, device), spec, device)
         import diffusers
 
         with models.loading(spec, "upscaler"), quiet_libraries():
@@ -161,7 +169,8 @@ class UpscalePipeline:
             params = dataclasses.asdict(request)
             # params are the request for this one output (what replay runs); sizes go beside them
             params.update(images=[str(Path(path).expanduser().resolve())], scale=scale)
-            extra = {"upscaler": type(self.pipe).__name__ if self.pipe is not None else self.spec.source,
+            kind = (self.pipe.architecture.name if self._is_spandrel else type(self.pipe).__name__) if self.pipe is not None else self.spec.source
+            extra = {"upscaler": kind,
                      "passes": self._passes(scale), "input_size": [w, h], "size": list(target)}
             yield Result(kind="image", value=out, params=params, extra=extra)
 
@@ -182,6 +191,8 @@ class UpscalePipeline:
         if self.pipe is None:
             return image.resize(target, getattr(Image.Resampling, self.resample or "LANCZOS"))
         out = image
+        if self._is_spandrel:
+            return self._upscale_spandrel(image, scale, target, progress)
         for i in range(self._passes(scale)):
             # the upscalers' UNets and VAEs work on multiples of 8
             size = (max(8, out.size[0] // 8 * 8), max(8, out.size[1] // 8 * 8))
@@ -210,3 +221,55 @@ class UpscalePipeline:
         if out.size != target:
             out = out.resize(target, Image.Resampling.LANCZOS)
         return out
+
+    def _upscale_spandrel(self, image: Any, scale: float, target: tuple[int, int], progress: Any) -> Any:
+        """An ESRGAN-style model: the whole image at once per pass (one forward, no noise), as
+        many passes as the scale needs, then Lanczos to the exact size."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        out = image
+        passes = self._passes(scale)
+        handle = progress.task(f"upscale x{self.factor} ({self.pipe.architecture.name})", total=passes) if progress else None
+        for _ in range(passes):
+            x = torch.from_numpy(np.asarray(out.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
+            try:
+                with torch.inference_mode():
+                    y = self.pipe(x.to(self.device.device, self.pipe.dtype)).float().clamp(0, 1)  # (1, 3, H*f, W*f)
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                raise RuntimeFailure(f"out of memory upscaling {out.size[0]}x{out.size[1]}",
+                                     "upscale a smaller image") from exc
+            out = Image.fromarray((y[0].permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8))
+            if handle is not None:
+                handle.advance()
+        if handle is not None:
+            handle.finish()
+        if out.size != target:
+            out = out.resize(target, Image.Resampling.LANCZOS)
+        return out
+
+
+def _load_spandrel(spec: ModelSpec, device: DeviceManager) -> Any:
+    """An ESRGAN-style single file through spandrel (it reads the architecture and scale from the
+    weights' names and shapes). The pickle gate runs first: spandrel would torch.load a .pth."""
+    from studio.safety import check_pickle
+
+    path = Path(spec.source)
+    check_pickle(path, allow_pickle=spec.allow_pickle, what="upscaler")
+    try:
+        import spandrel
+    except ImportError as exc:
+        raise BackendUnavailable(f"{path.name} looks like an ESRGAN-style upscaler; reading it needs spandrel",
+                                 "pip install 'studio[upscale]' (or pip install spandrel)") from exc
+    try:
+        descriptor = spandrel.ModelLoader().load_from_file(str(path))
+    except Exception as exc:  # spandrel's UnsupportedModelError and the readers' errors
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{path.name} is not an upscaler spandrel knows ({text})",
+                         "pass an ESRGAN/Real-ESRGAN/SwinIR-style file, a diffusers upscaler folder, or --model lanczos") from exc
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose != "SR" or descriptor.scale < 2:
+        raise UsageError(f"{path.name} is a {descriptor.architecture.name} {descriptor.purpose} model, not an upscaler",
+                         "pass a super-resolution model (ESRGAN 4x, ...)")
+    descriptor.to(device.device).eval()
+    return descriptor

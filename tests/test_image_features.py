@@ -187,6 +187,26 @@ def test_latent_upscaler_doubles(cli, tiny, photo):
     assert Image.open(images("up")[0]).size == (128, 128)
 
 
+def test_esrgan_file_through_spandrel(cli, sd, tiny, photo, tmp_path):
+    """An ESRGAN-style single file (what A1111/ComfyUI users keep in models/ESRGAN): spandrel
+    reads the architecture and its 4x from the weights; a .pth copy is a pickle and refused."""
+    import torch
+    from safetensors.torch import load_file
+
+    esrgan = tiny("esrgan") / "tiny-esrgan-4x.safetensors"
+    r = cli("upscale", photo, "--model", esrgan, "-o", "up", "-q")
+    assert r.exit_code == 0, r
+    made = images("up")[0]
+    assert Image.open(made).size == (256, 256) and sidecar(made)["upscaler"] == "ESRGAN"
+    r = cli("upscale", photo, "--model", esrgan, "--scale", "2", "-o", "up2", "-q")
+    assert r.exit_code == 0 and Image.open(images("up2")[0]).size == (128, 128)
+    out = gen(cli, sd, "--hires", "2:0.5", "--hires-upscaler", esrgan, out="hires")[0]
+    assert Image.open(out).size == (128, 128) and "Hires upscaler: tiny-esrgan-4x" in infotext(out)
+    pth = tmp_path / "esrgan.pth"
+    torch.save(load_file(str(esrgan)), pth)
+    refused(cli, "upscale", photo, "--model", pth, says="pickle")
+
+
 @pytest.mark.parametrize("args, says", [
     (("--model", "lanczos", "--scale", "100"), "--scale"),
     (("--model", "lanczos", "--scale", "0.5"), "--scale"),

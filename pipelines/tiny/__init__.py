@@ -21,8 +21,13 @@ KINDS: dict[str, str] = {
     "sdxl": "studio.pipelines.tiny.image:make_tiny_sdxl",
     "controlnet": "studio.pipelines.tiny.image:make_tiny_controlnet",
     "lora": "studio.pipelines.tiny.image:make_tiny_lora",
+    "ip-adapter": "studio.pipelines.tiny.adapters:make_tiny_ip_adapter",
+    "ip-adapter-sdxl": "studio.pipelines.tiny.adapters:make_tiny_ip_adapter_sdxl",
+    "t2i-adapter": "studio.pipelines.tiny.adapters:make_tiny_t2i_adapter",
+    "sdxl-refiner": "studio.pipelines.tiny.adapters:make_tiny_sdxl_refiner",
     "sd-upscale": "studio.pipelines.tiny.upscale:make_tiny_sd_upscale",
     "sd-latent-upscale": "studio.pipelines.tiny.upscale:make_tiny_sd_latent_upscale",
+    "esrgan": "studio.pipelines.tiny.upscale:make_tiny_esrgan",
     # seeing
     "blip-caption": "studio.pipelines.tiny.caption:make_tiny_blip_caption",
     "blip-vqa": "studio.pipelines.tiny.caption:make_tiny_blip_vqa",

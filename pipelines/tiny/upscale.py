@@ -51,3 +51,16 @@ def make_tiny_sd_latent_upscale(out: Path, seed: int = 0) -> None:
     pipe = StableDiffusionLatentUpscalePipeline(vae=vae, text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(),
                                                 unet=unet, scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
+
+
+def make_tiny_esrgan(out: Path, seed: int = 0) -> None:
+    """A tiny random ESRGAN (RRDBNet, 4x) as the one `.safetensors` file people download
+    (`tiny-esrgan-4x.safetensors`), built with spandrel's own architecture class so spandrel
+    recognises it from its weights as it does a real one."""
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(out) / "tiny-esrgan-4x.safetensors"))

@@ -125,9 +125,9 @@ def image(
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", "--sampler", help="sampler: studio name or A1111 label, e.g. dpm++_2m_karras or \"DPM++ 2M Karras\" (see --list-schedulers)", rich_help_panel=_GEN)] = None,
     list_schedulers_: Annotated[bool, typer.Option("--list-schedulers", help="list the sampler names (and A1111 labels) and exit", rich_help_panel=_GEN)] = False,
     from_png: Annotated[Optional[Path], typer.Option("--from", help="take prompt and settings from a PNG (studio, A1111, Forge, ComfyUI); flags override", rich_help_panel=_GEN, show_default=False)] = None,
-    init: Annotated[Optional[Path], typer.Option("--init", help="init image for img2img / inpaint / outpaint", rich_help_panel=_IMG)] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="init image for img2img / inpaint / outpaint, or a folder of them (one output each)", rich_help_panel=_IMG)] = None,
     strength: Annotated[Optional[float], typer.Option(help="how much of --init to repaint, 0-1 (0.75; inpaint 1.0)", rich_help_panel=_IMG)] = None,
-    mask: Annotated[Optional[Path], typer.Option("--mask", help="inpaint mask: white = repaint", rich_help_panel=_IMG)] = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="inpaint mask: white = repaint (a folder: one per --init image, same names)", rich_help_panel=_IMG)] = None,
     outpaint: Annotated[Optional[str], typer.Option(help="pad --init and paint the border: left:128,right:64,top:0,bottom:0 or all:64", rich_help_panel=_IMG)] = None,
     control: Annotated[Optional[List[str]], typer.Option("--control", help="TYPE:IMAGE\\[:SCALE\\[:START:END]], repeatable (canny, none, depth, pose, ...)", rich_help_panel=_CTL)] = None,
     control_model: Annotated[Optional[List[str]], typer.Option("--control-model", help="ControlNet per --control, same order (auto = the card for TYPE)", rich_help_panel=_CTL)] = None,
@@ -148,9 +148,10 @@ def image(
     xy: Annotated[Optional[List[str]], typer.Option("--xy", metavar="NAME=V1,V2,...", help="X/Y plot axis, once or twice: every combination plus a labelled contact sheet; NAME is any setting (steps, cfg, sampler, seed, clip-skip, lora, prompt_sr, ...); ranges 1-5, 1-9 (+2), 0.5-1.5 \\[3]", rich_help_panel=_XY, show_default=False)] = None,
     opts: Globals = None,
 ) -> None:
-    """Generate images from a prompt: text-to-image, img2img (--init), inpaint (--mask), outpaint,
-    ControlNet (--control), LoRA (--lora). Every image carries its settings (PNG parameters, JSON
-    sidecar) and `studio replay IMAGE.png` makes it again."""
+    """Generate images from a prompt: text-to-image, img2img (--init, also a folder), inpaint
+    (--mask), outpaint, ControlNet (--control), LoRA (--lora), embeddings, hires fix (--hires),
+    X/Y plots (--xy). Every image carries its settings (PNG parameters, JSON sidecar) and
+    `studio replay IMAGE.png` makes it again."""
     if list_schedulers_:
         list_schedulers()
         return
