@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -303,10 +303,6 @@ def clip_class_prompts(template: Any, classes: Sequence[tuple[str, str]]) -> lis
 
 def template_name(template: Any) -> str:
     return template("{}") if callable(template) else template
-
-
-def iter_split(seed: int, n: int, *, two_shapes: float = 0.25) -> Iterator[S.Sample]:
-    return S.samples(seed, n, two_shapes=two_shapes)
 
 
 def vqa_report(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ seconds), which is where the wall times in presets/models/starter-*.yaml come fr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -578,9 +579,11 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {"vqa": {"init": "starter-caption",
 
 def train_starter(name: str, out: Path, *, steps: int | None = None, resume: bool = False, smoke: bool = False,
                   work: Path | None = None, seed: int = 0, progress: Any = None,
-                  checkpoint_every_s: float = 180.0, init: str | None = None) -> dict[str, Any]:
+                  checkpoint_every_s: float = 180.0, init: str | None = None,
+                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train starter NAME into OUT. steps overrides the main stage's steps; smoke: a few steps
-    on a tiny data set (what CI runs)."""
+    on a tiny data set (what CI runs); settings: other recipe fields (`--set KEY=VALUE`), so a
+    model card's command names every value its run differed in."""
     if name not in RECIPES:
         raise UsageError(f"unknown starter {name!r}", f"pick one of: {', '.join(RECIPES)}")
     recipe_cls, fn = RECIPES[name]
@@ -594,6 +597,24 @@ def train_starter(name: str, out: Path, *, steps: int | None = None, resume: boo
         if not hasattr(recipe, "init"):
             raise UsageError(f"starter {name} cannot start from another model's weights", "leave out --init")
         recipe = replace(recipe, init=init)
+    if settings:
+        fields = {f.name: f for f in dataclasses.fields(recipe)}
+        unknown = [k for k in settings if k not in fields or k in ("seed", "init")]
+        if unknown:
+            raise UsageError(f"starter {name} has no recipe setting {unknown[0]!r}",
+                             f"settings: {', '.join(k for k in fields if k not in ('seed', 'init'))} (--seed and --init are options)")
+        typed = {}
+        for key, value in settings.items():
+            default = getattr(recipe, key)
+            if isinstance(default, tuple) and isinstance(value, list):
+                value = tuple(value)
+            elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if default is not None and value is not None and not isinstance(value, type(default)):
+                raise UsageError(f"--set {key}={value!r}: {key} must be of type {type(default).__name__}",
+                                 f"e.g. --set {key}={json.dumps(list(default) if isinstance(default, tuple) else default)}")
+            typed[key] = value
+        recipe = replace(recipe, **typed)
     run = Run(name, out, work, resume=resume, progress=progress, checkpoint_every_s=checkpoint_every_s)
     run.log(stage="start", recipe=asdict(recipe), resume=resume)
     t0 = time.time()
@@ -637,6 +658,7 @@ class BlipRecipe:
     # colour of one of two shapes were the first phrasing run's weakest (0.57 and 0.78 held out),
     # below 0.70 even on their training phrasings
     hard_families: tuple[str, ...] = ()
+    hard_draws: int = 2  # the extra phrasings per image of each hard family
 
 
 def _bert_tokenizer(extra_words: tuple[str, ...] = ()) -> Any:
@@ -813,7 +835,7 @@ def vqa_training_pairs(items: list, recipe: BlipRecipe) -> list[tuple[int, str, 
         pairs += [(i, q, a) for q, a in s.vqa]
         rng = np.random.default_rng([s.seed, s.index, 99])
         draws = [(d, VQA_FAMILIES) for d in range(recipe.draws)]
-        draws += [(recipe.draws + d, recipe.hard_families) for d in range(recipe.draws if recipe.hard_families else 0)]
+        draws += [(recipe.draws + d, recipe.hard_families) for d in range(recipe.hard_draws if recipe.hard_families else 0)]
         for d, families in draws:
             for q in vqa_questions(s, heldout=False, draw=d, families=families):
                 text = q.question

@@ -57,6 +57,7 @@ def train_starter(
     smoke: Annotated[bool, typer.Option("--smoke", help="a few steps on a tiny data set (checks the recipe runs)")] = False,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="seconds between checkpoints")] = 180.0,
     init: Annotated[Optional[str], typer.Option("--init", help="start from this model's weights (alias or folder): vqa from starter-caption, control from starter-image by default", show_default=False)] = None,
+    settings: Annotated[Optional[list[str]], typer.Option("--set", help="a recipe setting KEY=VALUE (a YAML value: --set n_train=12000 --set hard_families=[exists]); repeatable", show_default=False)] = None,
     opts: Globals = None,
 ) -> None:
     """Train a starter model from its data and seed (progress, checkpoints, --resume). The
@@ -65,11 +66,22 @@ def train_starter(
 
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}", "pass --steps 100")
+    import yaml
+
+    parsed = {}
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r} is not KEY=VALUE", "e.g. --set n_train=12000")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--set {item!r}: the value is not YAML", "quote text, write lists as [a, b]") from exc
     from studio.pipelines.training.starter import train_starter as train
     out = out or Path(f"starter-{name}")
     with opts.progress() as progress:
         report = train(name, out, steps=steps, resume=resume, smoke=smoke, work=work, seed=seed, progress=progress, init=init,
-                       checkpoint_every_s=checkpoint_every)
+                       checkpoint_every_s=checkpoint_every, settings=parsed)
     sys.stdout.write(json.dumps(report) + "\n")
 
 
