@@ -165,7 +165,10 @@ def second_pass(image_pipeline: Any, first_pipe: Any, first: Any, call: dict[str
         meta["upscaler_model"] = model_meta
         label = model_meta["label"]
 
-    # 2. img2img at the new size, the first pass's prompt encodings reused, no ControlNet
+    # 2. img2img at the new size, the first pass's prompt encodings reused, no ControlNet (its
+    # maps were made at the first size; the first pass already followed them)
+    if getattr(request, "controls", None) and seed == getattr(request, "seed", seed):
+        progress.note("the hires pass runs without ControlNet (the first pass followed it)")
     pipe = image_pipeline._pipe_for("img2img", [])
     pipe.scheduler = first_pipe.scheduler
     accepted = set(_call_params(pipe))

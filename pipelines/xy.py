@@ -246,9 +246,16 @@ def run(image_pipeline: Any, request: Any, progress: Any, run_cell: Callable[[An
     files: list[dict[str, Any]] = []
     first_params: dict[str, Any] | None = None
     sampler = None
+    plan = []
     for xi, yi, cell in cells(request, axes):
         pipeline = image_pipeline if cell.model == request.model else _other_model(image_pipeline, cell.model)
         where = {a.label: a.texts[i] for a, i in zip(axes, (xi, yi))}
+        try:  # what needs the loaded model, for every cell before the first image is made
+            pipeline.check_inputs(cell)
+        except UsageError as exc:
+            raise type(exc)(f"--xy cell {', '.join(f'{k}={v}' for k, v in where.items())}: {exc.message}", exc.hint) from exc
+        plan.append((xi, yi, cell, pipeline, where))
+    for xi, yi, cell, pipeline, where in plan:
         for result in run_cell(pipeline, cell):
             result.extra = {**result.extra, "xy_cell": where}
             if pipeline is not image_pipeline:

@@ -151,6 +151,7 @@ def test_hires_with_an_upscaler_model(cli, sd, tiny):
     (("--xy", "num=1,2"), "cannot be an axis"),
     (("--xy", "steps=1,2", "--num", "2"), "--num"),
     (("--xy", "steps=1", "--xy", "cfg=1", "--xy", "seed=1"), "at most two"),
+    (("--xy", "clip-skip=1,3"), "cell clip-skip=3"),  # the model's own limit, before the first cell is made
     (("--resume",), "FOLDER"),
 ])
 def test_bad_feature_flags_are_one_line_exit_2(cli, sd, args, says):
