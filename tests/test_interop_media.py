@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on 2 shared cores: no OpenMP contention
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -425,7 +426,7 @@ def midi_lm(tiny):
     return tiny("midi-lm")
 
 
-@pytest.mark.parametrize("metre,tempos", [((4, 4), [96]), ((3, 4), [96]), ((12, 8), [72]), ((4, 4), [96, 140])])
+@pytest.mark.parametrize("metre,tempos", [((4, 4), [96]), ((3, 4), [96, 140]), ((12, 8), [72])])
 def test_primer_continuation_keeps_the_primers_tempo_and_metre(cli, midi_lm, tmp_path, metre, tempos):
     """README: `--primer` without --tempo writes primer + continuation at the primer's exact tempo.
     The continuation used to change tempo (96 -> 128/182/108 BPM) and metre (12/8) at will."""
@@ -433,7 +434,7 @@ def test_primer_continuation_keeps_the_primers_tempo_and_metre(cli, midi_lm, tmp
 
     primer = write_primer(tmp_path / "primer.mid", tempos=tempos, metre=metre)
     expected = pretty_midi.PrettyMIDI(str(primer)).get_tempo_changes()
-    for seed in range(3):
+    for seed in range(2):
         out = tmp_path / f"o{seed}"
         r = cli("music", "midi", "--model", midi_lm, "--primer", primer, "--bars", "4", "--seed", seed, "-q", "--out", out)
         assert r.exit_code == 0, r
