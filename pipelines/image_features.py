@@ -57,7 +57,7 @@ def parse_embedding(text: str) -> EmbeddingSpec:
     if not text:
         raise UsageError("--embedding needs a file, folder or hub id", "e.g. --embedding easynegative.safetensors")
     head, sep, tail = text.rpartition(":")
-    if sep and head and not Path(text).expanduser().exists() and _TOKEN.match(tail):
+    if sep and head and not Path(text).expanduser().exists() and (_TOKEN.match(tail) or Path(head).expanduser().exists()):
         source, token = head, tail
     else:
         source, token = text, ""

@@ -282,6 +282,39 @@ def test_embedding_that_does_not_fit_the_model(cli, sd, tmp_path):
     refused(cli, "image", "wide", "--model", sd, *FAST, "--embedding", wide, says="does not fit")
 
 
+def test_hostile_embedding_files(cli, sd, tmp_path):
+    garbage = tmp_path / "broken.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    refused(cli, "image", "broken", "--model", sd, *FAST, "--embedding", garbage, says="not a readable")
+    import torch
+    from safetensors.torch import save_file
+
+    many = tmp_path / "many.safetensors"
+    save_file({"a": torch.zeros(1, 32), "b": torch.zeros(1, 32)}, many)
+    refused(cli, "image", "many", "--model", sd, *FAST, "--embedding", many, says="not one embedding")
+    ok = tmp_path / "ok.safetensors"
+    save_file({"emb_params": torch.zeros(1, 32)}, ok)
+    refused(cli, "image", "x", "--model", sd, *FAST, "--embedding", f"{ok}:two words", says="spaces")
+    refused(cli, "image", "x", "--model", sd, *FAST, "--embedding", ok, "--embedding", f"{ok}:ok", says="share the token")
+
+
+def test_sdxl_embedding_for_both_encoders_and_clip_skip(cli, tiny):
+    """SDXL embeddings hold one tensor per text encoder (clip_l, clip_g), as A1111 and kohya save them."""
+    import torch
+    from safetensors.torch import save_file
+
+    xl = tiny("sdxl")
+    emb = Path("xlstyle.safetensors")
+    save_file({"clip_l": torch.randn(2, 32) * 2, "clip_g": torch.randn(2, 32) * 2}, emb)
+    plain = gen(cli, xl, prompt="a photo of xlstyle", out="a")[0]
+    used = gen(cli, xl, "--embedding", emb, prompt="a photo of xlstyle", out="b")[0]
+    assert np.abs(pixels(used) - pixels(plain)).max() > 0 and "TI hashes" in infotext(used)
+    assert np.array_equal(pixels(gen(cli, xl, prompt="a photo of xlstyle", out="c")[0]), pixels(plain))
+    skipped = gen(cli, xl, "--clip-skip", "2", prompt="a photo of xlstyle", out="d")[0]
+    assert np.abs(pixels(skipped) - pixels(plain)).max() > 0 and "Clip skip: 2" in infotext(skipped)
+    refused(cli, "image", "x", "--model", tiny("sd"), *FAST, "--embedding", emb, says="SDXL embedding")
+
+
 # ----------------------------------------------------------------------------- clip skip
 def test_clip_skip_is_diffusers_formula_and_recorded(cli, sd, baseline):
     """Clip skip 2 = the final layer norm over the penultimate layer's hidden states (what
