@@ -535,6 +535,35 @@ class ClipEmbedder:
             raise UsageError("nothing to embed", "pass image files, folders of images, or texts")
         expand_inputs(request.inputs, request.kind)
 
+    def _input_size(self) -> tuple[int, int] | None:
+        """(width, height) the visual tower takes (open_clip's visual.image_size), None if unknown."""
+        size = getattr(getattr(self.model, "visual", None), "image_size", None)
+        if isinstance(size, int):
+            return (size, size)
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            return (int(size[1]), int(size[0]))  # open_clip keeps (height, width)
+        return None
+
+    @classmethod
+    def check_request(cls, request: ClipEmbedRequest, spec: Any, device: DeviceManager | None) -> None:
+        """What can be checked before the weights load (the engine calls this first): the batch size,
+        that there is something to embed, and with a device a batch's memory. open_clip names its
+        architectures in code, not in a config file read before loading, so an image is costed as
+        ViT-L/14's at 224 px in fp32, about 20 MB (257 tokens x 1024 wide, the MLP 4x that): an
+        upper figure for the usual models (ViT-B/32 needs a tenth), so only absurd batches fail."""
+        if request.batch_size < 1:
+            raise UsageError(f"--batch-size {request.batch_size} must be at least 1", "pass e.g. --batch-size 32")
+        if not request.inputs:
+            raise UsageError("nothing to embed", "pass image files, folders of images, or texts")
+        if device is not None:
+            from studio.limits import check_fits
+
+            folders = any(Path(str(x)).expanduser().is_dir() for x in request.inputs)
+            batch = int(request.batch_size) if folders else min(int(request.batch_size), len(request.inputs))
+            per_image = 20 << 20
+            check_fits(task=TASK, spec=spec, device=device, work=batch * per_image, what=f"a batch of {batch} inputs",
+                       hint=lambda room: f"--batch-size {max(1, int(room // per_image))} or less")
+
     def _tensor_device(self):
         return self.device.device if hasattr(self.device, "device") else self.device
 
@@ -547,7 +576,11 @@ class ClipEmbedder:
         handle = progress.task("embedding images", total=len(images)) if progress is not None else None
         out = []
         for start in range(0, len(images), batch_size):
-            chunk = [load_image(x) if isinstance(x, (str, Path)) else x.convert("RGB") for x in images[start:start + batch_size]]
+            # a photo far larger than the model's input is shrunk while it is opened (only as far as
+            # it still covers the preprocess's resize + crop), never held at full size in a batch
+            box = self._input_size()
+            chunk = [load_image(x, max_size=box, cover=True) if isinstance(x, (str, Path)) else x.convert("RGB")
+                     for x in images[start:start + batch_size]]
             pixels = torch.stack([self.preprocess(im) for im in chunk]).to(self._tensor_device())  # (B, 3, H, W)
             with self._inference():
                 emb = self.model.encode_image(pixels.to(self._dtype()), normalize=normalize)  # (B, D)

@@ -266,7 +266,8 @@ def _load_rgb(path: Path, size: int) -> Any:
 
     from studio.pipeline import load_image
 
-    image = load_image(str(path)).convert("RGB")
+    # a large photo is shrunk while it is opened, only as far as it still covers the crop below
+    image = load_image(str(path), max_size=(size, size), cover=True)
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))))
     left, top = (image.width - size) // 2, (image.height - size) // 2
@@ -356,7 +357,11 @@ class _TransformersJob(_Job):
     def _caption_batch(self, pairs: list[tuple[Path, str]]) -> dict[str, Any]:
         from studio.pipeline import load_image
 
-        images = [load_image(str(p)).convert("RGB") for p, _ in pairs]
+        # the processor resizes to its own size (BLIP 384): a large photo is shrunk while it is
+        # opened, only as far as it still covers that size, never decoded whole into a batch
+        size = getattr(getattr(self.processor, "image_processor", None), "size", None) or {}
+        box = (int(size["width"]), int(size["height"])) if "width" in size and "height" in size else 2048
+        images = [load_image(str(p), max_size=box, cover=True) for p, _ in pairs]
         enc = self.processor(images=images, text=[c for _, c in pairs], padding="longest", return_tensors="pt")
         ids = enc["input_ids"]  # (B, T)
         bos = getattr(getattr(self.model.config, "text_config", None), "bos_token_id", None)

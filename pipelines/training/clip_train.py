@@ -107,11 +107,17 @@ class Sample:
         return self.loader()
 
 
+# Training images are cropped and resized to the model's input (224-448 px) after opening; one
+# far larger than that is shrunk while it is opened, as far as it still covers this box, so a
+# folder of 12000 px photos never decodes whole into a batch (the crop's aspect is kept by cover).
+OPEN_BOX = (1024, 1024)
+
+
 def _open_path(path: Path) -> Callable[[], Any]:
     def load() -> Any:
         from studio.pipeline import load_image
 
-        return load_image(path)
+        return load_image(path, max_size=OPEN_BOX, cover=True)
     return load
 
 
