@@ -525,6 +525,25 @@ jobs:
     assert len(big) == 1 and all(e in infotext(big[0]) for e in ("Hires upscale: 2", "Clip skip: 2", "Tiling: True"))
 
 
+def test_the_gallery_command_line_remakes_the_image(cli, sd, embeddings):
+    """`studio serve`'s gallery shows each output's command: with the new flags it runs as typed."""
+    import shlex
+
+    from studio.server.gallery import command_line
+
+    made = gen(cli, sd, "--embedding", embeddings["a1111"], "--freeu-params", "0.9,0.2,1.2,1.3", "--tile-axis", "x",
+               "--clip-skip", "2", "--hires", "1.5:0.5", prompt="a photo of mystyle")[0]
+    meta = sidecar(made)
+    line = command_line("image", meta["params"], str(sd))
+    for flag in ("--embedding", "--freeu-params 0.9,0.2,1.2,1.3", "--tile-axis x", "--clip-skip 2", "--hires 1.5:0.5"):
+        assert flag in line, line
+    r = cli(*shlex.split(line)[1:], "-o", "again", "-q")
+    assert r.exit_code == 0, r
+    assert np.array_equal(pixels(images("again")[0]), pixels(made))
+    assert command_line("upscale", {"images": ["/a.png", "/b.png"], "model": "lanczos", "scale": 2.0}).startswith(
+        "studio upscale /a.png /b.png --model lanczos --scale 2.0")
+
+
 def test_help_groups_the_options(cli):
     r = cli("image", "--help")
     assert r.exit_code == 0

@@ -240,7 +240,9 @@ def _item(index: int, base: Path, row: dict[str, Any], order: int) -> Item | Non
 COMMANDS: dict[str, tuple[list[str], str | None, dict[str, str]]] = {
     "image": (["image"], "prompt", {"negative_prompt": "--negative", "num_outputs": "", "seeds": "", "init_image": "--init",
                                     "mask_image": "--mask", "controls": "--control", "control_models": "--control-model",
-                                    "adapters": "--lora", "fuse_adapters": "--fuse-lora", "weighting": "--no-weighting"}),
+                                    "adapters": "--lora", "fuse_adapters": "--fuse-lora", "weighting": "--no-weighting",
+                                    "embeddings": "--embedding"}),
+    "upscale": (["upscale"], "images", {"negative_prompt": "--negative"}),
     "music-audio": (["music", "audio"], "prompt", {"num_outputs": ""}),
     "music-midi": (["music", "midi"], None, {"num_outputs": "", "adapters": "--lora", "render": "--render"}),
     "video": (["video", "generate"], "prompt", {"negative_prompt": "--negative", "num_outputs": "", "init_image": "--init",
@@ -253,7 +255,8 @@ def command_line(task: str, params: dict[str, Any], model: str = "") -> str:
     words, positional, flags = COMMANDS.get(task, ([task], "prompt", {}))
     argv = ["studio", *words]
     if positional and params.get(positional):
-        argv.append(str(params[positional]))
+        value = params[positional]
+        argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     for name, value in params.items():
         if name == positional or value is None or value == () or value == [] or value == "":
             continue
@@ -268,6 +271,9 @@ def command_line(task: str, params: dict[str, Any], model: str = "") -> str:
             continue
         if name == "render":
             argv.append("--render" if value else "--no-render")
+            continue
+        if name in ("freeu", "tile") and isinstance(value, str):  # values beyond on/off have their own flag
+            argv += ["--freeu-params" if name == "freeu" else "--tile-axis", value]
             continue
         if isinstance(value, bool):
             if value:
