@@ -1,8 +1,8 @@
 """`studio run FILE --ray`: batch files and pipelines on a real Ray cluster (studio/batch/ray.py).
 
 The cluster is what a user starts by hand: `ray start --head` and a second node joining it with
-`ray start --address`, one CPU each, both on this machine and reached at 127.0.0.1 (Ray's CLI
-records a node by the machine's own address; nothing leaves the machine). The driver is the real
+`ray start --address`, one CPU each, with token authentication, both on this machine and reached
+at 127.0.0.1 (Ray's CLI records a node by the machine's own address; nothing leaves the machine). The driver is the real
 `studio run` entry point in a subprocess; the jobs run the tiny Stable Diffusion model and the
 toy pipelines of tests/test_batch.py. Every output is checked against the same file run without
 Ray: same pixels for the same seeds, the manifest holding each job exactly once.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -47,8 +48,13 @@ class Cluster:
         self.address = f"127.0.0.1:{self.port}"
         # short: Ray's socket paths below it must fit in 107 bytes
         self.temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        # token authentication, as Ray sets up a new cluster: the nodes are told to ask for it; the
+        # driver (studio run) only has the token, and presents it as `ray start` would
+        token = secrets.token_hex(32)
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                    "PYTHONPATH": str(ROOT)}  # workers import the toy tasks from tests/
+                    "PYTHONPATH": str(ROOT), "RAY_AUTH_TOKEN": token}  # PYTHONPATH: workers import tests/' toys
+        self.env.pop("RAY_AUTH_MODE", None)
+        self.node_env = {**self.env, "RAY_AUTH_MODE": "token"}
         self.nodes: list[subprocess.Popen] = []
 
     def start_node(self, *args: str) -> Path:
@@ -56,7 +62,7 @@ class Cluster:
         cmd = [str(RAY), "start", "--block", "--num-cpus=1", "--object-store-memory=100000000",
                f"--temp-dir={self.temp}", *args]
         with open(log, "wb") as f:
-            self.nodes.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env,
+            self.nodes.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.node_env,
                                                start_new_session=True))
         return log
 
@@ -157,11 +163,13 @@ def kill_a_busy_worker(cluster: Cluster, driver: subprocess.Popen, out: Path, af
 
 
 def test_a_batch_and_a_pipeline_on_two_nodes_survive_a_killed_worker_and_match_the_run_without_ray(cluster, toys, tmp_path):
-    """The representative run: 12 jobs and a 3-step pipeline in one file, a worker killed mid-run."""
+    """The representative run: 12 jobs, one that fails, and a 3-step pipeline in one file, a worker
+    killed mid-run."""
     from studio.batch import run_file
 
     data = {"defaults": {"model": str(toys), "width": 48, "height": 48, "delay": 0.4},
-            "jobs": [{"task": "toy-image", "prompt": "a {red|blue} {fox|owl|cat}", "seeds": [1, 2]}],
+            "jobs": [{"task": "toy-image", "prompt": "a {red|blue} {fox|owl|cat}", "seeds": [1, 2]},
+                     {"task": "toy-image", "name": "broken", "prompt": "p", "fail": True}],
             "steps": storyboard(toys, delay=0.4)["steps"]}
     f = write(tmp_path / "b.yaml", data)
     names = [f"job1.{n}" for n in range(1, 13)] + ["left", "right", "desc"]
@@ -169,30 +177,33 @@ def test_a_batch_and_a_pipeline_on_two_nodes_survive_a_killed_worker_and_match_t
     driver = studio_run(cluster, f, out, "--ray", cluster.address, "--json", wait=False)
     kill_a_busy_worker(cluster, driver, out, after=2)
     stdout, stderr = driver.communicate(timeout=600)
-    assert driver.returncode == 0, stderr[-3000:]
+    assert driver.returncode == 1, stderr[-3000:]  # one job failed, as it fails without Ray
+    assert "error: job broken failed: RuntimeError: the painter was asked to fail" in stderr
     assert "its worker was lost" in stderr and "running it again" in stderr
     assert "(raylet)" not in stdout + stderr  # Ray's own paragraph about it stays out of the way
 
     # --json: one line per output, as without Ray, then the summary
     lines = [json.loads(line) for line in stdout.splitlines()]
-    assert sorted(line["job"] for line in lines[:-1]) == sorted(names + ["desc"])  # desc: one text per image
-    assert all(Path(line["path"]).exists() for line in lines[:-1])
+    made = [line for line in lines[:-1] if line["status"] == "done"]
+    assert sorted(line["job"] for line in made) == sorted(names + ["desc"])  # desc: one text per image
+    assert all(Path(line["path"]).exists() for line in made)
     summary = lines[-1]["summary"]
-    assert (summary["jobs"], summary["done"], summary["failed"], summary["processes"]) == (15, 15, 0, 2)
+    assert (summary["jobs"], summary["done"], summary["failed"], summary["processes"]) == (16, 15, 1, 2)
+    assert [r["name"] for r in read_manifest(out) if r.get("event") == "job-failed"] == ["broken"]
 
     records = exactly_once(out, names)
     assert len({r["process"] for r in records}) >= 3  # two workers, the lost one's successor, the captioner
     assert [r["name"] for r in records].index("desc") > max([r["name"] for r in records].index(s) for s in ("left", "right"))
-    assert run_file(data, out_dir=tmp_path / "local").failed == 0
+    assert run_file(data, out_dir=tmp_path / "local").failed == 1
     same_outputs(out, tmp_path / "local")  # desc read the images the driver shipped to its worker
     # what desc records names the driver's files (not a worker's copy): replay reads those
     assert json.loads((out / "desc.json").read_text())["params"]["images"] == [str((out / "left.png").resolve())]
 
     # --resume knows the Ray run's outputs: nothing runs again
     again = studio_run(cluster, f, out, "--ray", cluster.address, "--resume", "--json")
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 1, again.stderr[-3000:]
     summary = json.loads(again.stdout.splitlines()[-1])["summary"]
-    assert (summary["skipped"], summary["done"]) == (15, 0)
+    assert (summary["skipped"], summary["done"], summary["failed"]) == (15, 0, 1)  # only the broken one ran again
     exactly_once(out, names)
 
 
@@ -309,7 +320,9 @@ def test_ray_flags_are_checked_before_anything_runs(toys, tmp_path, cli):
 
 
 def test_studio_help_does_not_import_ray():
-    code = "import sys; from studio.cli import app; print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
+    code = ("import sys; from typer.testing import CliRunner; from studio.cli import app\n"
+            "assert CliRunner().invoke(app, ['run', '--help']).exit_code == 0\n"
+            "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert found.stdout.strip() == "[]", found.stderr
 

@@ -39,12 +39,14 @@ import dataclasses
 import itertools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from types import SimpleNamespace
@@ -243,6 +245,7 @@ def connected(address: str, *, debug: bool = False) -> Iterator[Any]:
         raise UsageError(f"--ray {address}: not an address", ADDRESS_HINT)
     ray = require_ray()
     _check_address(address)
+    _token_auth(address)
     _quiet_notices(ray, debug)
     kwargs: dict[str, Any] = dict(address=address, namespace="studio", log_to_driver=debug,
                                   logging_level=logging.INFO if debug else logging.ERROR)
@@ -256,8 +259,9 @@ def connected(address: str, *, debug: bool = False) -> Iterator[Any]:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--ray {address}: cannot reach a Ray cluster ({first})",
-                         "start one with `ray start --head` (other nodes: `ray start --address HEAD:6379`), "
-                         "or run on this machine alone with --ray local") from exc
+                         "start one with `ray start --head` (other nodes: `ray start --address HEAD:6379`), or run "
+                         "on this machine alone with --ray local; a cluster with token authentication needs its token "
+                         "here (RAY_AUTH_TOKEN, or ~/.ray/auth_token)") from exc
     finally:
         if main and previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -266,6 +270,30 @@ def connected(address: str, *, debug: bool = False) -> Iterator[Any]:
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
+
+
+def _token_auth(address: str) -> None:
+    """Ray's token authentication (2.5x on): a new local cluster gets a token, and `ray start`
+    turns it on for a node when the machine holds one (~/.ray/auth_token, or RAY_AUTH_TOKEN).
+    A driver presents it only under RAY_AUTH_MODE=token, so without that studio does what
+    `ray start` does: present the machine's token when there is one (a cluster without
+    authentication accepts it too). For `--ray local` the token is a fresh one for the run, held
+    in this process's environment: Ray would write it to ~/.ray/auth_token, which turns
+    authentication on for every `ray start` on the machine from then on. RAY_AUTH_MODE set by the
+    user is left as it is."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    if address == "local":
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    elif not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    with contextlib.suppress(Exception):
+        Config.initialize("")  # Ray's own switch does this too: the cached config sees the mode
 
 
 def _quiet_notices(ray: Any, debug: bool) -> None:
@@ -351,9 +379,12 @@ class RayRun:
         return Report(outcomes=ordered, out_dir=r.out_dir, seconds=time.perf_counter() - started,
                       processes=sum(self.capacity.total.values()))
 
-    def _capacity(self) -> Capacity:
+    def _slots(self) -> dict[str, int]:
         resources = self.ray.cluster_resources()
-        total = {"CPU": int(resources.get("CPU", 0)), "GPU": int(resources.get("GPU", 0))}
+        return {"CPU": int(resources.get("CPU", 0)), "GPU": int(resources.get("GPU", 0))}
+
+    def _capacity(self) -> Capacity:
+        total = self._slots()
         if not any(total.values()):
             raise UsageError(f"the Ray cluster at {self.address} offers no CPU or GPU to run on",
                              "start its nodes with --num-cpus N (or --num-gpus N)")
@@ -375,14 +406,14 @@ class RayRun:
     # ------------------------------------------------------------------ scheduling
     def _schedule(self) -> list[Outcome]:
         r = self.runner
-        jobs = r.file.jobs
+        jobs = {job.name: job for job in r.file.jobs}
         total = len(jobs)
-        waiting = list(jobs)  # not prepared yet: steps wait for the steps they read
-        ready: list[tuple[Job, str, str, int]] = []  # (job, key, tag, attempts so far)
+        steps = [job for job in jobs.values() if job.needs]  # wait for the steps they read
+        queues: dict[str, deque] = {}  # group -> ready (job, key, tag, tries so far), in run order
         running: dict[futures.Future, tuple[Slot, Job, str, str, int]] = {}
         settled: dict[str, Outcome] = {}
-        remaining = {}  # group -> jobs not settled yet (an actor is ended when none is left)
-        for job in jobs:
+        remaining: dict[str, int] = {}  # group -> jobs not settled yet (an actor is ended when none is left)
+        for job in jobs.values():
             remaining[job.group] = remaining.get(job.group, 0) + 1
         pool = futures.ThreadPoolExecutor(max_workers=max(1, sum(self.capacity.total.values())),
                                           thread_name_prefix="studio-ray")
@@ -392,56 +423,59 @@ class RayRun:
 
                 def settle(outcome: Outcome) -> None:
                     settled[outcome.job] = outcome
-                    group = r.file.job(outcome.job).group
-                    remaining[group] -= 1
+                    remaining[jobs[outcome.job].group] -= 1
                     r._report(outcome, len(settled), total)
                     bar.advance()
 
+                def prepare(job: Job) -> None:
+                    """Skipped (resume), blocked (a step it reads failed), or ready to run."""
+                    prepared = r._prepare(job)
+                    if isinstance(prepared, Outcome):
+                        settle(prepared)
+                    else:
+                        queues.setdefault(job.group, deque()).append((*prepared, 0))
+
+                for job in jobs.values():
+                    if not job.needs:
+                        prepare(job)
                 while len(settled) < total:
-                    # 1. jobs whose inputs are settled: skipped, blocked, or ready to run
-                    for job in list(waiting):
-                        if all(name in settled for name in job.needs):
-                            waiting.remove(job)
-                            prepared = r._prepare(job)
-                            if isinstance(prepared, Outcome):
-                                settle(prepared)
-                            else:
-                                ready.append((*prepared, 0))
+                    # 1. steps whose inputs are settled (one settling may free the next)
+                    while ready_steps := [s for s in steps if all(n in settled for n in s.needs)]:
+                        for step in ready_steps:
+                            steps.remove(step)
+                            prepare(step)
                     # 2. actors whose group has no work left end; ready jobs go to actors
                     for slot in [s for s in self.slots if not s.busy and remaining.get(s.group, 0) == 0]:
                         self._end(slot)
-                    for item in self._dispatch(ready):
-                        slot, job, key, tag, attempt = item
-                        future = pool.submit(self._attempt, slot, job, key, tag)
-                        running[future] = item
+                    for item in self._dispatch(queues):
+                        running[pool.submit(self._attempt, *item[:4])] = item
                     if not running:
-                        if ready:  # nothing runs, so every slot is free: this job's kind has none
-                            job = ready[0][0]
+                        if len(settled) == total:
+                            break
+                        job = next((q[0][0] for q in queues.values() if q), None)
+                        if job is not None:  # nothing runs, so every slot is free: none is of this kind
                             raise UsageError(f"job {job.name} needs a {self._kind(job)} and the Ray cluster at "
                                              f"{self.address} has none", "add a node with one, or pass --device cpu")
-                        if waiting:
-                            raise RuntimeFailure(f"steps {', '.join(j.name for j in waiting)} wait for steps that never ran",
-                                                 "report it: a bug in studio's Ray scheduler")
-                        continue
+                        raise RuntimeFailure(f"steps {', '.join(s.name for s in steps)} wait for steps that never ran",
+                                             "report it: a bug in studio's Ray scheduler")
                     # 3. wait for a job to end (Ctrl-C lands here)
                     done, _ = futures.wait(running, timeout=0.5, return_when=futures.FIRST_COMPLETED)
                     for future in done:
-                        slot, job, key, tag, attempt = running.pop(future)
+                        slot, job, key, tag, tries = running.pop(future)
                         slot.busy = False
                         try:
                             outcome = future.result()
                         except WorkerLost as exc:
                             self._lose(slot, job, tag)
-                            if attempt + 1 >= self.attempts:
-                                error = (f"its worker was lost {attempt + 1} times (last: {exc}); a job that ends "
-                                         f"its worker (out of memory?) is not tried again")
-                                r._record({"event": "job-failed", "job": tag, "name": job.name, "error": error})
-                                outcome = Outcome(job=job.name, task=job.task, status="failed", error=error, tag=tag)
-                            else:
+                            if tries + 1 < self.attempts:
                                 r._warn(f"job {job.name}: its worker was lost ({exc}); running it again")
                                 self.retried.append(job.name)
-                                ready.insert(0, (job, key, tag, attempt + 1))
+                                queues.setdefault(job.group, deque()).appendleft((job, key, tag, tries + 1))
                                 continue
+                            error = (f"its worker was lost {tries + 1} times (last: {exc}); a job that ends "
+                                     f"its worker (out of memory?) is not tried again")
+                            r._record({"event": "job-failed", "job": tag, "name": job.name, "error": error})
+                            outcome = Outcome(job=job.name, task=job.task, status="failed", error=error, tag=tag)
                         outcome.process = slot.index
                         settle(outcome)
         except BaseException:
@@ -453,26 +487,29 @@ class RayRun:
         pool.shutdown(wait=True)
         return list(settled.values())
 
-    def _dispatch(self, ready: list[tuple[Job, str, str, int]]) -> list[tuple[Slot, Job, str, str, int]]:
-        """Ready jobs paired with actors: an idle actor of the job's group; else a new actor in a
-        free slot; else a new actor in the slot of an idle actor whose group has no ready job.
-        Jobs keep their order (jobs of one model come together in a file's run order)."""
+    def _dispatch(self, queues: dict[str, deque]) -> list[tuple[Slot, Job, str, str, int]]:
+        """Ready jobs paired with actors: an idle actor takes its own group's next job; a group
+        with jobs left gets new actors while a slot is free, or in place of an idle actor whose
+        group has nothing ready. Groups are served in run order (a file's jobs of one model come
+        together), so a model fills the slots, and the next model takes them as it finishes."""
         started = []
-        for item in list(ready):
-            job = item[0]
-            slot = next((s for s in self.slots if not s.busy and s.group == job.group), None)
-            if slot is None:
-                kind = self._kind(job)
-                if not self.capacity.free(kind):
-                    wanted = {j.group for j, *_ in ready}
-                    spare = next((s for s in self.slots if not s.busy and s.group not in wanted and s.kind == kind), None)
-                    if spare is None:
-                        continue
-                    self._end(spare)
-                slot = self._start(job, kind)
+
+        def take(slot: Slot, queue: deque) -> None:
             slot.busy = True
-            ready.remove(item)
-            started.append((slot, *item))
+            started.append((slot, *queue.popleft()))
+
+        for slot in self.slots:
+            if not slot.busy and queues.get(slot.group):
+                take(slot, queues[slot.group])
+        for group, queue in queues.items():
+            while queue:
+                kind = self._kind(queue[0][0])
+                if not self.capacity.free(kind):
+                    spare = next((s for s in self.slots if not s.busy and s.kind == kind and not queues.get(s.group)), None)
+                    if spare is None:
+                        break
+                    self._end(spare)
+                take(self._start(queue[0][0], kind), queue)
         return started
 
     def _start(self, job: Job, kind: str) -> Slot:
@@ -500,7 +537,9 @@ class RayRun:
         self._end(slot)
         if self.cancelled.is_set():
             return
-        removed, kept = Manifest(self.runner.out_dir).clear_leftovers(job.name, tag)
+        with contextlib.suppress(Exception):  # a node that went away takes its slots with it
+            self.capacity.total = self._slots()
+        _, kept = Manifest(self.runner.out_dir).clear_leftovers(job.name, tag)
         for note in kept:
             self.runner._warn(note)
 
@@ -512,6 +551,9 @@ class RayRun:
 
         def remote(job: Job, params: dict[str, Any], options: Any, tag: str, template: str) -> list[Output]:
             inputs, params = self._ship(job, params, options)
+            if slot.kind == "GPU" and str(options.device.get("device") or "").startswith("cuda:"):
+                # Ray shows an actor its one GPU as cuda:0: a file's cuda:N names a GPU it cannot see
+                options = dataclasses.replace(options, device={**options.device, "device": "cuda"})
             if self.shared_out:
                 ref = slot.handle.run_job.remote(job, params, tag, options, template, inputs)
                 outputs, events = self._get(ref)
