@@ -19,6 +19,7 @@ meaning (caption's --out FILE, a training run's --seed 0) declares that paramete
 decorator leaves it alone. `apply_globals` is the one place --debug and --offline take effect.
 """
 
+import errno
 import functools
 import inspect
 import os
@@ -33,7 +34,7 @@ import typer
 from typer import _click as click  # typer 0.29 vendors click
 from typer.exceptions import Abort, Exit  # typer's own exit exceptions (not click's)
 
-from studio.errors import StudioError
+from studio.errors import RuntimeFailure, StudioError
 
 DEBUG = {"on": os.environ.get("STUDIO_DEBUG", "") not in ("", "0")}
 
@@ -257,6 +258,15 @@ def _exit_code(exc: BaseException) -> int | None:
     if isinstance(exc, StudioError):
         print_error(exc)
         return exc.exit_code
+    from studio.outputs import _no_space, disk_full_error
+
+    full = _no_space(exc)
+    if full is not None:  # a full disk, quota or file size limit met outside the writer (torch.save, a cache)
+        name = getattr(full, "filename", None)
+        print_error(disk_full_error(full, Path(str(name))) if name else
+                    RuntimeFailure(f"a write failed: {os.strerror(full.errno or errno.ENOSPC)}",
+                                   "free some space or pass --out on another disk"))
+        return 1
     # a bug or a library failure: one line unless --debug
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     sys.stderr.write(f"error: {type(exc).__name__}: {first}\n"
