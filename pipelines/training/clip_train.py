@@ -28,7 +28,9 @@ What is written here is what open_clip (the library) leaves to its separate trai
 Distributed: launch the same command with `torchrun --nproc-per-node N -m studio clip train ...`
 (CPU with gloo, or GPUs with NCCL), or on GPUs `accelerate launch --multi_gpu --num_processes N
 -m studio clip train ...`, which runs torch's launcher; each process reads RANK / WORLD_SIZE /
-LOCAL_RANK from the environment these launchers set. (`accelerate launch --cpu` starts a single
+LOCAL_RANK from the environment these launchers set. Several nodes: the same torchrun line on
+each, `--nnodes M --rdzv-backend c10d --rdzv-endpoint NODE1:PORT --rdzv-id RUN` (tests/test_multinode.py
+runs two nodes on 127.0.0.1). (`accelerate launch --cpu` starts a single
 process unless accelerate is configured for multi-CPU/MPI: use torchrun on CPUs.) `--batch-size` is per process (open_clip's
 convention), so the global batch is batch_size x processes x accum.
 """
