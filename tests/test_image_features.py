@@ -125,6 +125,24 @@ def test_hires_infotext_reads_back_as_the_hires_flags():
     assert not any("ignored" in n for n in notes), notes
 
 
+def test_from_an_a1111_png_takes_the_feature_entries(cli, sd):
+    """--from a PNG as A1111 saves it: hires, clip skip and tiling carry over; Mask blur without
+    --mask is a note, not an error."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a red cat\nSteps: 2, Sampler: Euler, CFG scale: 1, Seed: 3, Size: 64x64, "
+                                "Denoising strength: 0.5, Clip skip: 2, Tiling: True, Mask blur: 4, Hires upscale: 1.5")
+    Image.new("RGB", (8, 8)).save("a1111.png", pnginfo=info)
+    r = cli("image", "--from", "a1111.png", "--model", sd, "-o", "from")
+    assert r.exit_code == 0, r
+    assert "Mask blur 4 applies with --init" in r.stderr
+    (made,) = images("from")
+    assert Image.open(made).size == (96, 96)
+    text = infotext(made)
+    assert all(e in text for e in ("Hires upscale: 1.5", "Denoising strength: 0.5", "Clip skip: 2", "Tiling: True"))
+
+
 def test_hires_with_an_upscaler_model(cli, sd, tiny):
     x4 = tiny("sd-upscale")
     out = gen(cli, sd, "--hires", "2:0.5", "--hires-upscaler", x4)

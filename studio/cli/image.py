@@ -22,6 +22,9 @@ _ADP = "Adapters and prompt"
 _HIRES = "Hires fix"
 _LOOK = "FreeU and tiling"
 _XY = "X/Y plot"
+_IPA = "IP-Adapter and T2I-Adapter"
+_REF = "SDXL refiner"
+_REG = "Regional prompts"
 
 
 def register(root: typer.Typer) -> None:
@@ -145,12 +148,19 @@ def image(
     freeu_params: Annotated[Optional[str], typer.Option("--freeu-params", metavar="S1,S2,B1,B2", help="FreeU with these values (implies --freeu)", rich_help_panel=_LOOK, show_default=False)] = None,
     tile: Annotated[bool, typer.Option("--tile", help="seamless: the image tiles without a seam (circular padding, A1111's Tiling)", rich_help_panel=_LOOK)] = False,
     tile_axis: Annotated[Optional[str], typer.Option("--tile-axis", metavar="x|y", help="seamless along one axis only (x: left-right wraps, e.g. a panorama)", rich_help_panel=_LOOK, show_default=False)] = None,
+    ip_adapter: Annotated[Optional[str], typer.Option("--ip-adapter", metavar="IMAGE[:SCALE]", help="a reference image that steers like a prompt (IP-Adapter; scale 0-1, default 1)", rich_help_panel=_IPA, show_default=False)] = None,
+    ip_adapter_model: Annotated[Optional[str], typer.Option("--ip-adapter-model", help="the IP-Adapter: a card, or a folder with ip-adapter*.safetensors and image_encoder/ (default: the card for the model's family)", rich_help_panel=_IPA, show_default=False)] = None,
+    t2i_adapter: Annotated[Optional[List[str]], typer.Option("--t2i-adapter", metavar="TYPE:IMAGE[:SCALE]", help="T2I-Adapter control map, repeatable (types as --control: canny, none, depth, ...)", rich_help_panel=_IPA, show_default=False)] = None,
+    t2i_adapter_model: Annotated[Optional[List[str]], typer.Option("--t2i-adapter-model", help="T2I-Adapter per --t2i-adapter, same order (auto = the card for TYPE)", rich_help_panel=_IPA, show_default=False)] = None,
+    refiner: Annotated[Optional[str], typer.Option("--refiner", metavar="MODEL[:SWITCH]", help="SDXL refiner: the base stops at SWITCH (0.8) of the steps, the refiner finishes", rich_help_panel=_REF, show_default=False)] = None,
+    region: Annotated[Optional[List[str]], typer.Option("--region", metavar="PROMPT@BOX_OR_MASK", help="paint a region from its own prompt, repeatable; BOX is x0,y0,x1,y1 in pixels or fractions (0,0,0.5,1 = left half), or a mask image (white = the region); the main prompt paints the rest", rich_help_panel=_REG, show_default=False)] = None,
     xy: Annotated[Optional[List[str]], typer.Option("--xy", metavar="NAME=V1,V2,...", help="X/Y plot axis, once or twice: every combination plus a labelled contact sheet; NAME is any setting (steps, cfg, sampler, seed, clip-skip, lora, prompt_sr, ...); ranges 1-5, 1-9 (+2), 0.5-1.5 \\[3]", rich_help_panel=_XY, show_default=False)] = None,
     opts: Globals = None,
 ) -> None:
     """Generate images from a prompt: text-to-image, img2img (--init, also a folder), inpaint
     (--mask), outpaint, ControlNet (--control), LoRA (--lora), embeddings, hires fix (--hires),
-    X/Y plots (--xy). Every image carries its settings (PNG parameters, JSON sidecar) and
+    X/Y plots (--xy), IP-Adapter, T2I-Adapter, the SDXL refiner, regional prompts (--region).
+    Every image carries its settings (PNG parameters, JSON sidecar) and
     `studio replay IMAGE.png` makes it again."""
     if list_schedulers_:
         list_schedulers()
@@ -172,6 +182,12 @@ def image(
         "freeu": freeu_params if freeu_params else (True if freeu else None),
         "tile": tile_axis if tile_axis else (True if tile else None),
         "xy": tuple(xy) if xy else None,
+        "ip_adapter": _image_scale_text(ip_adapter) if ip_adapter else None,
+        "ip_adapter_model": ip_adapter_model,
+        "t2i_adapters": tuple(_control_text(t) for t in t2i_adapter) if t2i_adapter else None,
+        "t2i_adapter_models": tuple(t2i_adapter_model) if t2i_adapter_model else None,
+        "refiner": refiner,
+        "regions": tuple(_region_text(r) for r in region) if region else None,
     }
     if from_png is not None:
         recipe, notes = recipe_from_png(from_png.expanduser())
@@ -179,6 +195,8 @@ def image(
             recipe.pop("seed", None)  # --seed / --seeds given: the PNG's seed gives way
         if params["init_image"] is None and recipe.get("init_image") is None and recipe.get("strength") is not None:
             notes.append(f"denoising strength {recipe.pop('strength'):g} is for img2img: pass --init IMAGE (and --strength) to use it")
+        if params["mask_image"] is None and recipe.get("mask_image") is None:
+            recipe.pop("mask_blur", None)  # the note from the infotext says how to use it
         if params["model"] is not None:
             notes = [n for n in notes if "pass --model" not in n]
         if params["adapters"] is not None:
@@ -204,6 +222,24 @@ def _embedding_text(text: str) -> str:
     head, sep, tail = text.rpartition(":")
     if sep and head and Path(head).expanduser().exists():
         return f"{Path(head).expanduser().resolve()}:{tail}"
+    return text
+
+
+def _image_scale_text(text: str) -> str:
+    """The IMAGE part of IMAGE[:SCALE] made absolute, so the recorded request replays anywhere."""
+    if Path(text).expanduser().exists():
+        return str(Path(text).expanduser().resolve())
+    head, sep, tail = text.rpartition(":")
+    if sep and head and Path(head).expanduser().exists():
+        return f"{Path(head).expanduser().resolve()}:{tail}"
+    return text
+
+
+def _region_text(text: str) -> str:
+    """A region's mask path made absolute (a box stays as typed)."""
+    prompt, sep, where = text.rpartition("@")
+    if sep and where.strip() and Path(where.strip()).expanduser().is_file():
+        return f"{prompt}@{Path(where.strip()).expanduser().resolve()}"
     return text
 
 
