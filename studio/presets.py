@@ -39,6 +39,10 @@ META_KEYS = {"task", "description"}
 # picks what to load (the engine drops it afterwards for model-less requests)
 ALWAYS_ALLOWED = {"model"}
 NAME_OK = "letters, digits, - and _"
+# request fields that only a command-line flag may turn on, never a file: a preset shared between
+# people, or a batch file from elsewhere, must not run generated code without isolation. A batch
+# file may set them when `studio run --unsafe-exec` says so (check_params' `allow`).
+FLAG_ONLY = {"unsafe_exec": "--unsafe-exec"}
 
 
 # --------------------------------------------------------------------------- YAML with line numbers
@@ -349,8 +353,10 @@ def check_value(hint: Any, value: Any) -> tuple[Any, str | None]:
 
 
 def check_params(task: str, params: dict[str, Any], where: Callable[[str], str], what: str, *,
-                 request_type: type | None = None, always_allowed: set[str] = ALWAYS_ALLOWED) -> dict[str, Any]:
-    """Validate request parameters of `task`: unknown keys and bad values name key and line.
+                 request_type: type | None = None, always_allowed: set[str] = ALWAYS_ALLOWED,
+                 allow: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """Validate request parameters of `task`: unknown keys and bad values name key and line, and
+    a FLAG_ONLY key set true is refused unless `allow` names it (the command line's own flag).
 
     Returns the values converted to the Request's annotated types."""
     from studio import registry
@@ -371,6 +377,10 @@ def check_params(task: str, params: dict[str, Any], where: Callable[[str], str],
         converted, problem = check_value(fields[key][0], value)
         if problem:
             raise UsageError(f"{what}: {key}: {problem} ({where(key)})", f"fix {key!r} in the file")
+        if key in FLAG_ONLY and converted and key not in allow:
+            raise UsageError(f"{what}: {key}: true is not allowed in a file ({where(key)})",
+                             f"only the command line turns it on: `{FLAG_ONLY[key]}` on the command, or "
+                             f"`studio run FILE {FLAG_ONLY[key]}` for a batch file you trust")
         out[key] = converted
     return out
 

@@ -44,12 +44,12 @@ class BatchFile:
     warnings: list[str] = field(default_factory=list)  # e.g. a model that is not downloaded yet
 
     @classmethod
-    def load(cls, path: str | Path) -> "BatchFile":
-        return parse(read(path))
+    def load(cls, path: str | Path, *, unsafe_exec: bool = False) -> "BatchFile":
+        return parse(read(path), unsafe_exec=unsafe_exec)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<python>") -> "BatchFile":
-        return parse(presets.YamlDoc(source=source, data=data))
+    def from_dict(cls, data: dict[str, Any], source: str = "<python>", *, unsafe_exec: bool = False) -> "BatchFile":
+        return parse(presets.YamlDoc(source=source, data=data), unsafe_exec=unsafe_exec)
 
     def job(self, name: str) -> Job:
         for job in self.jobs:
@@ -71,9 +71,10 @@ def read(path: str | Path) -> presets.YamlDoc:
     return presets.read_yaml(path, max_items={"jobs": presets.MAX_YAML_ITEMS})
 
 
-def load(path: str | Path) -> BatchFile:
-    """Read and validate a batch / pipeline file (everything `studio validate` checks)."""
-    return BatchFile.load(path)
+def load(path: str | Path, *, unsafe_exec: bool = False) -> BatchFile:
+    """Read and validate a batch / pipeline file (everything `studio validate` checks).
+    `unsafe_exec`: `studio run --unsafe-exec` was given, so jobs may set `unsafe_exec: true`."""
+    return BatchFile.load(path, unsafe_exec=unsafe_exec)
 
 
 def is_batch_data(data: Any) -> bool:
@@ -84,7 +85,7 @@ def is_batch_data(data: Any) -> bool:
     return "jobs" in data or isinstance(data.get("steps"), dict) or "task" not in data
 
 
-def parse(doc: presets.YamlDoc) -> BatchFile:
+def parse(doc: presets.YamlDoc, *, unsafe_exec: bool = False) -> BatchFile:
     # 1. the file's own keys
     data, src = doc.data, doc.source
     defaults = _check_top(doc)
@@ -99,7 +100,7 @@ def parse(doc: presets.YamlDoc) -> BatchFile:
         raise UsageError(f"steps must be a mapping of name: step ({doc.where('steps')})",
                          "e.g. steps:\\n  hero: {task: image, prompt: ...}")
     # 2. every job and step, checked against its task's Request; jobs expanded (counted first)
-    parser = _Parser(doc, defaults)
+    parser = _Parser(doc, defaults, allow=frozenset({"unsafe_exec"}) if unsafe_exec else frozenset())
     width = len(str(len(raw_jobs)))
     jobs: list[Job] = []
     for i, raw in enumerate(raw_jobs):
@@ -162,9 +163,10 @@ def check_template(template: str, where: str) -> None:
 class _Parser:
     """Turns the file's jobs and steps into validated Jobs, remembering each key's line."""
 
-    def __init__(self, doc: presets.YamlDoc, defaults: dict[str, Any]):
+    def __init__(self, doc: presets.YamlDoc, defaults: dict[str, Any], allow: frozenset[str] = frozenset()):
         self.doc = doc
         self.defaults = defaults
+        self.allow = allow  # FLAG_ONLY keys the command line allowed (studio run --unsafe-exec)
         self.defaults_used: set[str] = set()
         self.warnings: list[str] = []
         self._checked_models: set[tuple[str, str]] = set()
@@ -252,7 +254,7 @@ class _Parser:
                              f"use a {task} preset")
         cls = self._class_for(str(task), label, where)
         if preset is not None and (preset.name, task) not in self._checked_presets:  # its own values, once
-            presets.check_params(task, preset.params, preset.doc.where, f"preset {preset.path}")
+            presets.check_params(task, preset.params, preset.doc.where, f"preset {preset.path}", allow=self.allow)
             self._checked_presets.add((preset.name, task))
         # 2. which keys apply: the job's all must; defaults' only where the task has the field
         params, device = self._split(merged, raw, cls, str(task), label, meta, where)
@@ -349,7 +351,7 @@ class _Parser:
     def _check_values(self, task: str, cls: type, params: dict[str, Any], where: Callable, label: str) -> dict[str, Any]:
         plain = {k: v for k, v in params.items() if not graph.has_ref(v)}
         checked = presets.check_params(task, plain, where, label, request_type=cls.request_type,
-                                       always_allowed=_always_allowed(cls))
+                                       always_allowed=_always_allowed(cls), allow=self.allow)
         return {k: checked.get(k, v) for k, v in params.items()}
 
     def _model(self, params: dict[str, Any], preset: str | None, cls: type) -> str | None:

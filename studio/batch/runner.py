@@ -173,7 +173,8 @@ class Runner:
 
     Options mirror `studio run`: out_dir (else the file's `out:`, else outputs/<file name>),
     resume, device (flags that win over the file: {"device": "cpu", "precision": "bf16"}),
-    quiet/json (what is printed), offline, allow_pickle, trust_remote_code. `emit` receives one
+    quiet/json (what is printed), offline, allow_pickle, trust_remote_code, unsafe_exec (jobs may
+    set `unsafe_exec: true`: `studio run --unsafe-exec`). `emit` receives one
     dict per output (what --json prints). `unload_models=False` keeps every model loaded;
     `merge=1` runs every job as its own pipeline call."""
 
@@ -181,15 +182,15 @@ class Runner:
                  resume: bool = False, device: dict[str, Any] | None = None, quiet: bool = True, json: bool = False,
                  offline: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,
                  progress: Any = None, emit: Callable[[dict[str, Any]], None] | None = None,
-                 unload_models: bool = True, run_id: str | None = None, merge: int = 8):
+                 unload_models: bool = True, run_id: str | None = None, merge: int = 8, unsafe_exec: bool = False):
         from studio.progress import Progress
 
         if isinstance(source, BatchFile):
             self.file = source
         elif isinstance(source, dict):
-            self.file = BatchFile.from_dict(source)
+            self.file = BatchFile.from_dict(source, unsafe_exec=unsafe_exec)
         else:
-            self.file = BatchFile.load(source)
+            self.file = BatchFile.load(source, unsafe_exec=unsafe_exec)
         self.out_dir = Path(out_dir).expanduser() if out_dir else (self.file.out or Path("outputs") / self.file.name)
         self.resume = resume
         self.device_flags = {k: v for k, v in (device or {}).items() if v is not None}

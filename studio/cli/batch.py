@@ -39,6 +39,8 @@ def run(
              "this machine) or the head's address (HOST:6379, ray://HOST:10001); needs Ray: pip install 'studio\\[ray]'")] = None,
     shared_out: Annotated[bool, typer.Option(
         "--shared-out", help="with --ray: workers write into --out themselves (a folder every node mounts at the same path)")] = False,
+    unsafe_exec: Annotated[bool, typer.Option(
+        "--unsafe-exec", help="let the file's jobs set unsafe_exec: true (code tests run WITHOUT isolation where no sandbox can be had)")] = False,
     opts: Globals = None,
 ) -> None:
     """Run a batch file or a multi-step pipeline file. Exit code: how many jobs failed (0 = all done).
@@ -58,7 +60,7 @@ def run(
     allow_pickle, trust_remote_code = opts.allow_pickle, opts.trust_remote_code
     flags = opts.device_flags()
     runner = Runner(file, out_dir=out, resume=resume, device=flags, quiet=quiet, json=json_out, offline=offline,
-                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, unsafe_exec=unsafe_exec,
                     emit=print_json if json_out else None)
     for warning in runner.file.warnings:
         _stderr(f"warning: {warning}")
@@ -71,6 +73,7 @@ def run(
         argv = [f"--out={runner.out_dir}"] + (["--resume"] if resume else []) + (["--quiet"] if quiet else [])
         argv += (["--json"] if json_out else []) + (["--debug"] if debug else []) + (["--offline"] if offline else [])
         argv += (["--allow-pickle"] if allow_pickle else []) + (["--trust-remote-code"] if trust_remote_code else [])
+        argv += ["--unsafe-exec"] if unsafe_exec else []
         for key, value in flags.items():
             if value is not None:
                 argv.append(f"--{key}" if value is True else f"--no-{key}" if value is False else f"--{key}={value}")
@@ -186,6 +189,8 @@ def _plain(value: Any) -> Any:
 @global_options("json")
 def validate(
     file: Annotated[Path, typer.Argument(help="a batch / pipeline file, or a preset file")],
+    unsafe_exec: Annotated[bool, typer.Option(
+        "--unsafe-exec", help="accept jobs that set unsafe_exec: true, as `studio run --unsafe-exec` does")] = False,
     opts: Globals = None,
 ) -> None:
     """Check a batch, pipeline or preset file without running anything (exit 2 on the first problem)."""
@@ -195,7 +200,8 @@ def validate(
 
     doc = read(file)
     if is_batch_data(doc.data):
-        batch = parse(doc) if isinstance(doc.data, dict) else BatchFile.from_dict(doc.data, source=str(file))
+        batch = (parse(doc, unsafe_exec=unsafe_exec) if isinstance(doc.data, dict)
+                 else BatchFile.from_dict(doc.data, source=str(file), unsafe_exec=unsafe_exec))
         steps = [j for j in batch.jobs if j.is_step]
         info = {"ok": True, "file": str(file), "kind": "batch", "jobs": len(batch.jobs) - len(steps), "steps": len(steps),
                 "tasks": sorted({j.task for j in batch.jobs}), "warnings": batch.warnings}
