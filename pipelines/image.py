@@ -68,6 +68,13 @@ class ImageRequest:
     tile: bool | str = False  # seamless tiling (circular padding): True (both axes), "x" or "y"
     mask_blur: int | None = None  # blur the inpaint mask by this many pixels (A1111's Mask blur)
     xy: tuple[str, ...] = ()  # X/Y plot axes "NAME=V1,V2,..." (one or two): each combination, then a contact sheet
+    # adapters, refiner, regions (pipelines/image_extras.py: ip_adapter.py, t2i_adapter.py, refiner.py, regions.py)
+    ip_adapter: str | None = None  # IP-Adapter reference image "IMAGE[:SCALE]": the image steers as a prompt does
+    ip_adapter_model: str | None = None  # the IP-Adapter (card, folder or file); None: the card for the model's family
+    t2i_adapters: tuple[str, ...] = ()  # T2I-Adapter inputs, "TYPE:IMAGE[:SCALE]" each (types as --control)
+    t2i_adapter_models: tuple[str, ...] = ()  # T2I-Adapter per input, same order ("auto" = the card for TYPE)
+    refiner: str | None = None  # SDXL refiner "MODEL[:SWITCH]": it denoises the steps after SWITCH (0.8)
+    regions: tuple[str, ...] = ()  # regional prompts "PROMPT@x0,y0,x1,y1" (pixels or fractions) or "PROMPT@MASK"
 
 
 # ----------------------------------------------------------------------------- schedulers
@@ -271,6 +278,9 @@ def params_from_infotext(recipe: dict[str, Any]) -> tuple[dict[str, Any], list[s
         else:
             params["scheduler"] = label  # the pipeline picks the entry that fits the model (Euler on Flux: flow_euler)
             notes.extend(why)
+    from studio.pipelines.image_extras import from_infotext as extras_from_infotext
+
+    extras_from_infotext(fields, params, notes)  # refiner, IP-Adapter and T2I-Adapter units (taken out of fields)
     for key in sorted(k for k in fields if re.fullmatch(r"ControlNet \d+", k)):
         unit = parse_controlnet_unit(fields[key])
         module = unit.get("Module", "?")
@@ -539,6 +549,9 @@ def _check_static(request: ImageRequest, factor: int) -> None:
     for text in _as_tuple(request.adapters):
         parse_lora(text)
     features.check_static(request, lambda cell: _check_static(cell, factor))
+    from studio.pipelines import image_extras
+
+    image_extras.check_static(request)  # IP-Adapter, T2I-Adapter, refiner, regions
 
 
 @dataclass(frozen=True)
@@ -666,6 +679,9 @@ class ImagePipeline:
         from studio.pipelines.image_features import EmbeddingSet
 
         self.embeddings = EmbeddingSet(pipe)  # textual inversion tokens loaded now (shared by every mode)
+        from studio.pipelines.image_extras import Extras
+
+        self.extras = Extras(self)  # the IP-Adapter loaded now; T2I-Adapters, refiner and regions per run
 
     # -------------------------------------------------------------- loading
     @classmethod
@@ -735,6 +751,9 @@ class ImagePipeline:
 
         check_loaded(self.base, request, _call_params(self.base))
         hires.check_loaded(self.base, request)
+        from studio.pipelines import image_extras
+
+        image_extras.check_loaded(self.base, request)
 
     @staticmethod
     def _mode_strength(request: ImageRequest) -> float:
@@ -771,9 +790,10 @@ class ImagePipeline:
         # 2. sizes and input images: init (resized to a valid size), mask, outpaint canvas, control maps
         width, height, init, mask = self._prepare_images(request, note)
         controls, control_maps, control_meta = self._prepare_controls(request, width, height, note)
+        extras = self.extras.prepare(request, mode, width, height, note, plain_text)  # T2I/IP-Adapter, refiner
 
         # 3. the diffusers pipeline for this mode (shared weights), its scheduler and adapters
-        pipe = self._pipe_for(mode, [c for c, _ in controls])
+        pipe = extras.pipe_for(mode, [c for c, _ in controls])
         pipe.scheduler = (make_scheduler(request.scheduler, self._default_scheduler)
                           if request.scheduler else self._default_scheduler)
         adapters = self.loras.apply([parse_lora(a) for a in _as_tuple(request.adapters)],
@@ -827,6 +847,7 @@ class ImagePipeline:
             call["controlnet_conditioning_scale"] = [s.scale for s in specs] if many else specs[0].scale
             call["control_guidance_start"] = [s.start for s in specs] if many else specs[0].start
             call["control_guidance_end"] = [s.end for s in specs] if many else specs[0].end
+        extras.update_call(call, pipe, request)  # adapter maps, IP-Adapter embeds, refiner switch, regions
         accepted = _call_params(pipe)
         call = {k: v for k, v in call.items() if k in accepted or k in ("prompt",)}
         steps_run = int(request.steps) if strength is None else min(int(int(request.steps) * strength), int(request.steps))
@@ -843,6 +864,7 @@ class ImagePipeline:
             # the studio name, also when the request named an A1111 label ("DPM++ 2M Karras")
             scheduler=scheduler_name(request.scheduler, self._default_scheduler) if request.scheduler else None,
             embeddings=[features.parse_embedding(e).to_text() for e in _as_tuple(request.embeddings)],
+            **extras.params(),
         )
         infotext = features.infotext_fields(request, pipe, embeddings, mode)
         sampler = a1111_sampler(pipe.scheduler)  # A1111's labels for the infotext, the model's default too
@@ -853,18 +875,19 @@ class ImagePipeline:
             maps = None
             try:
                 with (self.device.inference(), self._attention_maps(request, pipe, width, height) as maps,
-                      features.effects(pipe, request)):
-                    output = pipe(**call, generator=self.device.generator(seed))
+                      features.effects(pipe, request), extras.effects(pipe)):
+                    output = pipe(**{**call, **extras.first_pass}, generator=self.device.generator(seed))
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 raise RuntimeFailure(f"out of memory generating {width}x{height}",
                                      "lower --width/--height, or try --offload model / --precision bf16") from exc
             handle.finish()
-            image = output.images[0]
+            image = extras.finish(output.images[0], request, seed, progress)  # the refiner's pass, if any
             image_infotext = dict(infotext)
             hires_meta = None
             if request.hires:
                 image, hires_meta, entries = hires.second_pass(self, pipe, image, call, request, seed, (width, height),
-                                                               self.size_factor(), progress, features.effects)
+                                                               self.size_factor(), progress,
+                                                               extras.with_effects(features.effects))
                 image_infotext.update(entries)
             companions: dict[str, Any] = {}
             extra: dict[str, Any] = {"mode": mode, "pipeline": type(pipe).__name__,
@@ -880,6 +903,7 @@ class ImagePipeline:
                 extra["embeddings"] = embeddings
             if hires_meta:
                 extra["hires"] = hires_meta
+            extras.describe(extra, companions, image_infotext)  # adapters, refiner, regions; maps beside the image
             if image_infotext:
                 extra["infotext"] = image_infotext  # A1111's entries for these features (studio/infotext.py)
             if maps is not None:

@@ -34,7 +34,8 @@ PARAMS: dict[str, frozenset[str]] = {
         "prompt", "negative_prompt", "model", "seed", "seeds", "num_outputs", "steps", "guidance", "width", "height",
         "scheduler", "init_image", "strength", "mask_image", "outpaint", "controls", "control_models", "adapters",
         "fuse_adapters", "weighting", "attention_maps", "hires", "hires_upscaler", "embeddings", "clip_skip", "freeu",
-        "tile", "mask_blur", "xy"}),
+        "tile", "mask_blur", "xy", "ip_adapter", "ip_adapter_model", "t2i_adapters", "t2i_adapter_models", "refiner",
+        "regions"}),
     "caption": frozenset({
         "images", "model", "prompt", "max_tokens", "beams", "batch_size", "interrogate", "tags", "clip_model",
         "top_tags", "adapters"}),

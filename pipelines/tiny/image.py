@@ -102,19 +102,25 @@ def make_tiny_sd(out: Path, seed: int = 0) -> None:
     save_single_file(pipe, Path(out) / "tiny-sd.safetensors")
 
 
-def make_tiny_sdxl(out: Path, seed: int = 0) -> None:
-    """A tiny random SDXL (two CLIP text encoders, text_time conditioning), 64x64 by default."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+def _tiny_sdxl_unet() -> Any:
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
+    return UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
                                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
                                 transformer_layers_per_block=(1, 1),
                                 projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size/crop ids * 8 + pooled 32
                                 cross_attention_dim=64, norm_num_groups=8)  # 32 + 32 from the two encoders
+
+
+def make_tiny_sdxl(out: Path, seed: int = 0) -> None:
+    """A tiny random SDXL (two CLIP text encoders, text_time conditioning), 64x64 by default."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    unet = _tiny_sdxl_unet()
     pipe = StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=tiny_text_encoder(),
                                      text_encoder_2=tiny_text_encoder(projection=True), tokenizer=tiny_tokenizer(),
                                      tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=_tiny_scheduler(),
