@@ -532,6 +532,11 @@ class VideoPipeline:
         label = self.spec.alias or self.spec.name
         size_multiple, frame_rule = self._rules()
         _check_ranges(request, size_multiple, fam.name)
+        playback = float(request.fps) if request.fps else float(fam.fps) * max(1, int(request.interpolate or 1))
+        if request.format == "gif" and playback > 50:
+            # GIF delays are whole centiseconds, and browsers slow a 0 or 1 cs delay to 10 cs
+            raise UsageError(f"a GIF cannot play at {playback:g} fps (its frame delays are whole centiseconds "
+                             "and browsers slow delays under 2 cs to 10 cs)", "use --format mp4 or webp, or --fps 50 or less")
         if frame_rule:
             a, b = frame_rule
             if (request.frames - b) % a:

@@ -591,3 +591,11 @@ def test_midi_wav_and_mp4_replay_without_their_sidecars(cli, tiny, midi_lm, tmp_
         assert a and a == b, fmt
         meta = json.loads(again.with_name(again.name.removesuffix(again.suffix) + ".json").read_text())
         assert meta["params"]["seed"] == 4 and meta["model"]["source"] == str(Path(models[fmt]).resolve())
+
+
+def test_a_gif_faster_than_50_fps_is_refused_before_generating(cli, tiny, tmp_path):
+    """Past 50 fps GIF delays round to 1 cs, which browsers play as 10 cs: a clear error, no file."""
+    r = cli("video", "a boat", "--model", tiny("animatediff"), "--frames", "4", "--steps", "1", "--fps", "60",
+            "--format", "gif", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "GIF cannot play at 60 fps" in r.stderr and "--format mp4" in r.stderr
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.gif"))
