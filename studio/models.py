@@ -18,6 +18,7 @@ cached snapshots and the tiny models tests build.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -236,40 +237,104 @@ def _card_files() -> Iterator[Path]:
             yield from sorted(folder.glob("*.yaml"))
 
 
-_CARDS_CACHE: dict[tuple, dict[str, dict[str, Any]]] = {}
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path), st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_card(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """One card, parsed once per version of its file in a process. Read through presets.read_yaml,
+    bounded like every YAML studio reads (size, alias expansion, nesting): a user's card is as
+    untrusted as a batch file, and cards are read on every resolve. ~1.2 ms a card here (plain
+    libyaml: 0.5 ms), so a resolve parses only the card it needs (resolve, _cards_for)."""
+    from studio.presets import read_yaml
+
+    file = Path(path)
+    try:
+        data = read_yaml(file).data or {}
+    except UsageError as exc:
+        raise UsageError(f"model card {exc.message}", "fix or remove the file") from exc
+    if not isinstance(data, dict) or "source" not in data:
+        raise UsageError(f"model card {file} has no `source`", "add `source: org/name` or a folder path")
+    unknown = set(data) - CARD_KEYS
+    if unknown:
+        raise UsageError(f"model card {file}: unknown key {sorted(unknown)[0]!r}",
+                         f"allowed keys: {', '.join(sorted(CARD_KEYS))}")
+    data.setdefault("name", file.stem)
+    data["_path"] = str(file)
+    return data
+
+
+def _card(path: Path) -> dict[str, Any]:
+    """The parsed card at `path`, a copy the caller may edit."""
+    return dict(_parse_card(*_stat_key(path)))
+
+
+# a card's own top-level `name:` (a plain scalar, optionally quoted); other spellings are parsed
+_NAME_LINE = re.compile(r"^name:[ \t]*(?:\"([^\"\n]+)\"|'([^'\n]+)'|([^\s#'\"][^#\n]*?))[ \t]*(?:#.*)?$", re.M)
+_INDEX: dict[tuple, tuple[dict[str, Path], dict[Path, str]]] = {}
+
+
+def _card_index() -> tuple[dict[str, Path], dict[Path, str]]:
+    """(name -> card file, the user's overriding shipped ones of the same name; file -> its text)
+    without parsing YAML: a card's name is its top-level `name:` line, else its file stem. Built
+    once per set of card files in a process."""
+    files = list(_card_files())
+    key = tuple(_stat_key(p) for p in files)
+    if key not in _INDEX:
+        names: dict[str, Path] = {}
+        texts: dict[Path, str] = {}
+        for path in files:
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                text = ""
+            texts[path] = text
+            found = _NAME_LINE.search(text)
+            if found:
+                name = next(g for g in found.groups() if g)
+            elif re.search(r"^name\s*:", text, re.M) or re.search(r"^[{\[]", text.lstrip(), re.M):
+                name = str(_card(path)["name"])  # an unusual spelling (flow style, a block scalar): parse it
+            else:
+                name = path.stem
+            names[name] = path
+        _INDEX.clear()
+        _INDEX[key] = (names, texts)
+    return _INDEX[key]
+
+
+def find_card(name: str) -> dict[str, Any] | None:
+    """The card called `name` (a copy), parsing that card's file alone; None when there is none."""
+    path = _card_index()[0].get(name)
+    if path is None:
+        return None
+    data = _card(path)
+    return data if data.get("name") == name else load_cards().get(name)
 
 
 def load_cards() -> dict[str, dict[str, Any]]:
-    """All model cards by name; the user's cards override shipped ones of the same name. Parsed
-    once per set of files (path, mtime, size): every Engine.run resolves a model, and re-reading
-    every card each time cost ~0.1 s per image in a batch."""
-    files = list(_card_files())
-    key = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
-    if key not in _CARDS_CACHE:
-        _CARDS_CACHE.clear()
-        _CARDS_CACHE[key] = _parse_cards(files)
-    return {name: dict(card) for name, card in _CARDS_CACHE[key].items()}  # callers may edit their copy
-
-
-def _parse_cards(files: list[Path]) -> dict[str, dict[str, Any]]:
-    import yaml
-
+    """All model cards by name; the user's cards override shipped ones of the same name. Each file
+    is parsed once per version in a process (every Engine.run resolves a model; re-reading every
+    card each time cost ~0.1 s per image in a batch)."""
     cards: dict[str, dict[str, Any]] = {}
-    for path in files:
-        try:
-            data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}  # libyaml: every resolve reads all cards
-        except yaml.YAMLError as exc:
-            raise UsageError(f"model card {path} is not valid YAML: {exc}".splitlines()[0], "fix or remove the file")
-        if not isinstance(data, dict) or "source" not in data:
-            raise UsageError(f"model card {path} has no `source`", "add `source: org/name` or a folder path")
-        unknown = set(data) - CARD_KEYS
-        if unknown:
-            raise UsageError(f"model card {path}: unknown key {sorted(unknown)[0]!r}",
-                             f"allowed keys: {', '.join(sorted(CARD_KEYS))}")
-        name = data.setdefault("name", path.stem)
-        data["_path"] = str(path)
-        cards[name] = data
+    for path in _card_index()[0].values():
+        data = _card(path)
+        cards[str(data["name"])] = data
     return cards
+
+
+def _cards_for(key: str, task: str) -> list[dict[str, Any]]:
+    """Cards whose `key` (default_for / starter_for) lists `task`, parsing only the files that
+    mention `key` at all (a handful of the shipped cards)."""
+    names, texts = _card_index()
+    out = []
+    for path in names.values():
+        if key in texts.get(path, ""):
+            data = _card(path)
+            if task in (data.get(key) or []):
+                out.append(data)
+    return out
 
 
 def _card_source(card: dict[str, Any]) -> tuple[str, str]:
@@ -315,10 +380,9 @@ def _resolve(name: str, *, task: str | None, allow_pickle: bool, trust_remote_co
     if name == "auto":
         return _resolve_auto(task, common)
 
-    cards = load_cards()
     base_name, _, revision = name.partition("@")
-    if base_name in cards:
-        card = cards[base_name]
+    card = find_card(base_name)  # this card's file alone is parsed
+    if card is not None:
         kind, source = _card_source(card)
         if kind != "hub" and not Path(source).exists():
             raise ModelNotAvailable(f"model {base_name}: its weights are not at {source}",
@@ -343,7 +407,7 @@ def _resolve(name: str, *, task: str | None, allow_pickle: bool, trust_remote_co
         raise UsageError(f"model path {name} does not exist", "check the path")
     if HUB_ID.match(base_name):
         return ModelSpec(name=name, source=base_name, kind="hub", revision=revision or None, task=task, **common)
-    known = ", ".join(sorted(n for n, c in cards.items() if task is None or c.get("task") == task)) or "none"
+    known = ", ".join(sorted(n for n, c in load_cards().items() if task is None or c.get("task") == task)) or "none"
     raise UsageError(f"unknown model {name!r}",
                      f"use an alias ({known}), a hub id like org/name[@revision], or a local folder; "
                      "`studio models list` shows the aliases")
@@ -364,9 +428,8 @@ def _compatible(card_task: str, task: str) -> bool:
 def _resolve_auto(task: str | None, common: dict[str, Any]) -> ModelSpec:
     if not task:
         raise UsageError("--model auto needs a task", "name a model with --model")
-    cards = load_cards()
-    default = next((c for c in cards.values() if task in (c.get("default_for") or [])), None)
-    starter = next((c for c in cards.values() if task in (c.get("starter_for") or [])), None)
+    default = next(iter(_cards_for("default_for", task)), None)
+    starter = next(iter(_cards_for("starter_for", task)), None)
     candidates = []
     if default:
         kind, source = _card_source(default)
