@@ -217,7 +217,7 @@ def load_controlnet(name: str, device: DeviceManager, *, allow_pickle: bool = Fa
 
         with models.loading(spec, "ControlNet"), quiet_libraries():
             if spec.kind == "file":
-                model = diffusers.ControlNetModel.from_single_file(spec.source, torch_dtype=device.dtype)
+                model = diffusers.ControlNetModel.from_single_file(spec.source, dtype=device.dtype)
             else:
                 location = spec.location()
                 config = diffusers.ControlNetModel.load_config(location, **({"revision": spec.revision} if spec.revision and spec.kind == "hub" and not spec.offline else {}))

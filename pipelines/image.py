@@ -1201,7 +1201,7 @@ def _load_single_file(spec: ModelSpec, device: DeviceManager, notes: list[str]) 
         config = str(path.parent)
     if config and Path(config).is_dir():  # components may load from the config folder too
         check_pickle(config, allow_pickle=spec.allow_pickle, what="config folder")
-    kwargs: dict[str, Any] = {"torch_dtype": device.dtype}
+    kwargs: dict[str, Any] = {"dtype": device.dtype}
     if config:
         kwargs["config"] = config
         notes.append(f"single-file checkpoint: configs from {config}")

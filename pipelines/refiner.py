@@ -102,7 +102,7 @@ def load_refiner(name: str, device: DeviceManager, *, allow_pickle: bool = False
                 from studio.safety import check_pickle
 
                 check_pickle(spec.source, allow_pickle=spec.allow_pickle, what="refiner")
-                pipe = StableDiffusionXLImg2ImgPipeline.from_single_file(spec.source, torch_dtype=device.dtype)
+                pipe = StableDiffusionXLImg2ImgPipeline.from_single_file(spec.source, dtype=device.dtype)
             else:
                 location = spec.location()
                 extra = {"revision": spec.revision} if spec.revision and spec.kind == "hub" and not spec.offline else {}
