@@ -175,13 +175,19 @@ class IPAdapterSet:
                 encoder = self._image_encoder(spec, weights, device)
                 pipe.register_modules(image_encoder=encoder)
                 kwargs: dict[str, Any] = {"local_files_only": True} if (spec.offline or spec.is_local) else {}
-                pipe.load_ip_adapter(weights.location, subfolder=weights.subfolder, weight_name=weights.weight_name,
-                                     image_encoder_folder=None, **kwargs)
-        except BaseException as exc:
+                try:
+                    pipe.load_ip_adapter(weights.location, subfolder=weights.subfolder, weight_name=weights.weight_name,
+                                         image_encoder_folder=None, **kwargs)
+                except (RuntimeError, ValueError) as exc:
+                    if "size" not in str(exc).lower():
+                        raise
+                    # its projections are shaped for another UNet's cross-attention width
+                    width = unet.config.cross_attention_dim
+                    raise UsageError(f"IP-Adapter {weights.label} does not fit this base model ({type(pipe).__name__}, "
+                                     f"cross-attention width {width})",
+                                     "use an IP-Adapter made for this model's family (sd15, sdxl)") from exc
+        except BaseException:
             self._restore()
-            if isinstance(exc, (RuntimeError, ValueError, KeyError)) and "size" in str(exc).lower():
-                raise UsageError(f"IP-Adapter {weights.label} does not fit this base model ({type(pipe).__name__})",
-                                 "use an IP-Adapter made for this model's family (sd15, sdxl)") from exc
             raise
         self.loaded = (spec, weights)
         return self._meta()

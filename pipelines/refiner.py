@@ -68,9 +68,11 @@ def check_static(request: Any) -> None:
         raise UsageError("--refiner works with text-to-image and img2img, not inpainting",
                          "drop --refiner, or inpaint the refined image in a second run")
     steps = int(request.steps)
-    if int(steps * spec.switch) < 1 or steps - int(steps * spec.switch) < 1:
+    # each model denoises its share of the schedule: less than one step's worth would be skipped
+    if steps * spec.switch < 1 - 1e-9 or steps * (1 - spec.switch) < 1 - 1e-9:
         raise UsageError(f"--steps {steps} with the refiner switch at {spec.switch:g} leaves one of the two models "
-                         "no step", "raise --steps (e.g. 20) or move the switch")
+                         f"no step ({steps * spec.switch:g} and {steps * (1 - spec.switch):g})",
+                         "raise --steps (e.g. 20) or move the switch")
 
 
 def check_loaded(pipe: Any, request: Any) -> None:

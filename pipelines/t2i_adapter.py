@@ -109,6 +109,9 @@ def load_adapter(name: str, device: DeviceManager, *, allow_pickle: bool = False
                 raise UsageError(f"{spec.source} is one file; T2I-Adapters load from a folder (config.json + weights)",
                                  "pass the adapter's folder or hub id")
             location = spec.location()
+            if Path(location).is_dir() and not (Path(location) / "config.json").exists():
+                what = "a diffusers pipeline" if (Path(location) / "model_index.json").exists() else "a folder without config.json"
+                raise UsageError(f"{name} is {what}, not a T2IAdapter", "pass a T2I-Adapter with --t2i-adapter-model")
             extra = {"revision": spec.revision} if spec.revision and spec.kind == "hub" and not spec.offline else {}
             config = diffusers.T2IAdapter.load_config(location, **extra)
             if config.get("_class_name") != "T2IAdapter":
