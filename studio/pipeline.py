@@ -25,8 +25,11 @@ pipeline whose outputs are many yields them one by one.
 
 Optional class attributes the engine reads: `seedless = True` (nothing random: no seed is drawn
 or recorded), `needs_model = False` (no weights: load gets spec=None, device=None), and a
-`resolve_model` classmethod for a task that names its models its own way (registry.resolve_model).
-tests/test_contract.py runs every registered task through `contract_problems` and the same checks.
+`resolve_model` classmethod for a task that names its models its own way (registry.resolve_model),
+and a `check_request(request, spec, device)` classmethod: the checks that need no weights (ranges,
+sizes against the model's config files, the memory estimate of studio/limits.py against the
+device), which the engine runs before load (with device=None when it plans, without a device yet);
+`check_inputs` keeps what needs the loaded model. tests/test_contract.py runs every registered task through `contract_problems` and the same checks.
 """
 
 from __future__ import annotations
