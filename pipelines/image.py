@@ -630,9 +630,10 @@ class _ImageProfile:
         holds about 4.5 tensors of its full-resolution width and one of the width above it per
         pixel, plus ~100 bytes of output conversion (float image, array, PIL); e.g. SD's VAE
         (128, 256 channels) about 3.4 KB a pixel, 3.6 GB at 1024x1024. The denoiser works at
-        latent resolution: ~12 tensors of its first width per latent pixel, doubled by
-        classifier-free guidance and per ControlNet; math/sliced attention adds the full
-        tokens x tokens matrices that SDPA avoids."""
+        latent resolution: ~36 tensors of its first width per latent pixel (measured on the tiny
+        AnimateDiff UNet, video.py; the tiny image UNets are too small to show beside their VAE),
+        doubled by classifier-free guidance and per ControlNet; math/sliced attention adds the
+        full tokens x tokens matrices that SDPA avoids."""
         from studio.limits import check_fits, element_size
 
         elem = element_size(device)
@@ -642,7 +643,7 @@ class _ImageProfile:
         vae = pixels * (elem * (4.5 * c0 + c1) + 100)
         batch = 2 if float(request.guidance or 0) > 1 else 1
         tokens = pixels / self.scale**2 / self.patch**2
-        denoiser = batch * tokens * self.width * elem * 12 * (1 + len(_as_tuple(request.controls)))
+        denoiser = batch * tokens * self.width * elem * 36 * (1 + len(_as_tuple(request.controls)))
         attention = getattr(getattr(device, "resolved", None), "attention", "sdpa")
         if attention == "math":
             denoiser += batch * self.heads * tokens**2 * elem
