@@ -31,6 +31,8 @@ The package reads top to bottom in the order a file flows through it:
                  and what --resume may remove (only what studio provably wrote, inside --out)
     runner.py    Runner, Report, Outcome: plan and run; `run_job` runs one job
     launch.py    several processes: `--processes N` through accelerate launch, the split, the gather
+    ray.py       a Ray cluster: `--ray`, one actor per model per worker slot, the driver writes
+                 (imports ray only when asked)
 """
 
 from studio.batch.graph import field_kind, output_kinds
