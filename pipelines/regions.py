@@ -5,7 +5,10 @@ How: MultiDiffusion (Bar-Tal et al. 2023, region-based generation). At every den
 UNet runs once on the whole latent with the base prompt and once per region on the latent crop
 around that region with the region's prompt; the predictions are blended pixel by pixel with the
 region masks as weights (a region's pixels take its prediction, overlaps average, the rest keeps
-the base prompt's). Blending the model's predictions, not the latents after the step, keeps every
+the base prompt's). Each mask is feathered a sixteenth of the image past its edge, so where two
+regions (or a region and the background) meet their predictions are averaged over a band
+instead of switching at one pixel, which left a visible seam (each crop's edge is an image
+border to the model). Blending the model's predictions, not the latents after the step, keeps every
 diffusers scheduler correct: each step is linear in the prediction, so one blended prediction is
 the MultiDiffusion average of the per-region steps.
 
@@ -180,14 +183,14 @@ class Regions:
                 out = pipe.encode_prompt(**kwargs)
                 pooled = out[2] if len(out) > 2 else None  # SDXL: (embeds, negative, pooled, negative pooled)
                 self.embeds.append((out[0], pooled))
-        self.multiple = 2 ** max(0, len(pipe.unet.config.block_out_channels) - 1)  # the UNet's downsampling
 
     def meta(self) -> list[dict[str, Any]]:
         return [{"prompt": r.prompt, **({"mask": r.mask} if r.mask else {"box": list(r.box or ())}),
                  "area": round(float(m.mean()), 4)} for r, m in zip(self.specs, self.masks)]
 
     def _at(self, h: int, w: int, like: Any) -> list[tuple[Any, tuple[int, int, int, int]]]:
-        """(mask (1, 1, h, w), crop (y0, y1, x0, x1)) per region at this latent size."""
+        """(weights (1, 1, h, w), crop (y0, y1, x0, x1)) per region at this latent size: the mask
+        averaged down to the latent grid, feathered a sixteenth of the image past its edge."""
         import torch
         import torch.nn.functional as F
 
@@ -195,15 +198,17 @@ class Regions:
             out = []
             for mask in self.masks:
                 m = F.interpolate(torch.from_numpy(mask)[None, None], size=(h, w), mode="area")  # (1, 1, h, w)
-                rows = torch.nonzero(m[0, 0].amax(dim=1) > 1e-3).flatten()
-                cols = torch.nonzero(m[0, 0].amax(dim=0) > 1e-3).flatten()
-                if len(rows) == 0:  # smaller than one latent pixel: its nearest latent pixel
+                if float(m.max()) <= 1e-3:  # smaller than one latent pixel: its nearest latent pixel
                     m = F.interpolate(torch.from_numpy(mask)[None, None], size=(h, w), mode="bilinear")
                     m = (m >= m.max()).float()
-                    rows = torch.nonzero(m[0, 0].amax(dim=1) > 0).flatten()
-                    cols = torch.nonzero(m[0, 0].amax(dim=0) > 0).flatten()
-                y0, y1 = _snap(int(rows[0]), int(rows[-1]) + 1, h, self.multiple)
-                x0, x1 = _snap(int(cols[0]), int(cols[-1]) + 1, w, self.multiple)
+                m = _feather(m, max(1, round(min(h, w) / 16)))
+                rows = torch.nonzero(m[0, 0].amax(dim=1) > 1e-3).flatten()
+                cols = torch.nonzero(m[0, 0].amax(dim=0) > 1e-3).flatten()
+                # the crop is the weights' bounding box as it is: diffusers' UNet takes any size (it
+                # hands its upsamplers the skip connections' sizes), and growing the crop to the
+                # UNet's downsampling multiple lets the region's object spill further past its edge
+                y0, y1 = int(rows[0]), int(rows[-1]) + 1
+                x0, x1 = int(cols[0]), int(cols[-1]) + 1
                 out.append((m, (y0, y1, x0, x1)))
             self._latent_masks[(h, w)] = out
         return [(m.to(device=like.device, dtype=like.dtype), crop) for m, crop in self._latent_masks[(h, w)]]
@@ -292,7 +297,16 @@ def _rows(value: Any, lo: int, hi: int, batch: int) -> Any:
     return value
 
 
-def _snap(lo: int, hi: int, size: int, multiple: int) -> tuple[int, int]:
-    """[lo, hi) grown outwards to multiples of `multiple` (what the UNet's downsampling divides
-    evenly), inside [0, size)."""
-    return lo // multiple * multiple, min(size, -(-hi // multiple) * multiple)
+def _feather(mask: Any, band: int) -> Any:
+    """The mask's weight carried `band` latent pixels past its edge, falling linearly to 0: where
+    two regions meet, or a region meets the background, their predictions are averaged across
+    the band instead of switching at one pixel (a hard switch leaves a visible seam: each crop's
+    edge is an image border to the model). MultiDiffusion averages overlapping windows the same way."""
+    import torch
+    import torch.nn.functional as F
+
+    out, grown = mask, mask
+    for k in range(1, band + 1):
+        grown = F.max_pool2d(grown, 3, stride=1, padding=1)  # the mask dilated by k latent pixels
+        out = torch.maximum(out, grown * (1 - k / (band + 1)))
+    return out
