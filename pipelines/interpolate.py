@@ -20,11 +20,17 @@ the error on those clips (the flows disagree at edges more often than pixels are
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from studio.errors import InputFileError, UsageError
+
+if TYPE_CHECKING:  # types only (the contract: studio/pipeline.py)
+    from studio.device import DeviceManager
+    from studio.models import ModelSpec
+    from studio.progress import Progress
 
 METHODS = ("dis", "farneback")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -175,10 +181,56 @@ def _frame_key(path: Path) -> tuple[int, str]:
     return (int(digits[-1]) if digits else -1, path.name)
 
 
+# --------------------------------------------------------------------------- the task
+FORMATS = ("mp4", "gif", "webp", "frames")
+
+
+@dataclass(frozen=True)
+class InterpolateRequest:
+    input: str = field(metadata={"kind": "video"})  # the clip: a video file, an animated GIF/WebP or a folder of frames
+    factor: int = 2  # K: insert K-1 frames between each pair
+    fps: float | None = None  # output frames/s (None: the clip's rate x K, so the clip keeps its duration)
+    method: str = "dis"  # optical flow: dis | farneback
+    format: str | None = None  # mp4 | gif | webp | frames (None: the input's own)
+
+
+class Interpolator:
+    """`studio video interpolate` as a registered task ("video-interpolate"), so its outputs carry
+    the task in their tags and sidecar and `studio replay` makes the same frames again; a batch or
+    pipeline file can use it as a step (`input: ${clip.video}`)."""
+
+    task = "video-interpolate"
+    request_type = InterpolateRequest
+    seedless = True  # optical flow and a warp: the same clip gives the same frames
+    needs_model = False  # no weights: the engine resolves no model and builds no device
+    output_kinds = ("video",)
+
+    @classmethod
+    def load(cls, spec: ModelSpec | None = None, device: DeviceManager | None = None) -> "Interpolator":
+        return cls()
+
+    def check_inputs(self, request: InterpolateRequest) -> None:
+        check_factor(request.factor, request.method)
+        if request.fps is not None and not request.fps > 0:
+            raise UsageError(f"--fps must be positive, not {request.fps}", "e.g. --fps 24, or leave it out (the clip's rate x K)")
+        if request.format is not None and request.format.lower() not in FORMATS:
+            raise UsageError(f"unknown video format {request.format!r}", f"use {', '.join(FORMATS)}")
+        if not Path(request.input).expanduser().exists():
+            raise InputFileError(f"clip {request.input} does not exist", "check the path")
+
+    def run(self, request: InterpolateRequest, progress: Progress | None = None) -> list[Any]:
+        # 1. check inputs
+        self.check_inputs(request)
+        # 2.-4. read the clip, insert frames, one video Result
+        return [interpolate_clip(request.input, request.factor, fps=request.fps, method=request.method,
+                                 fmt=request.format, progress=progress)]
+
+
 # --------------------------------------------------------------------------- the command's body
 def interpolate_clip(path: str | Path, factor: int, *, fps: float | None = None, method: str = "dis",
                      fmt: str | None = None, progress: Any = None) -> Any:
-    """`studio video interpolate`: read a clip, insert frames, return one video Result.
+    """Read a clip, insert frames, return one video Result whose params are the request as
+    resolved (the output's rate and format filled in), so a replay makes the same frames.
 
     The output plays at fps * factor (so the clip keeps its duration) unless `fps` is given."""
     from studio.outputs import Result
@@ -190,18 +242,19 @@ def interpolate_clip(path: str | Path, factor: int, *, fps: float | None = None,
     base_fps = source_fps or 8.0
     out_fps = float(fps) if fps else base_fps * factor
     fmt = (fmt or _default_format(Path(path))).lower()
-    if fmt not in ("mp4", "gif", "webp", "frames"):
-        raise UsageError(f"unknown video format {fmt!r}", "use mp4, gif, webp or frames")
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown video format {fmt!r}", f"use {', '.join(FORMATS)}")
     if fmt == "mp4" and (frames[0].width % 2 or frames[0].height % 2):
         raise UsageError(f"MP4 (H.264, 4:2:0) needs an even width and height, not {frames[0].width}x{frames[0].height}",
                          "use --format gif, webp or frames")
     handle = progress.task("interpolating", total=len(frames) - 1) if progress is not None else None
     out = interpolate_frames(frames, factor, method=method, on_pair=(handle.advance if handle else None))
-    params = {"input": str(Path(path).name), "name": f"{Path(path).stem}-x{factor}", "factor": factor, "method": method, "fps": round(out_fps, 4),
-              "source_fps": round(base_fps, 4) if source_fps else None, "frames": len(out),
-              "width": out[0].width, "height": out[0].height, "format": fmt}
-    return Result(kind="video", value=out, params=params, fmt=fmt,
-                  extra={"interpolation": {"source_frames": len(frames), "source": str(Path(path).resolve())}})
+    # the writer reads the rate from params["fps"]; the rest of the request as given
+    request = InterpolateRequest(input=str(path), factor=factor, fps=round(out_fps, 4), method=method, format=fmt)
+    return Result(kind="video", value=out, params=dataclasses.asdict(request), fmt=fmt,
+                  extra={"interpolation": {"source": str(Path(path).resolve()), "source_frames": len(frames),
+                                           "source_fps": round(base_fps, 4) if source_fps else None,
+                                           "frames": len(out), "width": out[0].width, "height": out[0].height}})
 
 
 def _default_format(path: Path) -> str:

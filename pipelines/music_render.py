@@ -6,15 +6,23 @@ libfluidsynth3, with the TimGM6mb soundfont pretty_midi ships) and `PrettyMIDI.s
 never silent; asking for a soundfont where fluidsynth is missing is an error, since the user
 asked for something that cannot be honoured.
 
-Used by `studio music render`, `studio music midi --render` and the MIDI pipeline.
+Used by `studio music render` (the "music-render" task, `MidiRenderer` below), `studio music
+midi --render` and the MIDI pipeline.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from studio.errors import BackendUnavailable, InputFileError, UsageError
+
+if TYPE_CHECKING:  # types only (the contract: studio/pipeline.py)
+    from studio.device import DeviceManager
+    from studio.models import ModelSpec
+    from studio.progress import Progress
 
 DEFAULT_RATE = 44100
 FALLBACK_NOTICE = "fluidsynth is not available: plain synthesiser (apt install libfluidsynth3)"
@@ -100,3 +108,51 @@ def render(midi: Any, *, sample_rate: int = DEFAULT_RATE, soundfont: str | Path 
     if peak > 1.0:  # both synthesisers can exceed full scale with dense chords: normalise, never clip
         audio = audio / peak
     return audio, int(sample_rate), info
+
+
+# ----------------------------------------------------------------------------- the task
+@dataclass(frozen=True)
+class RenderRequest:
+    input: str = field(metadata={"kind": "midi"})  # the MIDI file to render
+    soundfont: str | None = None  # .sf2 soundfont (None: pretty_midi's General MIDI font; needs fluidsynth)
+    rate: int = DEFAULT_RATE  # sample rate in Hz
+    plain: bool = False  # pretty_midi's plain synthesiser even where fluidsynth is here
+    format: str = "wav"  # wav | flac
+
+
+class MidiRenderer:
+    """`studio music render` as a registered task ("music-render"), so the audio carries the task
+    in its tags and sidecar and `studio replay song.wav` renders the same samples again."""
+
+    task = "music-render"
+    request_type = RenderRequest
+    seedless = True  # both synthesisers are deterministic: the same file gives the same samples
+    needs_model = False  # a soundfont is not a model: the engine resolves none and builds no device
+    output_kinds = ("audio",)
+
+    @classmethod
+    def load(cls, spec: ModelSpec | None = None, device: DeviceManager | None = None) -> "MidiRenderer":
+        return cls()
+
+    def check_inputs(self, request: RenderRequest) -> None:
+        if request.plain and request.soundfont:
+            raise UsageError("--plain and --soundfont both given", "a soundfont needs fluidsynth; drop one of them")
+        if request.format not in ("wav", "flac"):
+            raise UsageError(f"audio format {request.format!r} is not wav or flac", "e.g. --out song.wav")
+        if request.rate <= 0:
+            raise UsageError(f"sample rate must be positive, got {request.rate}", "use e.g. 44100")
+
+    def run(self, request: RenderRequest, progress: Progress | None = None) -> list[Any]:
+        from studio.outputs import Result
+
+        # 1. check inputs
+        self.check_inputs(request)
+        midi = load_midi(request.input)
+        # 2. render (fluidsynth, or the plain synthesiser with a notice when fluidsynth is missing)
+        samples, rate, info = render(midi, sample_rate=request.rate, soundfont=request.soundfont,
+                                     use_fluidsynth=False if request.plain else None,
+                                     note=progress.note if progress is not None else None)
+        # 3. one audio Result; the writer tags it with the request
+        info = {**info, "seconds": round(len(samples) / rate, 3)}
+        return [Result(kind="audio", value=(samples, rate), fmt=request.format, params=dataclasses.asdict(request),
+                       extra={"render": info})]

@@ -15,7 +15,6 @@ model (`needs_model = False`), so the engine resolves none and builds no device 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from studio.errors import InputFileError, RuntimeFailure, UsageError
-from studio.outputs import Result
+from studio.outputs import Result, library_versions, request_tag
 
 if TYPE_CHECKING:  # types only (the contract: studio/pipeline.py)
     from studio.device import DeviceManager
@@ -88,7 +87,10 @@ class Mux:
         # copied the file into place by then); weakref.finalize also covers an early exit
         workdir = Path(tempfile.mkdtemp(prefix="studio-mux-"))
         out = workdir / "mux.mp4"
-        cmd += ["-movflags", "+faststart", "-metadata", "comment=" + json.dumps(dataclasses.asdict(request)), str(out)]
+        # the comment every studio MP4 carries (studio.outputs.request_tag: the request plus the task),
+        # so `studio replay` remuxes from the file alone; the writer copies this file as it is
+        tag = request_tag({"task": self.task, "studio_version": library_versions().get("studio")}, dataclasses.asdict(request))
+        cmd += ["-movflags", "+faststart", "-metadata", "comment=" + tag, str(out)]
         if progress is not None:
             with progress.status("muxing video and audio"):
                 done = subprocess.run(cmd, capture_output=True, text=True)

@@ -24,6 +24,8 @@ BUILTIN_TASKS: dict[str, str] = {
     "video": "studio.pipelines.video:VideoPipeline",
     "code": "studio.pipelines.code:CodeGenerator",
     "mux": "studio.pipelines.mux:Mux",
+    "video-interpolate": "studio.pipelines.interpolate:Interpolator",
+    "music-render": "studio.pipelines.music_render:MidiRenderer",
     "upscale": "studio.pipelines.upscale:UpscalePipeline",
 }
 

@@ -57,6 +57,8 @@ PARAMS: dict[str, frozenset[str]] = {
         "infill", "at", "prefix", "suffix", "context", "context_tokens", "samples", "tests", "timeout", "memory_mb",
         "stream", "seed", "adapters", "syntax_check", "syntax_tries", "unsafe_exec"}),
     "mux": frozenset({"video", "audio", "loop_video", "shortest", "audio_bitrate"}),
+    "video-interpolate": frozenset({"input", "factor", "fps", "method", "format"}),
+    "music-render": frozenset({"input", "soundfont", "rate", "plain", "format"}),
     "upscale": frozenset({"images", "model", "scale", "prompt", "negative_prompt", "steps", "guidance", "noise_level",
                           "seed"}),
 }
@@ -90,6 +92,9 @@ CASES: dict[str, Case] = {
                  {"prompt": "def add(a, b):", "max_tokens": 0}, says="max"),
     "mux": Case(None, {"video": "{video}", "audio": "{audio}"}, {"video": "{video}", "audio": "{audio}",
                                                                   "audio_bitrate": "loud"}, says="bitrate"),
+    "video-interpolate": Case(None, {"input": "{video}", "factor": 2}, {"input": "{video}", "factor": 0}, says="factor"),
+    "music-render": Case(None, {"input": "{midi}", "plain": True, "rate": 8000}, {"input": "{midi}", "rate": 0},
+                         says="sample rate"),
     "upscale": Case("sd-upscale", {"images": ["{photo}"], "prompt": "a cat", "steps": 2},
                     {"images": ["{photo}"], "scale": 100}, says="--scale"),
 }
@@ -99,7 +104,7 @@ TASKS = sorted(registry.tasks())
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A photo, a short MP4 and a short WAV the cases read (no model makes them)."""
+    """A photo, a short MP4, a short WAV and a MIDI file the cases read (no model makes them)."""
     import imageio.v3 as iio
     import soundfile
 
@@ -111,7 +116,15 @@ def inputs(tmp_path_factory):
     iio.imwrite(video, frames, fps=6, codec="libx264", macro_block_size=1)
     audio = folder / "tone.wav"
     soundfile.write(audio, (0.2 * np.sin(np.linspace(0, 440 * 2 * np.pi, 8000))).astype(np.float32), 8000)
-    return {"photo": str(photo), "video": str(video), "audio": str(audio)}
+    import pretty_midi
+
+    midi = folder / "song.mid"
+    song = pretty_midi.PrettyMIDI(initial_tempo=120)
+    piano = pretty_midi.Instrument(program=0)
+    piano.notes += [pretty_midi.Note(velocity=90, pitch=p, start=0.25 * i, end=0.25 * i + 0.2) for i, p in enumerate((60, 64, 67))]
+    song.instruments.append(piano)
+    song.write(str(midi))
+    return {"photo": str(photo), "video": str(video), "audio": str(audio), "midi": str(midi)}
 
 
 def case_for(task: str) -> Case:

@@ -1,9 +1,9 @@
 """`studio music midi|audio|render|train` and `studio eval music`.
 
-Thin commands: options become requests for the "music-midi" / "music-audio" pipelines
-(pipelines/music_symbolic.py, pipelines/music_audio.py), a MidiTrainConfig
-(pipelines/training/midi_train.py), or calls into pipelines/music_render.py and
-pipelines/music_metrics.py, all imported inside the functions so `studio --help` stays fast.
+Thin commands: options become requests for the "music-midi" / "music-audio" / "music-render"
+tasks (pipelines/music_symbolic.py, pipelines/music_audio.py, pipelines/music_render.py), a
+MidiTrainConfig (pipelines/training/midi_train.py), or calls into pipelines/music_metrics.py, all
+imported inside the functions so `studio --help` stays fast.
 """
 
 import json
@@ -13,7 +13,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from studio.cli.common import OUTPUT, Globals, generating, global_options, new_app, run_command
+from studio.cli.common import OUTPUT, Globals, engine_for, generating, global_options, new_app, run_command
 
 music_app = new_app("Music: MIDI from a transformer over REMI tokens, audio from MusicGen, rendering, training.")
 
@@ -99,31 +99,26 @@ def render_cmd(
     opts: Globals = None,
 ) -> None:
     """Render a MIDI file to audio: fluidsynth with a General MIDI soundfont, or plain synthesis."""
-    from studio.pipelines.music_render import load_midi, render
     from studio.errors import UsageError
-    from studio.outputs import OutputWriter, Result
 
-    midi_data = load_midi(file)
-    if plain and soundfont:
-        raise UsageError("--plain and --soundfont both given", "a soundfont needs fluidsynth; drop one of them")
     target = out or file.with_name(file.stem + ".render.wav")
     fmt = target.suffix.lower().lstrip(".")
     if fmt not in ("wav", "flac"):
         raise UsageError(f"--out {target} must end in .wav or .flac", "e.g. --out song.wav")
-    progress = opts.progress()
-    samples, sr, info = render(midi_data, sample_rate=rate, soundfont=soundfont, use_fluidsynth=False if plain else None,
-                               note=progress.note)
-    stem = target.name[: -len(target.suffix)].replace("{", "{{").replace("}", "}}")
-    writer = OutputWriter(target.parent, task="music-render", template=stem)
-    result = Result(kind="audio", value=(samples, sr), fmt=fmt,
-                    params={"input": str(file), "soundfont": str(soundfont) if soundfont else None, "rate": rate, "plain": plain},
-                    extra={"render": info})
-    path = writer.write(result)
-    summary = {"path": str(path), "engine": info["engine"], "soundfont": info["soundfont"], "seconds": round(len(samples) / sr, 3)}
+    params = {"input": str(file), "soundfont": str(soundfont) if soundfont else None, "rate": rate, "plain": plain,
+              "format": fmt}
+    # the "music-render" task through the engine, so the audio carries the task and request in its
+    # tags (`studio replay` renders it again); the file is --out itself, or -1, -2 ... if taken
+    options = opts.run_options("music-render", template=target.stem.replace("{", "{{").replace("}", "}}"))
+    options.out_dir = target.parent
+    (result,) = engine_for(opts, options).run("music-render", params)
+    info = result.metadata.get("render") or {}
+    summary = {"path": str(result.path), "engine": info.get("engine"), "soundfont": info.get("soundfont"),
+               "seconds": info.get("seconds")}
     if opts.json:
         typer.echo(json.dumps(summary))
     elif not opts.quiet:
-        sys.stderr.write(f"wrote {path} ({info['engine']})\n")
+        sys.stderr.write(f"wrote {result.path} ({info.get('engine')})\n")
 
 
 # ----------------------------------------------------------------------------- train

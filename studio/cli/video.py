@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import click
 import typer
 
-from studio.cli.common import OUTPUT, Globals, emitter, generating, global_options, new_app, run_command
+from studio.cli.common import OUTPUT, Globals, generating, global_options, new_app, run_command
 
 
 class VideoGroup(typer.core.TyperGroup):
@@ -101,19 +101,13 @@ def interpolate(
 ) -> None:
     """Smooth any clip with optical-flow frame interpolation (OpenCV; no model weights).
 
-    This command needs no model, so it does not go through the engine's model resolution: it
-    reads the clip, interpolates (pipelines/interpolate.py) and hands the Result to the same
-    OutputWriter every other command uses.
+    The "video-interpolate" task (pipelines/interpolate.py) through the engine, like every other
+    command: its outputs carry the task and request, so `studio replay` makes the same frames.
     """
-    from studio.cli.common import default_out_dir
-    from studio.engine import Engine
-    from studio.outputs import OutputWriter
+    from studio.outputs import slugify
 
-    from studio.pipelines.interpolate import interpolate_clip
-
-    progress = opts.progress()
-    with progress:
-        result = interpolate_clip(clip, factor, fps=fps, method=method, fmt=format, progress=progress)
-    writer = OutputWriter(opts.out or default_out_dir("video"), task="video-interpolate", overwrite=overwrite)
-    writer.write(result)
-    emitter(opts)(Engine.summary(result))
+    params = {"input": str(clip), "factor": factor, "fps": fps, "method": method,
+              "format": format.lower() if format else None}
+    # the name says what it came from: {date}-video-interpolate-x-CLIP-xK
+    template = "{date}-{task}-x-" + slugify(f"{clip.stem}-x{factor}")
+    run_command("video-interpolate", params, opts, template=template, overwrite=overwrite)

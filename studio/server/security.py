@@ -44,7 +44,7 @@ LIMITS = {"num_outputs": 8, "steps": 150, "pixels": 2048 * 2048, "frames": 256, 
 MODEL_FIELDS = ("model", "clip_model", "motion_adapter", "controlnet", "control_models", "adapters")
 # Request fields that name input files (possibly as TYPE:PATH[:SCALE] or PATH:SCALE).
 PATH_FIELDS = ("init_image", "mask_image", "controls", "images", "inputs", "melody", "primer", "soundfont",
-               "control_frames", "video", "audio", "tests", "context")
+               "control_frames", "video", "audio", "tests", "context", "input")
 SAFE_MODEL_NAMES = ("auto", "none", "")
 
 
