@@ -133,30 +133,27 @@ class StudioWorker:
         from studio.progress import Progress
 
         self.engine = Engine(RunOptions(quiet=True, write=False), progress=Progress(enabled=False))
-        self.scratch = Path(tempfile.mkdtemp(prefix="studio-ray-"))
-        self.jobs = 0
 
     @contextlib.contextmanager
     def _inputs(self, params: dict[str, Any], options: Any, inputs: Inputs) -> Iterator[tuple]:
-        """The job's shipped files written to a scratch folder: (params, options, back) with the
-        driver's paths replaced by the local copies in the fields that hold them, and `back` to
-        put the driver's paths into what the job records (a replay reads the driver's file)."""
-        self.jobs += 1
-        folder = self.scratch / f"job{self.jobs}"
-        here: dict[str, str] = {}
+        """The job's shipped files written to a scratch folder (gone with the job): (params,
+        options, back) with the driver's paths replaced by the local copies in the fields that
+        hold them, and `back` to put the driver's paths into what the job records (a replay
+        reads the driver's file)."""
         items = list(inputs.files.items()) + ([(options.preset, inputs.preset)] if inputs.preset else [])
-        for n, (original, item) in enumerate(items):
-            local = folder / str(n) / Path(item.name).name
-            local.parent.mkdir(parents=True)
-            local.write_bytes(item.data)
-            here[original] = str(local)
-        try:
+        with contextlib.ExitStack() as stack:
+            here: dict[str, str] = {}
+            if items:
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="studio-ray-job-")))
+                for n, (original, item) in enumerate(items):
+                    local = folder / str(n) / Path(item.name).name
+                    local.parent.mkdir()
+                    local.write_bytes(item.data)
+                    here[original] = str(local)
             params = {k: _swap(v, here) if k in inputs.keys else v for k, v in params.items()}
             if inputs.preset:
                 options = dataclasses.replace(options, preset=here[options.preset])
             yield params, dataclasses.replace(options, write=False, quiet=True, json=False), {v: k for k, v in here.items()}
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     def stream(self, task: str, params: dict[str, Any], tag: str, options: Any, inputs: Inputs) -> Iterator[Any]:
         """The job's Results one by one (a Ray streaming generator): the driver writes each while
