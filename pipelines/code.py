@@ -407,14 +407,88 @@ def python_prefix_ok(text: str, *, complete: bool = False) -> bool:
         return False
 
 
-def syntax_check_after(head: str) -> Callable[[str, bool], bool] | None:
+def code_lines(text: str, start: int = 0) -> int:
+    """How many lines of `text`, from character `start` on, hold code: a name, keyword, number,
+    operator, or a string inside a statement, not only a comment, blank space, a docstring or the
+    inside of a string. codeop (and ast) accept comment lines, blank lines and docstring text as
+    valid Python, so a validity rate that counted those would credit a model that writes no code."""
+    return len(code_rows(text, start))
+
+
+def code_rows(text: str, start: int = 0) -> set[int]:
+    """The line numbers (1-based) of code_lines, by the standard tokenizer. A statement made of
+    string literals alone (a docstring) is not code; text cut off inside a bracket or a string is
+    read up to where it stops."""
+    import io
+    import tokenize
+
+    layout = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+              tokenize.ENDMARKER, tokenize.ERRORTOKEN}
+    strings = {tokenize.STRING} | {getattr(tokenize, name) for name in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END")
+                                   if hasattr(tokenize, name)}
+    first_row = text.count("\n", 0, start) + 1  # tokenize counts rows from 1
+    first_col = start - (text.rfind("\n", 0, start) + 1)
+    rows: set[int] = set()
+    statement: list = []
+
+    def flush() -> None:  # one logical line (statement) read: its rows hold code unless it is strings only
+        significant = [t for t in statement if t.type not in layout]
+        if significant and not all(t.type in strings for t in significant):
+            rows.update(t.start[0] for t in significant
+                        if t.start[0] > first_row or (t.start[0] == first_row and t.start[1] >= first_col))
+        statement.clear()
+
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.NEWLINE:
+                flush()
+            else:
+                statement.append(token)
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass  # cut off mid-statement or mid-string: what was read so far counts
+    flush()
+    return rows
+
+
+def comment_only(text: str, start: int = 0) -> bool:
+    """True when what `text` holds from character `start` on is comments (and blank space) and
+    nothing else: no code, no string (a '#' inside a string is text, and the tokenizer says so)."""
+    import io
+    import tokenize
+
+    layout = {tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.ERRORTOKEN}
+    first_row = text.count("\n", 0, start) + 1
+    first_col = start - (text.rfind("\n", 0, start) + 1)
+    kinds = set()
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            row, col = token.start
+            if token.type not in layout and (row > first_row or (row == first_row and col >= first_col)):
+                kinds.add(token.type == tokenize.COMMENT)
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass
+    return kinds == {True}
+
+
+# check(generated, complete, new_from) -> "ok" (keep the new line), "comment" (it parses but is only a
+# comment), or None (the code so far does not parse)
+SyntaxCheck = Callable[[str, bool, int], "str | None"]
+
+
+def syntax_check_after(head: str) -> SyntaxCheck | None:
     """The check syntax-guided decoding applies to text generated after `head` (the code before
-    the new text), or None when `head` does not parse by itself (no continuation could)."""
+    the new text), or None when `head` does not parse by itself (no continuation could). A new
+    line (from `new_from` in `generated`) that is only a comment parses whatever the model meant,
+    so it is told apart: decoding samples it again and keeps it only when no try wrote code."""
     if not python_prefix_ok(head):
         return None
 
-    def check(generated: str, complete: bool) -> bool:
-        return python_prefix_ok(head + generated, complete=complete)
+    def check(generated: str, complete: bool, new_from: int = 0) -> str | None:
+        text = head + generated
+        if not python_prefix_ok(text, complete=complete):
+            return None
+        judged = text if complete else text[: text.rfind("\n")]  # as python_prefix_ok: a cut-off last line is not judged
+        return "comment" if comment_only(judged, len(head) + new_from) else "ok"
 
     return check
 
@@ -747,7 +821,7 @@ class CodeGenerator:
 
     def generate(self, ids: list[int], *, n: int, max_tokens: int, temperature: float, top_p: float,
                  stop: Sequence[str], seed: int | None, end_tokens: Sequence[str] = (), progress: Any = None,
-                 stream: bool = False, check: Callable[[str, bool], bool] | None = None,
+                 stream: bool = False, check: SyntaxCheck | None = None,
                  tries: int = 8) -> list[Generation]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -828,11 +902,13 @@ class CodeGenerator:
         return generations
 
     def _generate_guided(self, ids: list[int], kwargs: dict[str, Any], *, max_tokens: int, temperature: float,
-                         stop: Sequence[str], eos_ids: set[int], check: Callable[[str, bool], bool], tries: int,
+                         stop: Sequence[str], eos_ids: set[int], check: SyntaxCheck, tries: int,
                          emit: Callable[[str], None] | None, handle: Any) -> Generation:
         """Syntax-guided decoding, one line at a time: sample up to the next newline, keep the line
         when check(text so far) holds, else sample it again (up to `tries` times; the retries at
-        temperature >= 0.8, since a greedy retry would repeat the same line). transformers has no
+        temperature >= 0.8, since a greedy retry would repeat the same line). A line that is only a
+        comment is sampled again too, and kept only when every try was a comment or did not parse:
+        a comment always parses, so without this a weak model escapes into comments. transformers has no
         grammar-constrained sampling for a whole language (its LogitsProcessors see one token, and a
         line of Python can only be judged once it is complete), hence this loop around generate()."""
         import torch
@@ -855,6 +931,8 @@ class CodeGenerator:
         finish, rejected = "length", 0
         while len(accepted) < max_tokens:
             cur = ids + accepted
+            before = len(cut_at_stop(tok.decode(accepted, skip_special_tokens=True), stop)[0])
+            comment = None  # the first try that parsed as a comment only: kept if no try writes code
             for attempt in range(tries):
                 temp = temperature if attempt == 0 else max(temperature, 0.8)
                 step_kwargs = {**kwargs, "max_new_tokens": max_tokens - len(accepted), "do_sample": temp > 0,
@@ -870,12 +948,17 @@ class CodeGenerator:
                     chunk = chunk[: next(i for i, t in enumerate(chunk) if t in eos_ids)]
                 text, stopped = cut_at_stop(tok.decode(accepted + chunk, skip_special_tokens=True), stop)
                 final = ended or stopped
-                if check(text, final):
+                verdict = check(text, final, before)
+                if verdict == "ok":
                     break
+                if verdict == "comment" and comment is None:
+                    comment = (chunk, text, final)
                 rejected += 1
-            else:  # no line parsed: end at the last good line
-                finish = "syntax"
-                break
+            else:
+                if comment is None:  # no line parsed: end at the last good line
+                    finish = "syntax"
+                    break
+                chunk, text, final = comment
             accepted += chunk
             if emit is not None and len(text) > len(shown):
                 emit(text[len(shown):])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import InputFileError, UsageError
+from studio.pipelines.code import code_lines
 
 # Codex paper stop sequences: a completion ends where the next top-level statement begins
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -258,49 +259,6 @@ def read_prompt_set(path: str | Path) -> list[str]:
     if not prompts:
         raise InputFileError(f"--prompts {path} has no prompts", "add at least one")
     return prompts
-
-
-def code_lines(text: str, start: int = 0) -> int:
-    """How many lines of `text`, from character `start` on, hold code: a name, keyword, number,
-    operator, or a string inside a statement, not only a comment, blank space, a docstring or the
-    inside of a string. codeop (and ast) accept comment lines, blank lines and docstring text as
-    valid Python, so a validity rate that counted those would credit a model that writes no code."""
-    return len(code_rows(text, start))
-
-
-def code_rows(text: str, start: int = 0) -> set[int]:
-    """The line numbers (1-based) of code_lines, by the standard tokenizer. A statement made of
-    string literals alone (a docstring) is not code; text cut off inside a bracket or a string is
-    read up to where it stops."""
-    import io
-    import tokenize
-
-    layout = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-              tokenize.ENDMARKER, tokenize.ERRORTOKEN}
-    strings = {tokenize.STRING} | {getattr(tokenize, name) for name in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END")
-                                   if hasattr(tokenize, name)}
-    first_row = text.count("\n", 0, start) + 1  # tokenize counts rows from 1
-    first_col = start - (text.rfind("\n", 0, start) + 1)
-    rows: set[int] = set()
-    statement: list = []
-
-    def flush() -> None:  # one logical line (statement) read: its rows hold code unless it is strings only
-        significant = [t for t in statement if t.type not in layout]
-        if significant and not all(t.type in strings for t in significant):
-            rows.update(t.start[0] for t in significant
-                        if t.start[0] > first_row or (t.start[0] == first_row and t.start[1] >= first_col))
-        statement.clear()
-
-    try:
-        for token in tokenize.generate_tokens(io.StringIO(text).readline):
-            if token.type == tokenize.NEWLINE:
-                flush()
-            else:
-                statement.append(token)
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        pass  # cut off mid-statement or mid-string: what was read so far counts
-    flush()
-    return rows
 
 
 def syntax_validity(generator: Any, prompts: list[str], settings: EvalSettings, progress: Any) -> EvalReport:

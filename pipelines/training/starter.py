@@ -1370,7 +1370,7 @@ def code_completion_validity(model: str | Path, *, n: int = 20, lines: int = 10,
     Sampled through studio's own code pipeline, with or without syntax-guided decoding."""
     from studio import models, registry
     from studio.device import DeviceManager, DeviceSettings
-    from studio.pipelines.code_eval import code_lines, code_rows
+    from studio.pipelines.code import code_lines, code_rows
 
     spec = models.resolve(str(model), task="code")
     generator = registry.load_pipeline("code", spec, DeviceManager(DeviceSettings()), None)
