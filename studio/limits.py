@@ -197,6 +197,12 @@ def check_fits(*, task: str, spec: Any, device: Any, work: float, weights: float
     `hint`: what to change, or a function of the bytes left for the work once the weights are in
     (so it can say what would fit: "--frames 120 or fewer"). Returns the estimate (tests read it)."""
     pending = 0.0 if is_loaded(task, spec, device) else float(weights)
+    resolved = getattr(device, "resolved", None)
+    if getattr(resolved, "offload", "none") != "none":
+        pending = 0.0  # offloaded weights live in RAM and visit the GPU a model (or a layer) at a time
+    elif getattr(resolved, "quantize", "none") in ("int8", "int4"):
+        # weight-only quantisation stores most values (the Linear layers') in 1 byte, or half of one
+        pending *= {"int8": 1.0, "int4": 0.5}[resolved.quantize] / element_size(device)
     need = float(work) + pending
     budget, source = memory_budget(device)
     estimate = {"need": int(need), "work": int(work), "weights": int(pending), "budget": budget, "source": source}
