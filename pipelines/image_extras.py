@@ -20,6 +20,7 @@ layer test forbids import loops): what is needed from it (plain_text, _open) is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -41,7 +42,7 @@ def check_static(request: Any) -> None:
 
     if request.ip_adapter:
         ip_adapter.parse_ip_adapter(request.ip_adapter)
-    elif request.ip_adapter_model:
+    elif request.ip_adapter_model and not _as_tuple(getattr(request, "xy", ())):  # an X/Y axis may set the image
         raise UsageError("--ip-adapter-model applies with --ip-adapter IMAGE", "add --ip-adapter IMAGE[:SCALE]")
     specs = [t2i_adapter.parse_t2i(t) for t in _as_tuple(request.t2i_adapters)]
     models_ = _as_tuple(request.t2i_adapter_models)
@@ -257,12 +258,13 @@ class ExtrasRun:
         from studio.pipelines.regions import specs as region_specs
 
         out: dict[str, Any] = {"t2i_adapters": [s.to_text() for _, s in self.t2i],
-                               "t2i_adapter_models": list(_as_tuple(self.request.t2i_adapter_models)),
+                               "t2i_adapter_models": [_local(m) for m in _as_tuple(self.request.t2i_adapter_models)],
                                "regions": [r.to_text() for r in region_specs(self.request)]}
         if self.ip is not None:
             out["ip_adapter"] = self.ip.to_text()
+            out["ip_adapter_model"] = _local(self.request.ip_adapter_model)
         if self.refiner_spec is not None:
-            out["refiner"] = self.refiner_spec.to_text()
+            out["refiner"] = dataclasses.replace(self.refiner_spec, model=_local(self.refiner_spec.model)).to_text()
         return out
 
     def describe(self, extra: dict[str, Any], companions: dict[str, Any], infotext: dict[str, Any]) -> None:
@@ -292,6 +294,16 @@ class ExtrasRun:
             infotext.update(refiner.infotext(meta, self.refiner_spec.switch))
         if self.regions is not None:
             extra["regions"] = self.regions.meta()
+
+
+def _local(name: Any) -> Any:
+    """A model named by a local path, made absolute (a card or hub id as it is), so it replays anywhere."""
+    from studio.models import load_cards
+
+    if not name or str(name) in load_cards():  # a card's name wins over a folder of that name, as in resolve
+        return name
+    path = Path(str(name)).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 # ----------------------------------------------------------------------------- infotext
