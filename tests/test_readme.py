@@ -24,6 +24,7 @@ command must exit 0.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -149,16 +150,22 @@ def studio_argvs(command: str) -> list[list[str]]:
     return argvs
 
 
+@functools.lru_cache(maxsize=1)
+def _command_tree():
+    """The click command of `studio` with every command module (built once: ~0.2 s a build)."""
+    from typer.main import get_command
+
+    from studio.cli import app
+
+    return get_command(app)
+
+
 def parse_problem(argv: list[str], *, positionals: bool = True) -> str | None:
     """Why `studio ARGV` would not parse (None: it parses): an unknown command or option, an
     option without its value, and with `positionals` an extra positional argument, a missing
     required argument or option. Parsed by the real command tree's own parsers (typer's click);
     nothing runs: no callbacks, no type conversion, so the files named need not exist."""
-    from typer.main import get_command
-
-    from studio.cli import app
-
-    cmd = get_command(app)
+    cmd = _command_tree()
     args, path = list(argv), ["studio"]
     while hasattr(cmd, "list_commands"):  # a group
         if not args or args[0] in ("--help", "-h", "--version"):
@@ -330,7 +337,7 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
     everything_in_bash = os.environ.get("README_SUBPROCESS") == "1"
     first, last = int(os.environ.get("README_FROM", 0)), int(os.environ.get("README_UNTIL", 10**9))
 
-    failures, ran, log = [], 0, []
+    failures, ran = [], 0
     for command in readme_commands():
         if command.needs is not None or not first <= command.line <= last:
             continue
@@ -346,10 +353,10 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
         else:
             code, output = _in_bash(text, env, work, timeout=3600)
         ran += 1
-        log.append(f"{time.monotonic() - started:7.1f}s exit {code}  README.md:{command.line}")
+        print(f"{time.monotonic() - started:7.1f}s exit {code}  README.md:{command.line}", flush=True)  # pytest -s: live
         if code != command.exit_code:
             failures.append(f"{command}\n    exit {code} (README says {command.exit_code}):\n"
                             + "\n".join("      " + line for line in output.strip().splitlines()[-25:]))
-    print("\n".join(log))
+            print(failures[-1], flush=True)
     assert ran > 0
     assert not failures, f"{len(failures)} of {ran} README commands failed:\n\n" + "\n\n".join(failures)
