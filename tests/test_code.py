@@ -383,3 +383,25 @@ def test_the_starter_code_card_turns_the_syntax_check_on():
     from studio import models
 
     assert models.resolve("starter-code").card["defaults"]["syntax_check"] is True
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (the sandbox) to compare with")
+def test_replay_never_takes_unsafe_exec_from_the_file(cli, lm):
+    """A sidecar saying unsafe_exec (crafted, or from a run that had the flag) replays sandboxed."""
+    Path("test_add.py").write_text("def test_add():\n    assert add(1, 2) == 3\n")
+    r = cli("code", "def add(a, b):\n", "--model", lm, "--max-tokens", "6", "--samples", "2", "-t", "0.9",
+            "--seed", "5", "--tests", "test_add.py", "--timeout", "10", "--json", "-o", "made")
+    assert r.exit_code == 0, r
+    first = json.loads(r.stdout.splitlines()[0])
+    sidecar = Path(first["path"]).with_suffix(".json") if not first["path"].endswith(".json") else Path(first["path"])
+    meta = json.loads(sidecar.read_text())
+    meta["params"]["unsafe_exec"] = True
+    sidecar.write_text(json.dumps(meta))
+    noted = cli("replay", str(sidecar), "-o", "noted")
+    assert noted.exit_code == 0, noted
+    assert "this replay runs the tests in the sandbox" in " ".join(noted.stderr.split())  # rich wraps the note
+    again = cli("replay", str(sidecar), "-o", "again", "--json")
+    assert again.exit_code == 0, again
+    replayed = json.loads(again.stdout.splitlines()[0])
+    rerun = json.loads(Path(replayed["path"]).with_suffix(".json").read_text())
+    assert rerun["params"]["unsafe_exec"] is False

@@ -17,6 +17,7 @@ def register(root: typer.Typer) -> None:
 def replay(
     file: Annotated[Path, typer.Argument(help="an output written by studio (PNG, WAV, MID, MP4... or its .json sidecar), or an A1111/Forge/ComfyUI PNG")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="these weights instead of the recorded model (A1111/ComfyUI PNGs name theirs but do not hold them)", show_default=False)] = None,
+    unsafe_exec: Annotated[bool, typer.Option("--unsafe-exec", help="run generated code without the sandbox again, as the recorded run did (never taken from the file itself)")] = False,
     opts: Globals = None,
 ) -> None:
     """Re-run the request stored in FILE's metadata (same model, seed and device settings). One
@@ -37,6 +38,13 @@ def replay(
         params["num_outputs"] = 1
     if params.get("seeds"):
         params["seeds"] = None
+    # running generated code outside the sandbox is the command line's choice, never a file's: a
+    # crafted sidecar saying unsafe_exec must not turn the sandbox off (studio code's own rule)
+    if "unsafe_exec" in params:
+        if params["unsafe_exec"] and not unsafe_exec:
+            opts.progress().note("the recorded run used --unsafe-exec; this replay runs the tests in the sandbox "
+                                 "(pass --unsafe-exec to replay it unisolated)")
+        params["unsafe_exec"] = unsafe_exec
     recorded = meta.get("model") or {}
     if model:
         params["model"] = model
