@@ -68,6 +68,9 @@ def check_loaded(pipe: Any, request: Any) -> None:
         raise UsageError(f"--ip-adapter works with UNet models (SD 1.x/2.x, SDXL), not {name}", "drop --ip-adapter")
     if _as_tuple(request.t2i_adapters) and (not name.startswith("StableDiffusion") or name.startswith("StableDiffusion3")):
         raise UsageError(f"--t2i-adapter works with SD 1.x/2.x and SDXL, not {name}", "drop --t2i-adapter")
+    if request.ip_adapter and _as_tuple(request.t2i_adapters) and "XL" not in name:
+        raise UsageError("--ip-adapter with --t2i-adapter needs SDXL (diffusers' SD 1.x T2I-Adapter pipeline takes no "
+                         "image prompt)", "drop one of them for this model")
     refiner.check_loaded(pipe, request)
     regions.check_loaded(pipe, request)
 

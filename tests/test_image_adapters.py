@@ -167,6 +167,9 @@ def test_t2i_adapter_refusals(cli, sd, tiny, inputs):
             "--t2i-adapter-model", adapter, "--t2i-adapter-model", adapter, says="2 --t2i-adapter-model for 1")
     refused(cli, "image", "a cat", "--model", sd, *FAST, "--t2i-adapter", f"canny:{inputs['square']}",
             "--t2i-adapter-model", sd, says="not a T2IAdapter")
+    refused(cli, "image", "a cat", "--model", sd, *FAST, "--t2i-adapter", f"canny:{inputs['square']}",
+            "--t2i-adapter-model", adapter, "--ip-adapter", inputs["square"], "--ip-adapter-model", tiny("ip-adapter"),
+            says="needs SDXL")
 
 
 # ----------------------------------------------------------------------------- SDXL refiner
