@@ -15,7 +15,7 @@ machine and its load, which is why A and B run in the same invocation.
     python benchmarks/batch.py --yaml          # what bounding YAML costs (no model needed)
 
 reads a file of N jobs (default 5000) with and without the streaming bounds check of
-studio/presets.py, side by side, and times how fast a 370-byte alias bomb is refused.
+studio/yamlfile.py, side by side, and times how fast a 370-byte alias bomb is refused.
 """
 
 from __future__ import annotations
@@ -43,21 +43,21 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 def yaml_bounds(jobs: int) -> None:
     """Reading a big legitimate batch file with and without the bounds check, and a bomb."""
-    from studio import presets
+    from studio import yamlfile
     from studio.errors import UsageError
 
     work = Path(tempfile.mkdtemp(prefix="studio-bench-yaml-"))
     big = work / "big.yaml"
     big.write_text("jobs:\n" + "".join(f'  - {{task: image, prompt: "a photo of a cat number {i:07d}", seed: {i}, '
                                         f"steps: 2, width: 256}}\n" for i in range(jobs)))
-    check = presets._check_bounds
+    check = yamlfile._check_bounds
     runs = {}
     for label, bounded in [("bounded", True), ("unbounded", False)] * 3:  # interleaved: load drifts
-        presets._check_bounds = check if bounded else (lambda *a, **k: None)
+        yamlfile._check_bounds = check if bounded else (lambda *a, **k: None)
         t0 = time.perf_counter()
-        presets.read_yaml(big)
+        yamlfile.read_yaml(big)
         runs.setdefault(label, []).append(time.perf_counter() - t0)
-    presets._check_bounds = check
+    yamlfile._check_bounds = check
     with_, without = min(runs["bounded"]), min(runs["unbounded"])
     print(f"{jobs} jobs, {big.stat().st_size / 1e6:.1f} MB: read_yaml {with_:.3f} s bounded, {without:.3f} s "
           f"without the check (ratio {with_ / without:.2f})")
@@ -67,7 +67,7 @@ def yaml_bounds(jobs: int) -> None:
     bomb.write_text("\n".join(lines) + "\n")
     t0 = time.perf_counter()
     try:
-        presets.read_yaml(bomb)
+        yamlfile.read_yaml(bomb)
     except UsageError as exc:
         print(f"{bomb.stat().st_size}-byte alias bomb refused in {time.perf_counter() - t0:.4f} s: {exc.message}")
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -244,11 +243,11 @@ def _stat_key(path: Path) -> tuple[str, int, int]:
 
 @functools.lru_cache(maxsize=1024)
 def _parse_card(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
-    """One card, parsed once per version of its file in a process. Read through presets.read_yaml,
+    """One card, parsed once per version of its file in a process. Read through yamlfile.read_yaml,
     bounded like every YAML studio reads (size, alias expansion, nesting): a user's card is as
     untrusted as a batch file, and cards are read on every resolve. ~1.2 ms a card here (plain
     libyaml: 0.5 ms), so a resolve parses only the card it needs (resolve, _cards_for)."""
-    from studio.presets import read_yaml
+    from studio.yamlfile import read_yaml
 
     file = Path(path)
     try:

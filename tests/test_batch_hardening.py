@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from studio import presets
+from studio import presets, yamlfile
 from studio.errors import UsageError
 from tests.test_batch import done_records, outputs_of, toys, write  # noqa: F401  (toys: a fixture)
 
@@ -213,12 +213,12 @@ def test_an_alias_bomb_and_a_100_mb_file_are_refused_at_once_in_little_memory(tm
 
 def test_job_entries_are_counted_while_the_file_streams_in(toys, tmp_path, cli):
     many = tmp_path / "many.yaml"
-    many.write_text("jobs:\n" + "  - {task: toy-image, prompt: x}\n" * (presets.MAX_YAML_ITEMS + 1))
+    many.write_text("jobs:\n" + "  - {task: toy-image, prompt: x}\n" * (yamlfile.MAX_YAML_ITEMS + 1))
     started = time.perf_counter()
     result = cli("validate", many)
     assert time.perf_counter() - started < 2.0
-    assert result.exit_code == 2 and f"many.yaml:{presets.MAX_YAML_ITEMS + 2}" in result.stderr, result
-    assert f"more than {presets.MAX_YAML_ITEMS:,} entries under `jobs:`" in result.stderr
+    assert result.exit_code == 2 and f"many.yaml:{yamlfile.MAX_YAML_ITEMS + 2}" in result.stderr, result
+    assert f"more than {yamlfile.MAX_YAML_ITEMS:,} entries under `jobs:`" in result.stderr
 
 
 @pytest.mark.parametrize("text, says", [

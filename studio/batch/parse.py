@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from studio import presets, registry
+from studio import presets, registry, yamlfile
 from studio.batch import graph
 from studio.batch.model import Job
 from studio.device import ENV as DEVICE_KEYS
@@ -49,7 +49,7 @@ class BatchFile:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<python>", *, unsafe_exec: bool = False) -> "BatchFile":
-        return parse(presets.YamlDoc(source=source, data=data), unsafe_exec=unsafe_exec)
+        return parse(yamlfile.YamlDoc(source=source, data=data), unsafe_exec=unsafe_exec)
 
     def job(self, name: str) -> Job:
         for job in self.jobs:
@@ -65,10 +65,10 @@ class BatchFile:
         return list(out.values())
 
 
-def read(path: str | Path) -> presets.YamlDoc:
-    """The file's YAML, bounded before it is built (presets.read_yaml); the top-level `jobs:`
+def read(path: str | Path) -> yamlfile.YamlDoc:
+    """The file's YAML, bounded before it is built (yamlfile.read_yaml); the top-level `jobs:`
     entries are counted while they stream in."""
-    return presets.read_yaml(path, max_items={"jobs": presets.MAX_YAML_ITEMS})
+    return yamlfile.read_yaml(path, max_items={"jobs": yamlfile.MAX_YAML_ITEMS})
 
 
 def load(path: str | Path, *, unsafe_exec: bool = False) -> BatchFile:
@@ -85,7 +85,7 @@ def is_batch_data(data: Any) -> bool:
     return "jobs" in data or isinstance(data.get("steps"), dict) or "task" not in data
 
 
-def parse(doc: presets.YamlDoc, *, unsafe_exec: bool = False) -> BatchFile:
+def parse(doc: yamlfile.YamlDoc, *, unsafe_exec: bool = False) -> BatchFile:
     # 1. the file's own keys
     data, src = doc.data, doc.source
     defaults = _check_top(doc)
@@ -118,7 +118,7 @@ def parse(doc: presets.YamlDoc, *, unsafe_exec: bool = False) -> BatchFile:
                      out=out, template=template, jobs=jobs + graph.order_steps(steps), warnings=parser.warnings)
 
 
-def _check_top(doc: presets.YamlDoc) -> dict[str, Any]:
+def _check_top(doc: yamlfile.YamlDoc) -> dict[str, Any]:
     """The top-level keys; returns `defaults:`."""
     data, src = doc.data, doc.source
     if not isinstance(data, dict):
@@ -163,7 +163,7 @@ def check_template(template: str, where: str) -> None:
 class _Parser:
     """Turns the file's jobs and steps into validated Jobs, remembering each key's line."""
 
-    def __init__(self, doc: presets.YamlDoc, defaults: dict[str, Any], allow: frozenset[str] = frozenset()):
+    def __init__(self, doc: yamlfile.YamlDoc, defaults: dict[str, Any], allow: frozenset[str] = frozenset()):
         self.doc = doc
         self.defaults = defaults
         self.allow = allow  # FLAG_ONLY keys the command line allowed (studio run --unsafe-exec)

@@ -226,14 +226,14 @@ def list_presets(
     opts: Globals = None,
 ) -> None:
     """List presets: built-in ones and yours ($STUDIO_HOME/presets), yours winning on a name clash."""
-    from studio import presets
+    from studio import presets, yamlfile
     from studio.errors import UsageError
     from studio.paths import PACKAGE_PRESETS
 
     rows = []
     for name, path in presets.list_presets().items():
         try:  # bounded like every YAML studio reads: one bad file must not stall the list
-            data = presets.read_yaml(path).data or {}
+            data = yamlfile.read_yaml(path).data or {}
         except UsageError:
             data = {"description": "(not a valid preset: `studio presets show` says where)"}
         if not isinstance(data, dict):
