@@ -263,8 +263,12 @@ def test_smoke_control_steers_studio_image(cli, smoke_image, tmp_path):
 
 
 def test_init_on_a_starter_without_one_is_a_usage_error(cli, tmp_path):
+    r = cli("train", "starter", "midi", "--smoke", "--init", "starter-midi", "--out", tmp_path / "m", "-q")
+    assert r.exit_code == 2 and "cannot start from" in r.stderr, r
+    assert not (tmp_path / "m").exists()
+    # a starter that can continue from weights refuses another task's model before any training
     r = cli("train", "starter", "code", "--smoke", "--init", "starter-caption", "--out", tmp_path / "c", "-q")
-    assert r.exit_code == 2 and "cannot start from" in r.stderr
+    assert r.exit_code == 2 and "starter-caption is a caption model, not a code model" in r.stderr, r
     assert not (tmp_path / "c").exists()
 
 
