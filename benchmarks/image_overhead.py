@@ -7,6 +7,12 @@
 2. A 16-prompt run in one process (the Python API: one import, one model load) vs 16 separate
    `studio image` invocations (each pays python start, imports and the load). Ratio of the wall
    times (goal <= 0.2).
+3. `--whole`: whole processes, `studio image PROMPT --num 3` vs a plain diffusers script that loads
+   the same folder and makes and saves the same 3 images (8 steps, 256 px, a ~135M-parameter
+   UNet built here), alternating, N rounds. Both wall time and CPU time (user + sys of the child,
+   from os.wait4) with one torch thread per side: on a shared machine the CPU time is the steadier
+   measure of what studio adds (python start, CLI, card and model resolution, metadata, manifest).
+   Goal <= 1.02.
 
     .venv/bin/python benchmarks/image_overhead.py                  # the tiny SD (built here)
     .venv/bin/python benchmarks/image_overhead.py --model sd-turbo --steps 1 --size 512
@@ -97,6 +103,76 @@ def one_process_vs_cli(model: str, runs: int, steps: int, size: int, guidance: f
     print(f"  ratio one/many               : {one / many:.3f}   (goal <= 0.2)")
 
 
+PLAIN_SCRIPT = """
+import sys, torch
+from diffusers import StableDiffusionPipeline
+model, out, steps, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True)
+pipe.set_progress_bar_config(disable=True)
+for i in range(3):
+    image = pipe("a lighthouse at dusk", num_inference_steps=steps, guidance_scale=7.0, width=size, height=size,
+                 generator=torch.Generator("cpu").manual_seed(1 + i)).images[0]
+    image.save(f"{out}/{i}.png")
+"""
+
+
+def medium_sd(folder: Path) -> Path:
+    """The tiny SD with its UNet swapped for a ~135M-parameter one (SD 1.x layout at 0.4x width)."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from studio.pipelines.tiny import make_tiny
+
+    make_tiny("sd", folder)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(128, 256, 512, 512), layers_per_block=2, cross_attention_dim=32,
+                                attention_head_dim=8, sample_size=32,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    for single in folder.glob("*.safetensors"):
+        single.unlink()  # the tiny single-file checkpoint no longer matches
+    print(f"medium model: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters")
+    return folder
+
+
+def whole_process(model: str, rounds: int, steps: int, size: int, tmp: Path) -> None:
+    import shutil
+
+    script = tmp / "plain.py"
+    script.write_text(PLAIN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+    def timed(cmd: list[str]) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        err = child.stderr.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        if status != 0:
+            raise SystemExit(f"{cmd[:4]} failed:\n{err.decode()[-2000:]}")
+        return usage.ru_utime + usage.ru_stime, time.perf_counter() - t0
+
+    plain, studio = [], []
+    for r in range(rounds):
+        for side in ("plain", "studio"):
+            shutil.rmtree(tmp / side, ignore_errors=True)
+            (tmp / side).mkdir()
+        plain.append(timed([sys.executable, str(script), model, str(tmp / "plain"), str(steps), str(size)]))
+        studio.append(timed([sys.executable, "-m", "studio", "image", "a lighthouse at dusk", "--model", model,
+                             "--steps", str(steps), "--guidance", "7", "--width", str(size), "--height", str(size),
+                             "--num", "3", "--seed", "1", "-o", str(tmp / "studio"), "-q", "--device", "cpu"]))
+    pc, pw = statistics.median(c for c, _ in plain), statistics.median(w for _, w in plain)
+    sc, sw = statistics.median(c for c, _ in studio), statistics.median(w for _, w in studio)
+    print(f"whole processes (3 images, {steps} steps, {size}x{size}, {rounds} rounds, "
+          f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, load average {os.getloadavg()[0]:.1f})")
+    print(f"  plain diffusers script : median CPU {pc:7.2f} s   wall {pw:7.2f} s")
+    print(f"  studio image --num 3   : median CPU {sc:7.2f} s   wall {sw:7.2f} s")
+    print(f"  ratio studio/plain     : CPU {sc / pc:.3f}   wall {sw / pw:.3f}   (goal <= 1.02)   studio adds {sc - pc:.2f} s CPU")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model (default: a tiny SD built in a temp folder)")
@@ -106,11 +182,17 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=7.0)
     ap.add_argument("--runs", type=int, default=16, help="prompts for the one-process vs CLI comparison")
     ap.add_argument("--skip-cli", action="store_true", help="only the per-image comparison")
+    ap.add_argument("--whole", type=int, metavar="ROUNDS", default=0,
+                    help="only the whole-process comparison on the ~135M UNet, this many rounds (e.g. 3)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         os.environ.setdefault("STUDIO_HOME", str(tmp / "home"))
         model = args.model
+        if args.whole:
+            model = model or str(medium_sd(tmp / "medium-sd"))
+            whole_process(model, args.whole, 8, 256, tmp)
+            return
         if model is None:
             from studio.pipelines.tiny import make_tiny
 
