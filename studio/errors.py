@@ -46,3 +46,21 @@ class InputFileError(UsageError):
 
 class RuntimeFailure(StudioError):
     """Something went wrong while running a model. Exits 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so every `finally` and
+    context manager (temp files, progress bars, the manifest) cleans up the same way."""
+
+
+# The interrupt a signal handler raised, kept until the command ends: an exception raised from a
+# signal handler lands wherever the main thread happens to be, and some places swallow it (seen
+# here: SIGTERM during model loading, after which the run went on denoising for minutes). Every
+# progress step calls raise_if_signalled(), so a swallowed interrupt surfaces at the next step.
+SIGNALLED: dict[str, type[BaseException] | None] = {"exc": None}
+
+
+def raise_if_signalled() -> None:
+    exc = SIGNALLED["exc"]
+    if exc is not None:
+        raise exc()

@@ -10,6 +10,8 @@ import sys
 import warnings
 from typing import Any, Callable, Iterator
 
+from studio.errors import raise_if_signalled
+
 # A library warning longer than this is cut: diffusers' "The following part of your input was
 # truncated because CLIP can only handle sequences up to 77 tokens: [...]" echoes the whole rest of
 # a 10,000-character prompt, which buries everything else on the terminal.
@@ -116,6 +118,7 @@ class TaskHandle:
         self._id = task_id
 
     def advance(self, n: float = 1) -> None:
+        raise_if_signalled()  # a Ctrl-C or SIGTERM that a library swallowed ends the run here
         if self._p._rich is not None:
             self._p._rich.advance(self._id, n)
 

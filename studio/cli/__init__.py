@@ -90,7 +90,11 @@ def __getattr__(name: str):
 
 
 def main() -> None:
-    make_app(modules_for(sys.argv[1:]))(prog_name="studio")
+    try:
+        make_app(modules_for(sys.argv[1:]))(prog_name="studio")
+    except KeyboardInterrupt:  # Ctrl-C before or after a command's own handling (start-up, exit)
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

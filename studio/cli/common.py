@@ -34,7 +34,7 @@ import typer
 from typer import _click as click  # typer 0.29 vendors click
 from typer.exceptions import Abort, Exit  # typer's own exit exceptions (not click's)
 
-from studio.errors import RuntimeFailure, StudioError
+from studio.errors import SIGNALLED, RuntimeFailure, StudioError, Terminated
 
 DEBUG = {"on": os.environ.get("STUDIO_DEBUG", "") not in ("", "0")}
 
@@ -213,20 +213,19 @@ def print_error(exc: StudioError) -> None:
         sys.stderr.write(f"hint: {exc.hint}\n")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so every `finally` and
-    context manager (temp files, progress bars, the manifest) cleans up the same way."""
-
-
-_SIGTERM = {"seen": False}
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
     # remembered as well as raised: a library may turn the interrupt into its own error on the
     # way up (an import that fails half-way reads as "could not load the model"), and that error
-    # must still end as a SIGTERM, not as bad input
-    _SIGTERM["seen"] = True
+    # must still end as a SIGTERM, not as bad input; or swallow it (errors.SIGNALLED)
+    SIGNALLED["exc"] = Terminated
     raise Terminated()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    # Ctrl-C, remembered for the same reasons: under load it lands inside diffusers' lazy imports,
+    # which re-raise it as "Failed to import ..." (exit 2) or "cannot load module more than once" (1)
+    SIGNALLED["exc"] = KeyboardInterrupt
+    raise KeyboardInterrupt()
 
 
 def _silence_stdout() -> None:
@@ -242,12 +241,12 @@ def _silence_stdout() -> None:
 def _exit_code(exc: BaseException) -> int | None:
     """Say how `exc` ends the command (one line on stderr) and return the exit code, or None to
     let it propagate (typer's own exits; anything under --debug)."""
-    if _SIGTERM["seen"]:
+    if SIGNALLED["exc"] is Terminated:
         sys.stderr.write("interrupted (SIGTERM)\n")
         return 143
     if isinstance(exc, (Exit, Abort, click.exceptions.ClickException, SystemExit)):
         return None
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt) or SIGNALLED["exc"] is KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
     if isinstance(exc, BrokenPipeError):
@@ -281,10 +280,12 @@ class StudioGroup(typer.core.TyperGroup):
     quiet exit 1, the code click (help) and rich (tables) already end a closed pipe with."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        previous = None
+        previous = previous_int = None
         if threading.current_thread() is threading.main_thread():
-            _SIGTERM["seen"] = False
+            SIGNALLED["exc"] = None
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
+                previous_int = signal.signal(signal.SIGINT, _on_sigint)
         try:
             return super().invoke(ctx)
         except BaseException as exc:
@@ -295,6 +296,8 @@ class StudioGroup(typer.core.TyperGroup):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            if previous_int is not None:
+                signal.signal(signal.SIGINT, previous_int)
 
 
 def new_app(help: str, **kwargs: Any) -> typer.Typer:
