@@ -24,7 +24,7 @@ CPU = DeviceManager(DeviceSettings(device="cpu", precision="fp32"))
 
 
 def tiny_run(out: Path, *, steps: int = 6, resume: bool = False, lr: float = 0.05, save_every: int = 3,
-             on_step=None, keep=None, stop_file=None, save_model=None):
+             on_step=None, keep=None, stop_file=None, save_model=None, save_every_s=None):
     """A small recipe on TrainingRun, as a trainer writes one; returns (model, run)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
@@ -48,7 +48,7 @@ def tiny_run(out: Path, *, steps: int = 6, resume: bool = False, lr: float = 0.0
         scheduler.step()
         return {"loss": float(loss.detach()), "lr": lr_now}
 
-    run.fit(step, total=steps, save_every=save_every, on_step=on_step, stop_file=stop_file)
+    run.fit(step, total=steps, save_every=save_every, on_step=on_step, stop_file=stop_file, save_every_s=save_every_s)
     return model, run
 
 
@@ -142,6 +142,14 @@ def test_stop_file_ends_early_with_a_checkpoint_and_keep_prunes(tmp_path):
     assert [c.path.name for c in find_checkpoints(tmp_path / "run")] == ["step-000003", "step-000004"]
     _, run = tiny_run(tmp_path / "run", steps=8, save_every=1, keep=2, resume=True)
     assert run.start == 4 and run.step == 8
+
+
+def test_checkpoints_by_time(tmp_path):
+    # the starters checkpoint every few minutes, whatever their step time
+    tiny_run(tmp_path / "often", steps=4, save_every=0, save_every_s=1e-9)
+    assert [c.step for c in find_checkpoints(tmp_path / "often")] == [1, 2, 3, 4]
+    tiny_run(tmp_path / "rarely", steps=4, save_every=0, save_every_s=3600)
+    assert [c.step for c in find_checkpoints(tmp_path / "rarely")] == [4]  # the end of the run only
 
 
 def test_precision_comes_from_the_device_manager_and_the_old_words_still_work(capsys):

@@ -1,4 +1,4 @@
-"""The one checkpoint layout of studio's trainers (CLIP, MIDI, adapters; starter recipes next):
+"""The one checkpoint layout of studio's trainers (CLIP, MIDI, adapters, starter recipes):
 
     OUT/checkpoints/step-000040/
         <model files>              the trainer's own safetensors format, so every checkpoint is also a
@@ -23,6 +23,10 @@ Checkpoints of the layouts studio wrote before this one still resume. They are r
     midi-v0     OUT/checkpoint-NNNNNN/ save_pretrained files + optimizer.safetensors + rng.safetensors
                 + trainer_state.json
     adapter-v0  OUT/checkpoints/step-NNNNNN/ adapter.safetensors + optimizer.pt + state.json
+    starter-v0  WORK/STAGE.pt beside the stage's run folder WORK/STAGE/: one torch.save dict of the
+                modules' state_dicts, "opt", "sched" and "step" (no RNG state: that loop kept none),
+                read with weights_only=True; found by `starter_v0`, which
+                only the starter recipes call (a FOLDER.pt beside another trainer's --out is not theirs)
 """
 
 from __future__ import annotations
@@ -176,7 +180,7 @@ def load_modules(modules: dict[str, Any]) -> Callable[[Path], None]:
 class Checkpoint:
     path: Path
     step: int
-    layout: str  # studio | clip-v0 | midi-v0 | adapter-v0
+    layout: str  # studio | clip-v0 | midi-v0 | adapter-v0 | starter-v0
 
     def config(self) -> dict[str, Any]:
         """The run's config as this checkpoint saved it (JSON only: cheap, for early checks)."""
@@ -221,6 +225,22 @@ def find_checkpoints(out: Path) -> list[Checkpoint]:
             found.append(Checkpoint(path, int(m.group(1)), "midi-v0"))
     # at one step, this layout's checkpoint wins over an older layout's
     return sorted(found, key=lambda c: (c.step, c.layout == "studio"))
+
+
+def starter_v0(out: Path) -> list[Checkpoint]:
+    """The starter recipes' snapshot of stage OUT.name before this layout (WORK/STAGE.pt), if any.
+    Its step is read through mmap: the pickle's skeleton, not the weights."""
+    import torch
+
+    path = Path(out).expanduser()
+    path = path.with_name(path.name + ".pt")
+    if not path.is_file():
+        return []
+    try:
+        step = int(torch.load(path, weights_only=True, map_location="cpu", mmap=True)["step"])
+    except Exception:  # torn or foreign: listed at step 0, so resuming says it cannot be read
+        step = 0
+    return [Checkpoint(path, step, "starter-v0")]
 
 
 def prune(out: Path, keep: int) -> None:
@@ -301,11 +321,32 @@ def _read_adapter_v0(folder: Path) -> TrainerState:
                         extra={"losses": losses}, last={"loss": losses[-1]} if losses else {})
 
 
+def _read_starter_v0(path: Path) -> TrainerState:
+    """starter.py's train_loop before the shared layout: torch.save({module: state_dict, ...,
+    "opt": ..., "sched": ..., "step": n}) (weights_only=True: tensors and numbers only, as that
+    code loaded it). The modules' weights come back as `tensors`, keyed "module.key" as a
+    ModuleDict of the modules names them (what `save_modules` writes)."""
+    import pickle
+
+    import torch
+
+    try:
+        saved = dict(torch.load(path, weights_only=True, map_location="cpu"))
+    except pickle.UnpicklingError as exc:
+        raise ValueError(str(exc)) from exc
+    step, optimizer, scheduler = int(saved.pop("step")), saved.pop("opt"), saved.pop("sched")
+    tensors = {f"{name}.{key}": value for name, sd in saved.items() for key, value in sd.items()}
+    return TrainerState(step=step, optimizer=optimizer, scheduler=scheduler, tensors=tensors,
+                        extra={"modules": sorted(saved)})
+
+
 _READERS: dict[str, Callable[[Path], TrainerState]] = {
-    "studio": _read_studio, "clip-v0": _read_clip_v0, "midi-v0": _read_midi_v0, "adapter-v0": _read_adapter_v0}
+    "studio": _read_studio, "clip-v0": _read_clip_v0, "midi-v0": _read_midi_v0, "adapter-v0": _read_adapter_v0,
+    "starter-v0": _read_starter_v0}
 _CONFIG_READERS: dict[str, Callable[[Path], dict]] = {
     "studio": lambda p: _read_json(p / CONFIG_JSON),
     "clip-v0": lambda p: _read_json(p / STATE_JSON).get("config") or {},
     "midi-v0": lambda p: _read_json(p / STATE_JSON).get("config") or {},
     "adapter-v0": lambda p: _read_json(p / "state.json").get("config") or {},
+    "starter-v0": lambda p: {},  # the recipe was logged to WORK/log.jsonl, not saved with the snapshot
 }

@@ -1,7 +1,7 @@
 """`TrainingRun`: what every studio trainer shares, so each trainer file is only its recipe.
 
-A trainer (clip_train, midi_train, adapters) builds its model, optimizer and data, then hands the
-rest to one run object:
+A trainer (clip_train, midi_train, adapters, each stage of a starter recipe) builds its model,
+optimizer and data, then hands the rest to one run object:
 
     run = TrainingRun(out, config, device=manager, progress=progress, resume=config.resume,
                       samples_per_step=batch, must_match=("lr", "seed"))  # folder rules, early checks
@@ -124,8 +124,11 @@ class TrainingRun:
 
     def __init__(self, out: str | Path, config: Any, *, device: Any, progress: Any = None, resume: bool = False,
                  dist: Dist | None = None, samples_per_step: int = 1, keep: int | None = None,
-                 must_match: Sequence[str] = (), allow_pickle: bool = False):
+                 must_match: Sequence[str] = (), allow_pickle: bool = False, older: Sequence[Checkpoint] = ()):
         self.out = Path(out).expanduser()
+        # checkpoints of an older layout that lie outside OUT, which only their trainer knows
+        # where to find (the starters' WORK/STAGE.pt: checkpoint.starter_v0)
+        self.older = list(older)
         self.allow_pickle = allow_pickle  # a resumed checkpoint may hold pickles (older layouts' optimizer.pt)
         self.config = config
         self.device = device  # a studio.device.DeviceManager
@@ -150,7 +153,7 @@ class TrainingRun:
     def _open_folder(self, resume: bool) -> Checkpoint | None:
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {self.out} is a file", "pass a folder for the run")
-        found = find_checkpoints(self.out)
+        found = self.checkpoints()
         if found and not resume:
             raise UsageError(f"{self.out} already holds a training run (checkpoint at step {found[-1].step})",
                              "pass --resume to continue it, or a new --out folder")
@@ -175,7 +178,8 @@ class TrainingRun:
                                  f"use the run's settings to continue it (its checkpoints' {CONFIG_JSON}), or start a new --out")
 
     def checkpoints(self) -> list[Checkpoint]:
-        return find_checkpoints(self.out)
+        """Oldest first; at one step, this layout's checkpoint wins over an older layout's."""
+        return sorted([*find_checkpoints(self.out), *self.older], key=lambda c: (c.step, c.layout == "studio"))
 
     # ------------------------------------------------------------------ device
     def autocast(self) -> Any:
