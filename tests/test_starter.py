@@ -154,32 +154,101 @@ def test_data_shapes_bad_input_exits_2_and_writes_nothing(cli, tmp_path):
 
 
 # ----------------------------------------------------------------------------- training machinery
-def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
+def _stage(work: Path, *, resume: bool, stop_at: int | None = None, dropout: float = 0.0):
+    """One 6-step stage of a starter recipe on a tiny model, checkpointing after every step;
+    `stop_at`: killed before that step. Returns the model."""
     import torch
 
     from studio.pipelines.training.starter import Run, train_loop
 
-    def run_once(work: Path, stop_at: int | None, resume: bool) -> torch.nn.Module:
-        torch.manual_seed(0)
-        model = torch.nn.Linear(4, 1)
-        run = Run("t", tmp_path / "out", work, resume=resume, checkpoint_every_s=0.0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(dropout), torch.nn.Linear(8, 1))
+    run = Run("t", work.parent / "out", work, resume=resume, checkpoint_every_s=0.0)
 
-        def loss_fn(step, g):
-            if stop_at is not None and step == stop_at:
-                raise KeyboardInterrupt  # a killed run
-            x = torch.randn(8, 4, generator=g)
-            return ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+    def loss_fn(step, g):
+        if step == stop_at:
+            raise KeyboardInterrupt  # a killed run
+        x = torch.randn(8, 4, generator=g)
+        return ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
 
-        train_loop(run, "s", steps=6, params=list(model.parameters()), lr=1e-2, modules={"m": model},
-                   loss_fn=loss_fn, warmup=2)
-        return model
+    train_loop(run, "s", steps=6, params=list(model.parameters()), lr=1e-2, modules={"m": model},
+               loss_fn=loss_fn, warmup=2, log_every=2)
+    return model
 
-    straight = run_once(tmp_path / "a", None, False)
+
+def _log(work: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, (work / "log.jsonl").read_text().splitlines())
+            if r.get("stage") == "s" and "step" in r]
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
+    # dropout draws from torch's global generator, which the checkpoint carries
+    straight = _stage(tmp_path / "a", resume=False, dropout=0.3)
     with pytest.raises(KeyboardInterrupt):
-        run_once(tmp_path / "b", 3, False)
-    resumed = run_once(tmp_path / "b", None, True)
-    for p, q in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(p, q)
+        _stage(tmp_path / "b", resume=False, stop_at=3, dropout=0.3)
+    assert (tmp_path / "b" / "s" / "checkpoints" / "step-000003" / "model.safetensors").is_file()
+    resumed = _stage(tmp_path / "b", resume=True, dropout=0.3)
+    assert _same(straight, resumed)
+    assert _log(tmp_path / "b") == _log(tmp_path / "a") and [r[0] for r in _log(tmp_path / "a")] == [2, 4, 6]
+    assert json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])["steps_per_s"] > 0
+    assert (tmp_path / "b" / "s.done").exists()
+    # a finished stage is skipped on --resume and gives back its weights
+    again = _stage(tmp_path / "b", resume=True, stop_at=0, dropout=0.3)  # a step taken would raise
+    assert _same(straight, again)
+
+
+def _old_loop_snapshot(work: Path, steps_done: int, done: bool = False) -> Path:
+    """WORK/s.pt as train_loop wrote it before TrainingRun (commit 0a2465f): the same AdamW,
+    schedule and per-step generators as _stage, then torch.save of the modules' state_dicts,
+    "opt", "sched" and "step"."""
+    import math
+
+    import torch
+
+    from studio.pipelines.training.starter import step_generator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.0), torch.nn.Linear(8, 1))
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 2) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / 6)))))
+    for step in range(steps_done):
+        x = torch.randn(8, 4, generator=step_generator(0, "s", step))
+        loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    work.mkdir(parents=True)
+    torch.save({"m": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": steps_done},
+               work / "s.pt")
+    if done:
+        (work / "s.done").write_text("1.0")
+    return work / "s.pt"
+
+
+def test_a_work_folder_of_the_old_loop_still_resumes_and_is_not_rewritten(tmp_path):
+    straight = _stage(tmp_path / "a", resume=False)
+    old = _old_loop_snapshot(tmp_path / "b", 3)
+    before = old.read_bytes()
+    resumed = _stage(tmp_path / "b", resume=True)  # steps 4..6 only: step 0 would draw other weights
+    assert _same(straight, resumed)
+    assert old.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "b" / "s" / "checkpoints").iterdir()) == [f"step-00000{i}" for i in (4, 5, 6)]
+    # a stage the old loop finished: skipped, its weights loaded
+    _old_loop_snapshot(tmp_path / "c", 6, done=True)
+    assert _same(straight, _stage(tmp_path / "c", resume=True, stop_at=0))
+    assert not (tmp_path / "c" / "s" / "checkpoints").exists()
+    # without --resume the old snapshot is dropped and the stage starts over, as before
+    assert _same(straight, _stage(tmp_path / "c", resume=False)) and not (tmp_path / "c" / "s.pt").exists()
 
 
 def test_train_unknown_starter_is_a_usage_error(cli, tmp_path):

@@ -7,15 +7,19 @@ Every recipe is reproducible and resumable:
     files (music21's Bach chorales, the interpreter's standard library);
   - the batch and the noise of step i come from a generator seeded with (seed, i), so a run
     resumed from a checkpoint takes exactly the steps an uninterrupted run would have taken;
-  - a checkpoint (weights + optimiser state + step) is written every few minutes and at the end
-    of each stage to WORK/STAGE.pt through atomic_path, so a killed run loses minutes, never a
-    file; `--resume` continues from it (torch.load(weights_only=True): tensors only, no pickle code);
+  - each stage is one TrainingRun (pipelines/training/run.py) in WORK/STAGE/: a checkpoint in the
+    shared layout (WORK/STAGE/checkpoints/step-NNNNNN/: the modules, EMA copies included, optimiser,
+    LR scheduler, step, RNG state) is written every few minutes and at the end of the stage, so a
+    killed run loses minutes, never a file; `--resume` continues from it and skips the stages
+    that left WORK/STAGE.done. Work folders of the loop before it (WORK/STAGE.pt) resume through
+    checkpoint.starter_v0 and are never rewritten;
   - `touch WORK/stop` ends the running stage early with a checkpoint (the next stages then run),
     for when the machine is slower than the recipe assumed;
   - the finished model is saved with save_pretrained as fp16 safetensors into OUT in one rename.
 
 Each recipe also logs one JSON line per log interval to WORK/log.jsonl (stage, step, loss,
-seconds), which is where the wall times in presets/models/starter-*.yaml come from.
+lr, steps_per_s, seconds), which is where the wall times in presets/models/starter-*.yaml come
+from; each stage's TrainingRun keeps its own WORK/STAGE/metrics.jsonl beside it.
 """
 
 from __future__ import annotations
@@ -37,19 +41,19 @@ STARTERS = ("image", "control", "caption", "vqa", "clip", "midi", "code")
 
 # ----------------------------------------------------------------------------- shared training machinery
 class Run:
-    """Bookkeeping shared by the recipes: work folder, log, checkpoints, progress."""
+    """Bookkeeping shared by the recipes: work folder, log, finished stages, progress, publishing.
+    Each stage's steps and checkpoints are a TrainingRun (`train_loop`)."""
 
     def __init__(self, name: str, out: Path, work: Path | None, *, resume: bool, progress: Any = None,
                  checkpoint_every_s: float = 180.0):
         self.name, self.out = name, Path(out)
         self.work = Path(work) if work else self.out.with_name(self.out.name + ".train")
         self.resume, self.progress = resume, progress
-        self.checkpoint_every_s = checkpoint_every_s
+        self.checkpoint_every_s = checkpoint_every_s  # <= 0: after every step
         self.work.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
-        self._last_ckpt = time.time()
-        if not resume:
-            for stale in self.work.glob("*.pt"):
+        if not resume:  # a fresh start: the stages' folders go when each stage starts (train_loop)
+            for stale in [*self.work.glob("*.pt"), *self.work.glob("*.done")]:
                 stale.unlink()
             (self.work / "log.jsonl").unlink(missing_ok=True)
 
@@ -65,25 +69,6 @@ class Run:
                 def update(self, *a, **k): pass
             return _Null()
         return self.progress.task(desc, total=total)
-
-    def load(self, stage: str) -> dict | None:
-        import torch
-
-        path = self.work / f"{stage}.pt"
-        if self.resume and path.exists():
-            return torch.load(path, weights_only=True, map_location="cpu")
-        return None
-
-    def save(self, stage: str, state: Callable[[], dict], *, force: bool = False) -> None:
-        import torch
-
-        from studio.outputs import atomic_path
-
-        if not force and time.time() - self._last_ckpt < self.checkpoint_every_s:
-            return
-        with atomic_path(self.work / f"{stage}.pt", overwrite=True) as tmp:
-            torch.save(state(), tmp)
-        self._last_ckpt = time.time()
 
     def done(self, stage: str) -> bool:
         """A finished stage leaves WORK/STAGE.done; resume skips it."""
@@ -125,41 +110,55 @@ def step_generator(seed: int, stage: str, step: int) -> Any:
 def train_loop(run: Run, stage: str, *, steps: int, params: list, lr: float, modules: dict[str, Any],
                loss_fn: Callable[[int, Any], Any], log_every: int = 25, warmup: int = 50,
                weight_decay: float = 0.0, after_step: Callable[[int], None] | None = None) -> None:
-    """AdamW with linear warmup and cosine decay; checkpoints modules + optimiser + step."""
+    """AdamW with linear warmup and cosine decay, as one TrainingRun in WORK/STAGE/ that
+    checkpoints `modules` (all the stage changes: an EMA copy is one more module), optimiser,
+    scheduler, step and RNG. A stage finished before a --resume loads its last checkpoint and
+    sets the generators as the uninterrupted run left them, so the stages after it draw alike."""
     import torch
 
-    if run.done(stage):
-        state = run.load(stage)
-        for k, m in modules.items():
-            m.load_state_dict(state[k])
-        return
+    from studio.device import DeviceSettings, get_device_manager
+    from studio.pipelines.training.checkpoint import (find_checkpoints, load_modules, restore_rng, save_modules,
+                                                      starter_v0)
+    from studio.pipelines.training.run import TrainingRun
+
+    folder = run.work / stage
+    if not run.resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    older = starter_v0(folder)  # WORK/STAGE.pt of the loop before TrainingRun (Run removed it unless resuming)
+    resume = run.resume and bool(older or find_checkpoints(folder))
+    config = {"starter": run.name, "stage": stage, "steps": steps, "lr": lr, "warmup": warmup,
+              "weight_decay": weight_decay, "log_every": log_every}
+    # TrainingRun refuses to resume from a pickle unless allowed: WORK/STAGE.pt is one, which
+    # studio wrote into its own work folder and reads with weights_only=True (tensors, no code),
+    # as the loop that wrote it did. The starters train in fp32 on the CPU, as their cards assume.
+    trun = TrainingRun(folder, config, device=get_device_manager(DeviceSettings(device="cpu", precision="fp32")),
+                       progress=run.progress, resume=resume, older=older, allow_pickle=bool(older))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
-    start = 0
-    state = run.load(stage)
+    every_step = run.checkpoint_every_s <= 0
+    running: float | None = None  # the smoothed loss log.jsonl reports, carried across a resume
+
+    def load(path: Path) -> None:
+        if trun.checkpoint.layout == "starter-v0":  # its reader returns the weights as "module.key" tensors
+            torch.nn.ModuleDict(modules).load_state_dict(trun.state().tensors)
+        else:
+            load_modules(modules)(path)
+
+    trun.track(optimizer=opt, scheduler=sched, save_model=save_modules(modules), load_model=load,
+               state=lambda: ({"running": running}, {}))
+    state = trun.restore()
     if state is not None:
-        for k, m in modules.items():
-            m.load_state_dict(state[k])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = int(state["step"])
+        running = state.extra.get("running")
+    if run.done(stage) and state is not None:
+        if state.rng:
+            restore_rng(state.rng)
+        for m in modules.values():
+            m.eval()
+        return
 
-    def snapshot(step: int) -> dict:
-        return {**{k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "step": step}
-
-    handle = run.task(f"{run.name}: {stage}", total=steps)
-    handle.advance(start)
-    for m in modules.values():
-        m.train()
-    running, t_stage = None, time.time()
-    for step in range(start, steps):
-        if (run.work / "stop").exists():  # `touch WORK/stop`: end this stage here, keep what it learned
-            run.log(stage=stage, stopped_at=step)
-            run.save(stage, lambda: snapshot(step), force=True)
-            (run.work / "stop").unlink()
-            break
+    def step_fn(step: int) -> dict[str, Any]:
+        nonlocal running
         loss = loss_fn(step, step_generator(0, stage, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -170,12 +169,21 @@ def train_loop(run: Run, stage: str, *, steps: int, params: list, lr: float, mod
             after_step(step)
         value = float(loss.detach())
         running = value if running is None else 0.95 * running + 0.05 * value
-        handle.advance()
-        handle.update(loss=running)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            run.log(stage=stage, step=step + 1, loss=round(running, 5), lr=sched.get_last_lr()[0],
-                    steps_per_s=round((step + 1 - start) / (time.time() - t_stage), 3))
-        run.save(stage, lambda: snapshot(step + 1), force=step + 1 == steps)
+        return {"loss": value, "lr": sched.get_last_lr()[0], "smoothed": running}
+
+    def on_step(step: int, row: dict[str, Any]) -> None:
+        if step % log_every == 0 or step == steps:
+            run.log(stage=stage, step=step, loss=round(row["smoothed"], 5), lr=row["lr"],
+                    steps_per_s=round(row["samples_per_s"], 3))
+
+    for m in modules.values():
+        m.train()
+    trun.fit(step_fn, total=steps, log_every=log_every, on_step=on_step, description=f"{run.name}: {stage}",
+             show={"smoothed": "avg"}, save_every=1 if every_step else 0,
+             save_every_s=None if every_step else run.checkpoint_every_s,
+             stop_file=run.work / "stop")  # `touch WORK/stop`: end this stage here, keep what it learned
+    if trun.step < steps:
+        run.log(stage=stage, stopped_at=trun.step)
     for m in modules.values():
         m.eval()
     run.mark_done(stage)
