@@ -239,10 +239,11 @@ def test_a_work_folder_of_the_old_loop_still_resumes_and_is_not_rewritten(tmp_pa
     straight = _stage(tmp_path / "a", resume=False)
     old = _old_loop_snapshot(tmp_path / "b", 3)
     before = old.read_bytes()
-    resumed = _stage(tmp_path / "b", resume=True)  # steps 4..6 only: step 0 would draw other weights
+    resumed = _stage(tmp_path / "b", resume=True)
+    # it took steps 4..6 only (a start over would checkpoint 1..6), from the old weights and optimiser
+    assert sorted(p.name for p in (tmp_path / "b" / "s" / "checkpoints").iterdir()) == [f"step-00000{i}" for i in (4, 5, 6)]
     assert _same(straight, resumed)
     assert old.read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "b" / "s" / "checkpoints").iterdir()) == [f"step-00000{i}" for i in (4, 5, 6)]
     # a stage the old loop finished: skipped, its weights loaded
     _old_loop_snapshot(tmp_path / "c", 6, done=True)
     assert _same(straight, _stage(tmp_path / "c", resume=True, stop_at=0))
