@@ -506,6 +506,8 @@ def _check_ranges(request: CodeRequest) -> None:
         raise UsageError(f"--top-p must be in (0, 1], got {request.top_p}", "pass --top-p 0.95")
     if request.samples < 1:
         raise UsageError(f"--samples must be at least 1, got {request.samples}", "pass --samples 4")
+    if not 1 <= request.syntax_tries <= 100:
+        raise UsageError(f"--syntax-tries must be 1-100, got {request.syntax_tries}", "pass --syntax-tries 8")
     if request.samples > 1 and request.temperature == 0:
         raise UsageError("--samples above 1 with --temperature 0 would give the same candidate every time",
                          "pass --temperature 0.6 (or higher) to sample different candidates")

@@ -73,6 +73,7 @@ def code(
     lang: Annotated[Optional[str], typer.Option(help="language: python, javascript, rust, go, ... (default python)", rich_help_panel=_GEN, show_default=False)] = None,
     raw: Annotated[Optional[bool], typer.Option("--raw/--chat", help="--raw: plain completion even if the model has a chat template; --chat: use the template where the card says raw (base models)", rich_help_panel=_GEN, show_default=False)] = None,
     syntax_check: Annotated[Optional[bool], typer.Option("--syntax-check/--no-syntax-check", help="Python: resample each line until the code so far parses (default: the model card's; on for starter-code)", rich_help_panel=_GEN, show_default=False)] = None,
+    syntax_tries: Annotated[Optional[int], typer.Option("--syntax-tries", help="with --syntax-check: samples of a line before the completion ends at the last good line (default: the model card's, else 8)", rich_help_panel=_GEN, show_default=False)] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="print the code when done instead of token by token", rich_help_panel=_GEN)] = False,
     infill: Annotated[Optional[Path], typer.Option(help="fill in the middle of this file (with --at)", rich_help_panel=_INF, show_default=False)] = None,
     at: Annotated[Optional[int], typer.Option(help="1-based line of --infill before which the code goes", rich_help_panel=_INF, show_default=False)] = None,
@@ -123,6 +124,7 @@ def code(
         "samples": samples, "tests": str(tests) if tests is not None else None, "timeout": timeout,
         "memory_mb": memory, "stream": stream, "seed": opts.seed, "adapters": tuple(lora) if lora else None,
         "syntax_check": syntax_check,
+        "syntax_tries": syntax_tries,
         "unsafe_exec": unsafe_exec,  # always passed: only the flag, never a preset file, allows it
     }
     options = opts.run_options("code", write=opts.out is not None and out_file is None, overwrite=overwrite)
