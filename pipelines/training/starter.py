@@ -1370,7 +1370,8 @@ def valid_prefix(text: str) -> bool:
 
 
 def code_completion_validity(model: str | Path, *, n: int = 20, lines: int = 10, seed: int = 1,
-                             syntax_check: bool = False, max_tokens: int = 100) -> dict[str, Any]:
+                             syntax_check: bool = False, syntax_tries: int = 8,
+                             max_tokens: int = 100) -> dict[str, Any]:
     """Share of sampled `lines`-line completions of held-out stdlib prompts that are valid code:
     a valid Python prefix (codeop) in which the completion holds at least one line of code, not
     only comments, blank lines or docstring text, which parse but are not code (code_eval.code_lines).
@@ -1407,7 +1408,7 @@ def code_completion_validity(model: str | Path, *, n: int = 20, lines: int = 10,
     for i, prompt in enumerate(prompts):
         room = (generator._window() or 10**9) - generator._count_tokens(prompt)
         _, (g,) = generator.sample(prompt, max_tokens=min(max_tokens, room), temperature=0.8, top_p=0.95, seed=seed + i,
-                                   raw=True, syntax_check=syntax_check)
+                                   raw=True, syntax_check=syntax_check, syntax_tries=syntax_tries)
         completion = "\n".join(g.text.split("\n")[:lines])
         text = prompt + completion
         judged = text[: text.rfind("\n")] if "\n" in completion else prompt  # the last, maybe cut-off line is not judged
@@ -1423,5 +1424,6 @@ def code_completion_validity(model: str | Path, *, n: int = 20, lines: int = 10,
     return {"valid_code_rate": ok / len(files), "valid_prefix_rate": parses / len(files),
             "code_line_share": round(judged_code / max(1, judged_lines), 4),
             "ended_early_no_line_parsed": gave_up, "completions": len(files), "lines": lines,
-            "reached_all_lines": full / len(files), "syntax_check": syntax_check, "resampled_lines": resampled,
+            "reached_all_lines": full / len(files), "syntax_check": syntax_check,
+            "syntax_tries": syntax_tries if syntax_check else None, "resampled_lines": resampled,
             "max_tokens": max_tokens, "temperature": 0.8}
