@@ -83,6 +83,44 @@ def _is_number(text: str) -> bool:
         return False
 
 
+# The image-conditioned extras (--ip-adapter, --t2i-adapter, --control) share these: one spelling
+# of IMAGE[:SCALE], one check of the image file, one way to find the card for a base family.
+def split_scale(text: str) -> tuple[str, float | None]:
+    """`IMAGE[:SCALE]` -> (image, scale or None); the scale is taken from the right unless the whole
+    text is an existing path, so a path may itself hold ':'."""
+    from pathlib import Path
+
+    image, sep, tail = text.rpartition(":")
+    if sep and image and not Path(text).expanduser().exists() and _is_number(tail):
+        return image, float(tail)
+    return text, None
+
+
+def existing_image(image: str, what: str) -> str:
+    """`image` as an absolute path, or InputFileError naming `what` (e.g. "--ip-adapter image")."""
+    from pathlib import Path
+
+    from studio.errors import InputFileError
+
+    path = Path(image).expanduser()
+    if not path.exists():
+        raise InputFileError(f"{what} {image} does not exist", "check the path")
+    if path.is_dir():
+        raise InputFileError(f"{what} {image} is a folder", "pass an image file")
+    return str(path.resolve())
+
+
+def card_for(task: str, family: str, kind: str | None = None) -> str | None:
+    """The first model card (by name) of `task` for a base family, and control type `kind` if given."""
+    from studio.models import load_cards
+
+    for name, card in sorted(load_cards().items()):
+        params = card.get("params") or {}
+        if card.get("task") == task and params.get("base") == family and (kind is None or params.get("control_type") == kind):
+            return name
+    return None
+
+
 def parse_control(text: str) -> ControlSpec:
     """`TYPE:IMAGE[:SCALE[:START:END]]` -> ControlSpec; numbers are taken from the right so that a
     path may itself contain ':'."""
@@ -186,15 +224,12 @@ def base_family(pipe: Any) -> str:
 
 def default_control_model(kind: str, family: str) -> str:
     """The model card name of the ControlNet for a control type on a base family."""
-    from studio.models import load_cards
-
     if kind in ("none", "raw"):
         raise UsageError(f"--control {kind}:IMAGE passes a ready map, so studio cannot tell which ControlNet reads it",
                          "name it with --control-model (an alias, hub id or folder)")
-    for name, card in sorted(load_cards().items()):
-        params = card.get("params") or {}
-        if card.get("task") == "control" and params.get("control_type") == kind and params.get("base") == family:
-            return name
+    name = card_for("control", family, kind)
+    if name is not None:
+        return name
     raise UsageError(f"no ControlNet card for control type {kind!r} on a {family} model",
                      "name one with --control-model (an alias, hub id or folder); "
                      "`studio models list --task control` shows the cards")

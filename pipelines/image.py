@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from studio.errors import BackendUnavailable, InputFileError, RuntimeFailure, UsageError
+from studio.pipeline import as_tuple as _as_tuple
 from studio.progress import quiet_libraries
 
 
@@ -447,14 +448,6 @@ def encode_weighted(pipe: Any, prompt: str, negative: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- input parsing
-def _as_tuple(value: Any) -> tuple:
-    if value is None:
-        return ()
-    if isinstance(value, (str, int, float)):
-        return (value,)
-    return tuple(value)
-
-
 def parse_outpaint(text: str) -> dict[str, int]:
     """"left:128,right:64" -> {"left": 128, "right": 64, "top": 0, "bottom": 0}; "all:64" pads every side."""
     pads = {"left": 0, "right": 0, "top": 0, "bottom": 0}

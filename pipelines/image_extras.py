@@ -25,14 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from studio.errors import UsageError
-
-
-def _as_tuple(value: Any) -> tuple:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)
+from studio.pipeline import as_tuple as _as_tuple
 
 
 # ----------------------------------------------------------------------------- checks

@@ -23,16 +23,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from studio.errors import InputFileError, UsageError
+from studio.pipeline import as_tuple as _as_tuple
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def _as_tuple(value: Any) -> tuple:
-    if value is None:
-        return ()
-    if isinstance(value, (str, int, float)):
-        return (value,)
-    return tuple(value)
 
 
 # ----------------------------------------------------------------------------- textual inversion

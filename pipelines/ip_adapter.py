@@ -42,41 +42,26 @@ class IPAdapterSpec:
 
 def parse_ip_adapter(text: Any) -> IPAdapterSpec:
     """`IMAGE[:SCALE]`; the scale is taken from the right, so a path may hold ':'."""
+    from studio.pipelines.control import existing_image, split_scale
+
     text = str(text).strip()
     hint = "e.g. --ip-adapter style.png or --ip-adapter style.png:0.6"
     if not text:
         raise UsageError("--ip-adapter needs an image", hint)
-    image, sep, tail = text.rpartition(":")
-    scale = 1.0
-    if sep and image and not Path(text).expanduser().exists() and _is_number(tail):
-        scale = float(tail)
-    else:
-        image = text
+    image, scale = split_scale(text)
+    scale = 1.0 if scale is None else scale
     if not (0.0 <= scale <= 10.0):
         raise UsageError(f"--ip-adapter scale {scale:g} must be 0-10", "1.0 is the adapter's full weight; 0.5-0.8 mixes with the prompt")
-    path = Path(image).expanduser()
-    if not path.exists():
-        raise InputFileError(f"--ip-adapter image {image} does not exist", "check the path")
-    if path.is_dir():
-        raise InputFileError(f"--ip-adapter image {image} is a folder", "pass an image file")
-    return IPAdapterSpec(image=str(path.resolve()), scale=scale)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+    return IPAdapterSpec(image=existing_image(image, "--ip-adapter image"), scale=scale)
 
 
 def default_model(family: str) -> str:
     """The IP-Adapter card for a base family (sd15, sdxl, ...)."""
-    from studio.models import load_cards
+    from studio.pipelines.control import card_for
 
-    for name, card in sorted(load_cards().items()):
-        if card.get("task") == CARD_TASK and (card.get("params") or {}).get("base") == family:
-            return name
+    name = card_for(CARD_TASK, family)
+    if name is not None:
+        return name
     raise UsageError(f"no IP-Adapter card for a {family} model",
                      "name one with --ip-adapter-model (a card, or a folder with ip-adapter*.safetensors and image_encoder/)")
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from studio.errors import InputFileError, UsageError
+from studio.pipeline import as_tuple as _as_tuple
 
 _NUMBER = r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)\s*"
 _BOX = re.compile(rf"^{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER}$")
@@ -86,14 +87,6 @@ def parse_region(text: Any) -> RegionSpec:
     if path.is_dir():
         raise InputFileError(f"--region mask {where} is a folder", "pass a mask image file")
     return RegionSpec(prompt=prompt, mask=str(path.resolve()))
-
-
-def _as_tuple(value: Any) -> tuple:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)
 
 
 def specs(request: Any) -> list[RegionSpec]:

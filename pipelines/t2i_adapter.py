@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio.errors import InputFileError, UsageError
+from studio.errors import UsageError
 from studio.progress import quiet_libraries
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class T2ISpec:
 
 def parse_t2i(text: Any) -> T2ISpec:
     """`TYPE:IMAGE[:SCALE]`; the scale is taken from the right so a path may hold ':'."""
-    from studio.pipelines.control import canonical_type
+    from studio.pipelines.control import canonical_type, existing_image, split_scale
 
     text = str(text).strip()
     hint = "e.g. --t2i-adapter canny:photo.png or --t2i-adapter canny:photo.png:0.8"
@@ -50,41 +50,23 @@ def parse_t2i(text: Any) -> T2ISpec:
     if not sep or not rest:
         raise UsageError(f"--t2i-adapter {text!r} is not TYPE:IMAGE[:SCALE]", hint)
     kind = canonical_type(kind)
-    image, sep2, tail = rest.rpartition(":")
-    scale = 1.0
-    if sep2 and image and not Path(rest).expanduser().exists() and _is_number(tail):
-        scale = float(tail)
-    else:
-        image = rest
+    image, scale = split_scale(rest)
+    scale = 1.0 if scale is None else scale
     if scale < 0 or scale > 10:
         raise UsageError(f"--t2i-adapter {text!r}: scale {scale:g} must be 0-10", "1.0 is full strength")
-    path = Path(image).expanduser()
-    if not path.exists():
-        raise InputFileError(f"t2i-adapter image ({kind}) {image} does not exist", "check the path")
-    if path.is_dir():
-        raise InputFileError(f"t2i-adapter image ({kind}) {image} is a folder", "pass an image file")
-    return T2ISpec(type=kind, image=str(path.resolve()), scale=scale)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+    return T2ISpec(type=kind, image=existing_image(image, f"t2i-adapter image ({kind})"), scale=scale)
 
 
 def default_model(kind: str, family: str) -> str:
     """The T2I-Adapter card for a control type on a base family."""
-    from studio.models import load_cards
+    from studio.pipelines.control import card_for
 
     if kind in ("none", "raw"):
         raise UsageError(f"--t2i-adapter {kind}:IMAGE passes a ready map, so studio cannot tell which adapter reads it",
                          "name it with --t2i-adapter-model (an alias, hub id or folder)")
-    for name, card in sorted(load_cards().items()):
-        params = card.get("params") or {}
-        if card.get("task") == CARD_TASK and params.get("control_type") == kind and params.get("base") == family:
-            return name
+    name = card_for(CARD_TASK, family, kind)
+    if name is not None:
+        return name
     raise UsageError(f"no T2I-Adapter card for type {kind!r} on a {family} model",
                      "name one with --t2i-adapter-model (an alias, hub id or folder); "
                      "`studio models list --task t2i-adapter` shows the cards")

@@ -258,6 +258,16 @@ def load_image(path: str | Path, *, mode: str = "RGB", what: str = "image",
     return image
 
 
+def as_tuple(value: Any) -> tuple:
+    """A request field that takes one value or several (a tuple from the CLI, a list from YAML or
+    JSON, a bare string or number from a preset) as a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, int, float)):
+        return (value,)
+    return tuple(value)
+
+
 def seeds_for(seed: int, count: int, seeds: tuple[int, ...] | list[int] | None = None) -> list[int]:
     """Explicit seeds, or seed, seed+1, ... (A1111's batch convention): each output records its own."""
     if seeds:

@@ -177,12 +177,12 @@ def image(
         "fuse_adapters": True if fuse_lora else None,
         "weighting": False if no_weighting else None,
         "attention_maps": True if attention_maps else None,
-        "embeddings": tuple(_embedding_text(e) for e in embedding) if embedding else None,
+        "embeddings": tuple(_absolute_head(e) for e in embedding) if embedding else None,
         "clip_skip": clip_skip, "mask_blur": mask_blur, "hires": hires, "hires_upscaler": hires_upscaler,
         "freeu": freeu_params if freeu_params else (True if freeu else None),
         "tile": tile_axis if tile_axis else (True if tile else None),
         "xy": tuple(xy) if xy else None,
-        "ip_adapter": _image_scale_text(ip_adapter) if ip_adapter else None,
+        "ip_adapter": _absolute_head(ip_adapter) if ip_adapter else None,
         "ip_adapter_model": ip_adapter_model,
         "t2i_adapters": tuple(_control_text(t) for t in t2i_adapter) if t2i_adapter else None,
         "t2i_adapter_models": tuple(t2i_adapter_model) if t2i_adapter_model else None,
@@ -215,18 +215,9 @@ def image(
     run_command("image", params, opts)
 
 
-def _embedding_text(text: str) -> str:
-    """The FILE part of FILE[:TOKEN] made absolute, so the recorded request replays anywhere."""
-    if Path(text).expanduser().exists():
-        return str(Path(text).expanduser().resolve())
-    head, sep, tail = text.rpartition(":")
-    if sep and head and Path(head).expanduser().exists():
-        return f"{Path(head).expanduser().resolve()}:{tail}"
-    return text
-
-
-def _image_scale_text(text: str) -> str:
-    """The IMAGE part of IMAGE[:SCALE] made absolute, so the recorded request replays anywhere."""
+def _absolute_head(text: str) -> str:
+    """The path part of FILE[:TOKEN] (--embedding) or IMAGE[:SCALE] (--ip-adapter) made absolute,
+    so the recorded request replays from any folder."""
     if Path(text).expanduser().exists():
         return str(Path(text).expanduser().resolve())
     head, sep, tail = text.rpartition(":")
