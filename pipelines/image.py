@@ -797,50 +797,10 @@ class ImagePipeline:
                                            allow_pickle=self.spec.allow_pickle, offline=self.spec.offline)
 
         # 4. the prompt: verbatim, or A1111 emphasis through compel (encoded once for all seeds)
-        prompt, negative = request.prompt or "", request.negative_prompt or ""
-        weighted = request.weighting and (is_weighted(prompt) or is_weighted(negative))
-        call: dict[str, Any] = {}
-        with self.device.inference():
-            if weighted:
-                if embeddings:  # a multi-vector embedding's word becomes its tokens, as encode_prompt does
-                    prompt, negative = features.expand_tokens(pipe, prompt), features.expand_tokens(pipe, negative)
-                with features.clip_skip_layers(pipe, request.clip_skip):
-                    call.update(encode_weighted(pipe, prompt, negative))
-            elif features.clip_skip_by_layers(pipe, weighted) and features.clip_skip_argument(request.clip_skip):
-                text, neg = (plain_text(prompt), plain_text(negative)) if request.weighting else (prompt, negative)
-                with features.clip_skip_layers(pipe, request.clip_skip):
-                    out = pipe.encode_prompt(text, self.device.device, 1, float(request.guidance) > 1.0, neg or None)
-                call.update(prompt_embeds=out[0], negative_prompt_embeds=out[1])
-            else:
-                text, neg = (plain_text(prompt), plain_text(negative)) if request.weighting else (prompt, negative)
-                call["prompt"] = text
-                if neg:
-                    if "negative_prompt" not in _call_params(pipe):
-                        raise UsageError(f"{type(pipe).__name__} takes no negative prompt", "drop --negative")
-                    call["negative_prompt"] = neg
-
+        call, weighted = self._prompt_arguments(request, pipe, embeddings)
         # 5. the call's arguments for this mode
-        call.update(num_inference_steps=int(request.steps), guidance_scale=float(request.guidance),
-                    output_type=hires.first_pass_output(request))
-        if features.clip_skip_argument(request.clip_skip) and not features.clip_skip_by_layers(pipe, weighted):
-            call["clip_skip"] = features.clip_skip_argument(request.clip_skip)
-        if mode == "text2img":
-            call.update(width=width, height=height)
-            if controls:
-                call["image"] = control_maps if len(control_maps) > 1 else control_maps[0]
-        else:
-            # width/height too: SD3/Flux img2img would otherwise fall back to their default size
-            call.update(image=init, strength=strength, width=width, height=height)
-            if mode == "inpaint":
-                call.update(mask_image=mask)
-            if controls:
-                call["control_image"] = control_maps if len(control_maps) > 1 else control_maps[0]
-        if controls:
-            specs = [s for _, s in controls]
-            many = len(specs) > 1
-            call["controlnet_conditioning_scale"] = [s.scale for s in specs] if many else specs[0].scale
-            call["control_guidance_start"] = [s.start for s in specs] if many else specs[0].start
-            call["control_guidance_end"] = [s.end for s in specs] if many else specs[0].end
+        call.update(self._mode_arguments(request, pipe, mode, weighted, width, height, init, mask, strength,
+                                         controls, control_maps))
         extras.update_call(call, pipe, request)  # adapter maps, IP-Adapter embeds, refiner switch, regions
         accepted = _call_params(pipe)
         call = {k: v for k, v in call.items() if k in accepted or k in ("prompt",)}
@@ -917,6 +877,62 @@ class ImagePipeline:
                          extra=extra, companions=companions)
 
     # -------------------------------------------------------------- steps of run
+    def _prompt_arguments(self, request: ImageRequest, pipe: Any, embeddings: Any) -> tuple[dict[str, Any], bool]:
+        """The prompt part of the call (text, or embeddings when weighted or clip-skipped by layers),
+        and whether A1111 weighting was applied."""
+        from studio.pipelines import image_features as features
+
+        prompt, negative = request.prompt or "", request.negative_prompt or ""
+        weighted = bool(request.weighting and (is_weighted(prompt) or is_weighted(negative)))
+        call: dict[str, Any] = {}
+        with self.device.inference():
+            if weighted:
+                if embeddings:  # a multi-vector embedding's word becomes its tokens, as encode_prompt does
+                    prompt, negative = features.expand_tokens(pipe, prompt), features.expand_tokens(pipe, negative)
+                with features.clip_skip_layers(pipe, request.clip_skip):
+                    call.update(encode_weighted(pipe, prompt, negative))
+            elif features.clip_skip_by_layers(pipe, weighted) and features.clip_skip_argument(request.clip_skip):
+                text, neg = (plain_text(prompt), plain_text(negative)) if request.weighting else (prompt, negative)
+                with features.clip_skip_layers(pipe, request.clip_skip):
+                    out = pipe.encode_prompt(text, self.device.device, 1, float(request.guidance) > 1.0, neg or None)
+                call.update(prompt_embeds=out[0], negative_prompt_embeds=out[1])
+            else:
+                text, neg = (plain_text(prompt), plain_text(negative)) if request.weighting else (prompt, negative)
+                call["prompt"] = text
+                if neg:
+                    if "negative_prompt" not in _call_params(pipe):
+                        raise UsageError(f"{type(pipe).__name__} takes no negative prompt", "drop --negative")
+                    call["negative_prompt"] = neg
+        return call, weighted
+
+    @staticmethod
+    def _mode_arguments(request: ImageRequest, pipe: Any, mode: str, weighted: bool, width: int, height: int,
+                        init: Any, mask: Any, strength: float | None, controls: list, control_maps: list) -> dict[str, Any]:
+        """Steps, guidance, sizes, input images and ControlNet settings for this mode."""
+        from studio.pipelines import hires, image_features as features
+
+        call: dict[str, Any] = dict(num_inference_steps=int(request.steps), guidance_scale=float(request.guidance),
+                                    output_type=hires.first_pass_output(request))
+        if features.clip_skip_argument(request.clip_skip) and not features.clip_skip_by_layers(pipe, weighted):
+            call["clip_skip"] = features.clip_skip_argument(request.clip_skip)
+        if mode == "text2img":
+            call.update(width=width, height=height)
+            if controls:
+                call["image"] = control_maps if len(control_maps) > 1 else control_maps[0]
+        else:
+            # width/height too: SD3/Flux img2img would otherwise fall back to their default size
+            call.update(image=init, strength=strength, width=width, height=height)
+            if mode == "inpaint":
+                call.update(mask_image=mask)
+            if controls:
+                call["control_image"] = control_maps if len(control_maps) > 1 else control_maps[0]
+        if controls:
+            specs = [s for _, s in controls]
+            many = len(specs) > 1
+            call["controlnet_conditioning_scale"] = [s.scale for s in specs] if many else specs[0].scale
+            call["control_guidance_start"] = [s.start for s in specs] if many else specs[0].start
+            call["control_guidance_end"] = [s.end for s in specs] if many else specs[0].end
+        return call
     def _prepare_images(self, request: ImageRequest, note: Any) -> tuple[int, int, Any, Any]:
         """(width, height, init image, mask) at a size the model accepts; every resize is a note."""
         factor = self.size_factor()
