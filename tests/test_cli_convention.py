@@ -174,7 +174,10 @@ def test_sigterm_ends_a_run_like_ctrl_c_one_line_and_no_temp_file(tiny, tmp_path
         proc.send_signal(sig)
         proc.wait(timeout=120)
     text = err.read_text()
-    assert proc.returncode == code, text
+    # the shell sees 128 + signal either way: exit(130/143), or (Ctrl-C) Python ending the process by
+    # the signal itself after the same cleanup and line, as it does when a KeyboardInterrupt once
+    # left a C-level eval on the way (pybind11 code in torch), and as a well-behaved Unix program may
+    assert proc.returncode == code or (sig == signal.SIGINT and proc.returncode == -sig), text
     assert text.rstrip("\n").splitlines()[-1] == line, text
     assert "Traceback" not in text and "error:" not in text
     left = [p.name for p in out.rglob("*")] if out.exists() else []
