@@ -393,7 +393,7 @@ def test_studio_image_without_network_falls_back_to_the_starter(cli, tmp_path, m
     assert "Retrying" not in r.stderr
     png = next(out.glob("*.png"))
     meta = json.loads(png.with_suffix(".json").read_text())
-    assert meta["model"]["alias"] == "starter-image" and Image.open(png).size == (32, 32)
+    assert meta["model"]["alias"] == "starter-image" and Image.open(png).size == (64, 64)
 
 
 # ----------------------------------------------------------------------------- the README's music lines
