@@ -808,20 +808,10 @@ class ImagePipeline:
 
         # 6. generate: one image per seed, each with its own CPU generator
         seeds = seeds_for(int(request.seed or 0), int(request.num_outputs), _as_tuple(request.seeds) or None)
-        base_params = dataclasses.asdict(request)
-        base_params.update(
-            seeds=None, num_outputs=1, width=width, height=height, strength=strength,
-            init_image=_abs(request.init_image) if request.init_image else None,
-            mask_image=_abs(request.mask_image) if request.mask_image else None,
-            controls=[s.to_text() for _, s in controls], adapters=[a for a in _as_tuple(request.adapters)],
-            control_models=list(_as_tuple(request.control_models)),
-            # the studio name, also when the request named an A1111 label ("DPM++ 2M Karras")
-            scheduler=scheduler_name(request.scheduler, self._default_scheduler) if request.scheduler else None,
-            embeddings=[features.parse_embedding(e).to_text() for e in _as_tuple(request.embeddings)],
-            **extras.params(),
-        )
+        base_params = self._recorded_params(request, width, height, strength, controls, extras)
         infotext = features.infotext_fields(request, pipe, embeddings, mode)
-        sampler = a1111_sampler(pipe.scheduler)  # A1111's labels for the infotext, the model's default too
+        fixed_extra, fixed_companions = self._shared_metadata(pipe, mode, weighted, control_maps, control_meta,
+                                                              adapters, embeddings)
         for index, seed in enumerate(seeds):
             handle = progress.task(f"image {index + 1}/{len(seeds)} seed {seed}", total=steps_run)
             if "callback_on_step_end" in accepted:
@@ -843,32 +833,14 @@ class ImagePipeline:
                                                                self.size_factor(), progress,
                                                                extras.with_effects(features.effects))
                 image_infotext.update(entries)
-            companions: dict[str, Any] = {}
-            extra: dict[str, Any] = {"mode": mode, "pipeline": type(pipe).__name__,
-                                     "scheduler": type(pipe.scheduler).__name__, "sampler": sampler,
-                                     "weighting": "compel (A1111 syntax)" if weighted else "none"}
-            if control_maps:
-                for i, cmap in enumerate(control_maps):
-                    companions["control" if len(control_maps) == 1 else f"control-{i}"] = cmap
-                extra["controls"] = control_meta
-            if adapters:
-                extra["adapters"] = adapters
-            if embeddings:
-                extra["embeddings"] = embeddings
+            extra, companions = dict(fixed_extra), dict(fixed_companions)
             if hires_meta:
                 extra["hires"] = hires_meta
             extras.describe(extra, companions, image_infotext)  # adapters, refiner, regions; maps beside the image
             if image_infotext:
                 extra["infotext"] = image_infotext  # A1111's entries for these features (studio/infotext.py)
             if maps is not None:
-                words = self._words(request, pipe, maps)
-                if words:
-                    from studio.pipelines.attention_maps import render
-
-                    overlays, sheet = render(image, words)
-                    companions["attention"] = sheet
-                    companions.update(overlays)
-                    extra["attention_words"] = [w for w, _ in words]
+                self._attention_companions(request, pipe, maps, image, extra, companions)
             if getattr(output, "nsfw_content_detected", None) and any(output.nsfw_content_detected or []):
                 note("the model's safety checker blanked this image")
             if notes:
@@ -877,6 +849,57 @@ class ImagePipeline:
                          extra=extra, companions=companions)
 
     # -------------------------------------------------------------- steps of run
+    def _recorded_params(self, request: ImageRequest, width: int, height: int, strength: float | None,
+                         controls: list, extras: Any) -> dict[str, Any]:
+        """The request as each image records it (the sidecar, replay): one image per record, the
+        size and strength used, paths absolute, names as studio spells them."""
+        from studio.pipelines import image_features as features
+
+        params = dataclasses.asdict(request)
+        params.update(
+            seeds=None, num_outputs=1, width=width, height=height, strength=strength,
+            init_image=_abs(request.init_image) if request.init_image else None,
+            mask_image=_abs(request.mask_image) if request.mask_image else None,
+            controls=[s.to_text() for _, s in controls], adapters=[a for a in _as_tuple(request.adapters)],
+            control_models=list(_as_tuple(request.control_models)),
+            # the studio name, also when the request named an A1111 label ("DPM++ 2M Karras")
+            scheduler=scheduler_name(request.scheduler, self._default_scheduler) if request.scheduler else None,
+            embeddings=[features.parse_embedding(e).to_text() for e in _as_tuple(request.embeddings)],
+            **extras.params(),
+        )
+        return params
+
+    @staticmethod
+    def _shared_metadata(pipe: Any, mode: str, weighted: bool, control_maps: list, control_meta: Any,
+                         adapters: Any, embeddings: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What every image of one request records (mode, pipeline, scheduler, adapters, ...) and the
+        control maps written beside each."""
+        extra: dict[str, Any] = {"mode": mode, "pipeline": type(pipe).__name__,
+                                 "scheduler": type(pipe.scheduler).__name__,
+                                 "sampler": a1111_sampler(pipe.scheduler),  # A1111's label, the default's too
+                                 "weighting": "compel (A1111 syntax)" if weighted else "none"}
+        companions: dict[str, Any] = {}
+        if control_maps:
+            for i, cmap in enumerate(control_maps):
+                companions["control" if len(control_maps) == 1 else f"control-{i}"] = cmap
+            extra["controls"] = control_meta
+        if adapters:
+            extra["adapters"] = adapters
+        if embeddings:
+            extra["embeddings"] = embeddings
+        return extra, companions
+
+    def _attention_companions(self, request: ImageRequest, pipe: Any, maps: Any, image: Any, extra: dict[str, Any],
+                              companions: dict[str, Any]) -> None:
+        """--attention-maps: each prompt word's heat map beside the image, and a contact sheet."""
+        words = self._words(request, pipe, maps)
+        if words:
+            from studio.pipelines.attention_maps import render
+
+            overlays, sheet = render(image, words)
+            companions["attention"] = sheet
+            companions.update(overlays)
+            extra["attention_words"] = [w for w, _ in words]
     def _prompt_arguments(self, request: ImageRequest, pipe: Any, embeddings: Any) -> tuple[dict[str, Any], bool]:
         """The prompt part of the call (text, or embeddings when weighted or clip-skipped by layers),
         and whether A1111 weighting was applied."""
