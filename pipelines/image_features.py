@@ -16,7 +16,6 @@ layer test forbids import loops): the image pipeline hands in what these helpers
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,14 +64,6 @@ def parse_embedding(text: str) -> EmbeddingSpec:
     elif source.startswith(("./", "../", "/", "~")) or path.suffix in (".safetensors", ".pt", ".bin", ".pth"):
         raise InputFileError(f"embedding {source} does not exist", "check the path")
     return EmbeddingSpec(source=source, token=token)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class EmbeddingSet:
@@ -142,7 +133,9 @@ class EmbeddingSet:
             check_pickle(path, allow_pickle=allow_pickle, what="embedding")
             file = path if path.is_file() else None
             if file is not None:
-                meta["hash"] = _file_sha256(file)[:12]  # A1111's TI shorthash: sha256 of the file
+                from studio.outputs import sha256_file
+
+                meta["hash"] = sha256_file(file)[:12]  # A1111's TI shorthash: sha256 of the file
         else:
             file = None
         state = self._state(file) if file is not None else None

@@ -28,7 +28,20 @@ from studio.errors import UsageError
 
 ENV_BUDGET = "STUDIO_MAX_MEMORY"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
-          "t": 1 << 40, "tb": 1 << 40}
+          "t": 1 << 40, "tb": 1 << 40, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def size_in_bytes(text: str) -> float | None:
+    """'24G', '512MB', '1.5GiB', '1048576' -> bytes (binary units); None when `text` is not a size.
+    Each caller says what a non-size means for its own option (STUDIO_MAX_MEMORY, --memory-budget)."""
+    raw = str(text).strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgtbi")
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    unit = raw[len(number):]
+    return value * _UNITS[unit] if value >= 0 and unit in _UNITS else None
 
 
 def fmt_bytes(n: float) -> str:
@@ -42,18 +55,12 @@ def fmt_bytes(n: float) -> str:
 
 def parse_bytes(text: str) -> int | None:
     """'24G', '512M', '1.5GB', '1048576' -> bytes; 'off'/'0'/'none' -> None (no check)."""
-    raw = str(text).strip().lower().replace(" ", "")
-    if raw in ("off", "none", "0", "no", "false", ""):
+    if str(text).strip().lower().replace(" ", "") in ("off", "none", "0", "no", "false", ""):
         return None
-    number = raw.rstrip("kmgtb")
-    unit = raw[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if value <= 0 or unit not in _UNITS:
+    value = size_in_bytes(text)
+    if not value:  # not a size, or zero
         raise UsageError(f"{ENV_BUDGET}={text!r} is not a size", f"set e.g. {ENV_BUDGET}=16G (or off)")
-    return int(value * _UNITS[unit])
+    return int(value)
 
 
 def _meminfo() -> dict[str, int]:

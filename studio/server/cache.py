@@ -36,20 +36,14 @@ def default_budget() -> int:
 
 def parse_size(text: str) -> int:
     """'12GB', '512M', '0.5g', '2000000' -> bytes."""
-    units = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
-             "t": 1 << 40, "tb": 1 << 40, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
-    raw = text.strip().lower().replace(" ", "")
-    number = raw.rstrip("kmgtbi")
-    unit = raw[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1
-    if unit not in units or value < 0:
+    from studio.limits import size_in_bytes
+
+    value = size_in_bytes(text)
+    if value is None:
         from studio.errors import UsageError
 
         raise UsageError(f"--memory-budget {text!r} is not a size", "e.g. --memory-budget 12GB or 512MB")
-    return int(value * units[unit])
+    return int(value)
 
 
 def pipeline_bytes(pipeline: Any) -> int:
