@@ -41,7 +41,7 @@ def size_in_bytes(text: str) -> float | None:
     except ValueError:
         return None
     unit = raw[len(number):]
-    return value * _UNITS[unit] if value >= 0 and unit in _UNITS else None
+    return value * _UNITS[unit] if 0 <= value < 2**64 and unit in _UNITS else None  # not inf, nan or negative
 
 
 def fmt_bytes(n: float) -> str:

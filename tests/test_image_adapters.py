@@ -11,12 +11,14 @@ one-line errors (exit 2, nothing written).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# the image-feature tests' readers and checks, and their tiny SD fixture (sd)
+from tests.test_image_features import images, infotext, pixels, refused, sd, sidecar  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,22 +26,6 @@ FAST = ("--steps", "2", "--width", "64", "--height", "64", "--seed", "3", "-q")
 
 
 # ----------------------------------------------------------------------------- helpers
-def images(out: str | Path) -> list[Path]:
-    return sorted(p for p in Path(out).glob("*.png") if "." not in p.stem)
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
-
-
-def infotext(path: Path) -> str:
-    return Image.open(path).text["parameters"]
-
-
-def sidecar(path: Path) -> dict:
-    return json.loads(path.with_suffix(".json").read_text())
-
-
 def gen(cli, model: Path, *args: str, out: str = "out", prompt: str = "a red cat") -> Path:
     before = set(images(out))
     r = cli("image", prompt, "--model", model, *FAST, *args, "-o", out)
@@ -47,20 +33,6 @@ def gen(cli, model: Path, *args: str, out: str = "out", prompt: str = "a red cat
     made = sorted(set(images(out)) - before)
     assert len(made) == 1, made
     return made[0]
-
-
-def refused(cli, *args: str, says: str, out: str = "bad") -> None:
-    r = cli(*args, "-o", out)
-    assert r.exit_code == 2, r
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and says in errors[0], r
-    assert "hint: " in r.stderr and "Traceback" not in r.output
-    assert not images(out)
-
-
-@pytest.fixture(scope="module")
-def sd(tiny) -> Path:
-    return tiny("sd")
 
 
 @pytest.fixture(scope="module")
