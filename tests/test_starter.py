@@ -305,6 +305,41 @@ def test_smoke_image_resume_reaches_the_same_weights(tmp_path, smoke_image):
     assert _digest(out) == _digest(smoke_image)
 
 
+def test_fresh_unet_keeps_the_init_autoencoder_and_text_words(cli, smoke_image, tmp_path):
+    # --init with fresh_unet: a new (here 4-level) UNet on the init model's 64 px autoencoder
+    out = tmp_path / "fresh"
+    r = cli("train", "starter", "image", "--smoke", "--init", smoke_image, "--set", "fresh_unet=true",
+            "--set", "unet_channels=[16,16,32,32]", "--set", "unplaced_keep=0.5", "--out", out, "-q")
+    assert r.exit_code == 0, r
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert list(pipe.unet.config.block_out_channels) == [16, 16, 32, 32]
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (smoke_image / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    import torch
+
+    image = pipe("a red circle at the top", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    # six levels cannot halve 16x16 latents five times: one line, exit 2
+    r = cli("train", "starter", "image", "--smoke", "--init", smoke_image, "--set", "fresh_unet=true",
+            "--set", "unet_channels=[16,16,16,16,16,16]", "--out", tmp_path / "bad", "-q")
+    assert r.exit_code == 2 and "UNet levels" in r.stderr
+
+
+def test_training_prompts_can_favour_named_places():
+    from studio.pipelines.training import shapes as S
+
+    plain = S.training_prompts(0, 400)
+    assert plain == [S.training_prompt(0, i) for i in range(400)]  # the default is the old data, bytes and all
+    placed = S.training_prompts(0, 400, unplaced_keep=0.5)
+    share = lambda ps: sum("position" in p.named for p in ps) / len(ps)  # noqa: E731
+    assert share(placed) > share(plain) + 0.1
+    assert placed == S.training_prompts(0, 400, unplaced_keep=0.5)  # a pure function of its arguments
+    with pytest.raises(ValueError):
+        S.training_prompts(0, 4, unplaced_keep=0)
+
+
 def test_smoke_control_steers_studio_image(cli, smoke_image, tmp_path):
     # the ControlNet recipe on the smoke image model, then through the normal --control path
     r = cli("train", "starter", "control", "--smoke", "--init", smoke_image, "--out", tmp_path / "control", "-q")

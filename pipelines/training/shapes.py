@@ -460,6 +460,21 @@ def training_prompt(seed: int, index: int) -> Prompt:
     return prompt(seed, index, "paraphrase")
 
 
+def training_prompts(seed: int, n: int, *, unplaced_keep: float = 1.0) -> list[Prompt]:
+    """n training prompts of split `seed`: training_prompt(seed, i) in order, where a prompt that
+    names no place is kept with probability `unplaced_keep` (a pure function of seed and i)."""
+    if not 0 < unplaced_keep <= 1:
+        raise ValueError(f"unplaced_keep must be in (0, 1], not {unplaced_keep}")
+    out: list[Prompt] = []
+    index = 0
+    while len(out) < n:
+        p = training_prompt(seed, index)
+        if unplaced_keep == 1 or "position" in p.named or np.random.default_rng([seed, index, 29]).random() < unplaced_keep:
+            out.append(p)
+        index += 1
+    return out
+
+
 def eval_prompts(seed: int, n: int, families: tuple[str, ...] = FAMILIES) -> list[Prompt]:
     """n prompts of each family of split `seed` (1 = held out)."""
     return [prompt(seed, i, f) for f in families for i in range(n)]
