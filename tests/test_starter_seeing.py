@@ -115,12 +115,12 @@ def test_shipped_vqa_answers_heldout_phrasings():
     held = list(S.samples(1, 100))
     report = vqa_heldout_eval(model, processor, held, _pixels(processor, held, 64))
     # the card records 200 images; 100 keep this test at a few seconds. The bar is 0.90 on
-    # every family; the shipped weights meet it on six of eight and the card says so: yes/no
-    # ("is there any circle?") and two-shape binding stay below, so they are held to the card's level
+    # every family; the shipped weights meet it on seven of eight and the card says so: yes/no
+    # about a colour ("is anything red?") stays below, so exists is held to the card's level
     families = {name: f["accuracy"] for name, f in report["families"].items()}
-    below = {"exists": 0.70, "binding": 0.75}
+    below = {"exists": 0.74}
     for name, accuracy in families.items():
-        assert accuracy >= below.get(name, 0.95), (name, families)
+        assert accuracy >= below.get(name, 0.90), (name, families)
     assert report["families"]["template"]["accuracy"] >= 0.9
 
 

@@ -69,7 +69,13 @@ VQA_TRAIN: dict[str, tuple[str, ...]] = {
                 "what is the {colour} shape?", "which one is {colour}?", "what {cw} does the {shape} have?",
                 "what kind of shape is {colour}?", "the {shape} has what {cw}?", "{cw} of the {shape}?",
                 "which shape is the {colour} one?", "what shape is the {colour} one?", "which shape is colored {colour}?",
-                "what shape is coloured {colour}?", "what shape has {colour} as its {cw}?", "the {colour} shape is what?"),
+                "what shape is coloured {colour}?", "what shape has {colour} as its {cw}?", "the {colour} shape is what?",
+                # a "colour"/"color" in the question, a shape as the answer: with only the one above, the
+                # model answered every question holding the word with a colour ("which shape has the color
+                # purple?" -> "purple": 3 of 35 held out)
+                "what is the shape whose {cw} is {colour}?", "which shape is {colour} in {cw}?",
+                "what shape is the one with the {colour} {cw}?", "which of the shapes is {colour} in {cw}?",
+                "the shape with {colour} as its {cw} is what?", "what shape shows the {cw} {colour}?"),
 }
 VQA_HELDOUT: dict[str, tuple[str, ...]] = {
     "colour": ("what's the {cw} of the shape?", "which {cw} does it have?", "what {cw} is shown?",
