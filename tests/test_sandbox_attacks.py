@@ -157,7 +157,10 @@ def test_stopping_studio_mid_test_leaves_no_process(how, tmp_path):
         "import sys\nfrom studio.pipelines import code_eval, sandbox\n"
         f"jobs = [({code!r}, '')] * 2\n"
         "code_eval.run_sandboxed(jobs, sandbox.Limits(timeout_s=60, processes=4), workers=2)\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # a background job (`make test &`, nohup) starts with SIGINT ignored and its children inherit that;
+    # Ctrl-C at a terminal is not ignored
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     with Watcher(comm) as seen:
         deadline = time.time() + 30
         while len(alive_named(comm)) < 4 and time.time() < deadline and proc.poll() is None:
