@@ -325,6 +325,9 @@ def test_fresh_unet_keeps_the_init_autoencoder_and_text_words(cli, smoke_image, 
     r = cli("train", "starter", "image", "--smoke", "--init", smoke_image, "--set", "fresh_unet=true",
             "--set", "unet_channels=[16,16,16,16,16,16]", "--out", tmp_path / "bad", "-q")
     assert r.exit_code == 2 and "UNet levels" in r.stderr
+    r = cli("train", "starter", "image", "--smoke", "--set", "unplaced_keep=0", "--out", tmp_path / "none", "-q")
+    assert r.exit_code == 2 and "unplaced_keep" in r.stderr
+    assert not list(tmp_path.glob("none*"))  # neither the output nor its work folder
 
 
 def test_training_prompts_can_favour_named_places():

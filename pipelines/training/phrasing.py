@@ -72,7 +72,7 @@ VQA_TRAIN: dict[str, tuple[str, ...]] = {
                 "what shape is coloured {colour}?", "what shape has {colour} as its {cw}?", "the {colour} shape is what?",
                 # a "colour"/"color" in the question, a shape as the answer: with only the one above, the
                 # model answered every question holding the word with a colour ("which shape has the color
-                # purple?" -> "purple": 3 of 35 held out)
+                # purple?" -> "purple": 3 of 35 held-out ones right)
                 "what is the shape whose {cw} is {colour}?", "which shape is {colour} in {cw}?",
                 "what shape is the one with the {colour} {cw}?", "which of the shapes is {colour} in {cw}?",
                 "the shape with {colour} as its {cw} is what?", "what shape shows the {cw} {colour}?"),

@@ -314,6 +314,16 @@ class ImageRecipe:
     ema_decay: float = 0.999  # the shipped UNet and text encoder are the EMA of the trained ones
     drop_caption: float = 0.1  # share of empty captions, so classifier-free guidance works
 
+    def __post_init__(self) -> None:
+        # settings that cannot work, refused before a work folder exists or any stage runs
+        depth = len(self.unet_channels)
+        if self.latent_size % 2 ** (depth - 1):
+            raise UsageError(f"{depth} UNet levels do not divide {self.latent_size}x{self.latent_size} latents",
+                             f"give unet_channels at most {int(math.log2(self.latent_size)) + 1} entries")
+        if not 0 < self.unplaced_keep <= 1:
+            raise UsageError(f"--set unplaced_keep={self.unplaced_keep}: a share of prompts, above 0 and at most 1",
+                             "e.g. --set unplaced_keep=0.5")
+
 
 def _render_split(seed: int, n: int, size: int, two_shapes: float = 0.0) -> tuple[Any, list]:
     import numpy as np
@@ -424,9 +434,6 @@ def _new_unet(recipe: ImageRecipe, text_width: int) -> Any:
     from diffusers import UNet2DConditionModel
 
     depth = len(recipe.unet_channels)
-    if recipe.latent_size % 2 ** (depth - 1):
-        raise UsageError(f"{depth} UNet levels do not divide {recipe.latent_size}x{recipe.latent_size} latents",
-                         f"give unet_channels at most {int(math.log2(recipe.latent_size)) + 1} entries")
     return UNet2DConditionModel(
         sample_size=recipe.latent_size, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=recipe.unet_channels, norm_num_groups=16,
